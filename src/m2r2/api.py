@@ -1,0 +1,121 @@
+"""The Python API: ``m2r2.load()`` returns an ``LM`` whose ``generate`` feels like Hugging Face's."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import M2R2Error, SamplingError
+from .generate import GenerationStats, Strategy, decode
+from .loading import ModelSource, load_model, resolve
+from .sampling import SamplingConfig
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GenerationOutput:
+    text: str | None  # None when the model has no tokenizer
+    token_ids: list[int]  # new tokens only
+    prompt_token_ids: list[int]
+    finish_reason: str  # "eos" | "length"
+    stats: GenerationStats  # shared by every row of a batch call
+
+    def __str__(self) -> str:
+        return self.text if self.text is not None else str(self.token_ids)
+
+
+Prompt = str | Sequence[int]
+
+
+class LM:
+    """A loaded model, its tokenizer and where it came from."""
+
+    def __init__(self, model, tokenizer, source: ModelSource, load_seconds: float = 0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.load_seconds = load_seconds
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"LM({self.source.name!r}, {c.num_layers} layers, hidden {c.hidden_size}, "
+                f"vocab {c.vocab_size}, {self.model.embed_tokens.weight.dtype})")
+
+    # ---- text <-> ids, at the boundary ----
+    def encode(self, prompt: Prompt, chat: bool = True, system: str | None = None) -> list[int]:
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise SamplingError("the prompt is empty")
+            return ids
+        if not prompt.strip():
+            raise SamplingError("the prompt is empty")
+        if self.tokenizer is None:
+            raise M2R2Error(f"{self.source.name} has no tokenizer: pass token ids instead of text")
+        tok = self.tokenizer
+        if chat and getattr(tok, "chat_template", None):
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        return [int(t) for t in tok(prompt)["input_ids"]]
+
+    def decode_text(self, ids: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ---- generation ----
+    def generate(self, prompt: Prompt | None = None, *, prompts: Sequence[Prompt] | None = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, strategy: str | Strategy = "plain", chat: bool = True,
+                 system: str | None = None, stream: Callable[[int, list[int]], None] | None = None,
+                 ) -> GenerationOutput | list[GenerationOutput]:
+        """Generate from one prompt (returns one output) or from ``prompts`` (returns a list).
+
+        A prompt is text (the chat template is applied when ``chat`` and the model has one) or a
+        sequence of token ids (used as is). ``temperature=0`` is greedy. ``stream(row, new_ids)`` is
+        called as tokens are produced.
+        """
+        if (prompt is None) == (prompts is None):
+            raise SamplingError("pass exactly one of prompt or prompts=[...]")
+        single = prompts is None
+        batch = [prompt] if single else list(prompts)
+        if not batch:
+            raise SamplingError("prompts is empty")
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        ids = [self.encode(p, chat=chat, system=system) for p in batch]
+        new, stats = decode(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                            strategy=strategy, on_tokens=stream)
+        eos = set(self.config.eos_token_ids)
+        outs = [GenerationOutput(text=self.decode_text(n), token_ids=n, prompt_token_ids=p,
+                                 finish_reason="eos" if n and n[-1] in eos else "length", stats=stats)
+                for n, p in zip(new, ids)]
+        return outs[0] if single else outs
+
+
+def load(model: str | os.PathLike | None = None, *, dtype: str = "float32",
+         threads: int | None = None) -> LM:
+    """Load a model: the embedded SmolLM2-135M-Instruct by default, or a local Hugging Face directory,
+    a GGUF file, or a hub id (where a hub is reachable). ``dtype``: float32 (exact) or bfloat16."""
+    if dtype not in DTYPES:
+        raise SamplingError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if threads is not None:
+        if threads < 1:
+            raise SamplingError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    source = resolve(model)
+    m, tok = load_model(source, dtype=DTYPES[dtype])
+    return LM(m, tok, source, time.perf_counter() - t0)

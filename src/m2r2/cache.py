@@ -1,0 +1,77 @@
+"""One pre-allocated KV cache for every strategy.
+
+Keys are stored after RoPE, so a slot's position is its index. Each row of the batch has its own
+length: slots ``[0, lengths[b])`` are valid, anything beyond is stale and masked out by the attention
+mask (a query at position p sees keys at positions <= p). Cropping is therefore free: set the length
+back and later writes overwrite the stale slots. Speculative strategies write draft or verification
+tokens past the committed length and crop back to what was accepted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # committed tokens per row
+        self.max_len = max_len
+        self.batch = batch
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: "WriteSpec") -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v of shape (B, KV, T, hd) at ``write``'s positions; return views of the cache
+        (B, KV, S, hd) covering every slot a query of this step may attend to."""
+        kc, vc = self.k[layer], self.v[layer]
+        if write.start is not None:  # every row writes the same contiguous slots: a plain slice
+            s = write.start
+            kc[:, :, s:s + k.shape[2]] = k
+            vc[:, :, s:s + v.shape[2]] = v
+        else:  # ragged rows: scatter each row's tokens to its own positions
+            b = write.rows  # (B, 1)
+            kc[b, :, write.positions] = k.transpose(1, 2)  # indexed view is (B, T, KV, hd)
+            vc[b, :, write.positions] = v.transpose(1, 2)
+        return kc[:, :, :write.span], vc[:, :, :write.span]
+
+    def crop(self, lengths: torch.Tensor | list[int] | int) -> None:
+        """Forget everything past ``lengths`` (per row or one value for all rows)."""
+        new = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device).expand_as(self.lengths)
+        if bool((new > self.lengths).any()):
+            raise ValueError("crop cannot grow a row past what was written; use advance()")
+        self.lengths = new.clone()
+
+    def advance(self, counts: torch.Tensor | list[int] | int) -> None:
+        """Commit ``counts`` newly written tokens per row."""
+        self.lengths = self.lengths + torch.as_tensor(counts, dtype=torch.long, device=self.lengths.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class WriteSpec:
+    """Where one forward call writes its T tokens, and the attention mask that goes with it.
+
+    ``positions`` (B, T) are absolute positions; a query at position p attends to cache slots
+    j <= p (its own row). Built once per forward and shared by every layer.
+    """
+
+    def __init__(self, positions: torch.Tensor, max_len: int, valid: torch.Tensor | None = None):
+        B, T = positions.shape
+        self.positions = positions
+        self.rows = torch.arange(B, device=positions.device).unsqueeze(1)
+        first = positions[:, 0]
+        contiguous = T == 1 or bool((positions[:, 1:] - positions[:, :-1] == 1).all())
+        uniform = bool((first == first[0]).all()) and contiguous
+        self.start = int(first[0]) if uniform else None
+        self.span = int(positions.max()) + 1
+        if self.span > max_len:
+            raise ValueError(f"position {self.span - 1} is past the cache's {max_len} slots")
+        keys = torch.arange(self.span, device=positions.device)
+        # (B, 1, T, S): causal over absolute positions, per row
+        mask = keys.view(1, 1, 1, -1) <= positions.view(B, 1, T, 1)
+        if valid is not None:  # extra key-validity (B, S), e.g. padding inside a row
+            mask = mask & valid[:, None, None, : self.span]
+        self.mask = mask

