@@ -1,0 +1,145 @@
+"""The ``m2r2`` command line: a thin layer over the Python API. User mistakes (``M2R2Error``) print
+one line and exit 2; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _positive_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+    return parse
+
+
+def _float(name: str):
+    def parse(s: str) -> float:
+        try:
+            return float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+    return parse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="model directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="CPU threads (default: all cores)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weight dtype (float32 is exact; bfloat16 halves the bytes read)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import m2r2
+
+    lm = m2r2.load(args.model, dtype=args.dtype, threads=args.threads or os.cpu_count())
+    ids_so_far: list[int] = []
+    printed = [""]
+
+    def stream(row: int, new: list[int]) -> None:
+        # re-decode the whole answer so multi-byte characters split across tokens print correctly
+        ids_so_far.extend(new)
+        text = lm.decode_text(ids_so_far) or ""
+        if text.startswith(printed[0]):
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    prompt: object = args.prompt
+    if args.token_ids:
+        try:
+            prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
+        except ValueError:
+            from .errors import SamplingError
+            raise SamplingError("--token-ids expects the prompt as space- or comma-separated integers") from None
+    out = lm.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, strategy=args.strategy,
+                      chat=not args.no_chat, system=args.system, stream=None if args.json else stream)
+    s = out.stats
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_token_ids": out.prompt_token_ids,
+                          "finish_reason": out.finish_reason, "stats": s.to_dict()}))
+    else:
+        sys.stdout.write("\n")
+    print(f"m2r2: {s.new_tokens} tokens in {s.seconds:.2f} s = {s.tokens_per_s:.1f} tokens/s "
+          f"(prefill {s.prefill_seconds * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s, "
+          f"{s.forward_passes} forward passes, strategy {s.strategy}, {lm.model.embed_tokens.weight.dtype}, "
+          f"{__import__('torch').get_num_threads()} threads)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="m2r2", description=(
+        "Faster generation from a pretrained language model without changing what it says "
+        "(Mixture of Multi-Rate Residuals)."))
+    parser.add_argument("--version", action="version", version=f"m2r2 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text, streaming it as it is produced",
+                       description="Generate a response to PROMPT; text streams to stdout, speed to stderr.")
+    g.add_argument("prompt", help="the prompt (the chat template is applied unless --no-chat)")
+    g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=128)
+    g.add_argument("--temperature", type=_float("--temperature"), default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=_float("--top-p"), default=1.0)
+    g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
+    g.add_argument("--seed", type=_positive_int("--seed"), default=None)
+    g.add_argument("--strategy", default="plain", help="decoding strategy (default: plain)")
+    g.add_argument("--system", default=None, help="system message for the chat template")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--token-ids", action="store_true", help="PROMPT is a list of token ids")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (every arm on the same prompts, in one run)",
+                           description="Benchmarks: every arm on the same prompts in one process.")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")
+    for modname in ("m2r2.bench.decode",):
+        _add_optional(modname, bsub)
+    for modname in ("m2r2.distill_data", "m2r2.train", "m2r2.analyze"):
+        _add_optional(modname, sub)
+    return parser
+
+
+def _add_optional(modname: str, sub) -> None:
+    import importlib
+    try:
+        mod = importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if not (e.name and modname.startswith(e.name)):  # a missing dependency inside is a real error
+            raise
+        return
+    mod.add_parser(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import M2R2Error
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except M2R2Error as e:
+        print(f"m2r2: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("m2r2: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Integration tests on the embedded SmolLM2-135M-Instruct (a couple of minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import m2r2
+from m2r2.prompts import load_prompts
+
+from conftest import assert_same_tokens, greedy_reference
+
+
+@pytest.fixture(scope="module")
+def hf_model(embedded_lm):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(embedded_lm.source.hf_dir), dtype=torch.float32).eval()
+
+
+def test_embedded_shape(embedded_lm):
+    c = embedded_lm.config
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == (30, 576, 9, 3, 49152)
+    assert embedded_lm.source.gguf is not None and embedded_lm.source.identity.startswith("gguf:")
+    assert embedded_lm.tokenizer.chat_template
+
+
+def test_greedy_equals_transformers_on_mt_bench(embedded_lm, hf_model):
+    prompts = load_prompts("mt-bench")
+    for rec in (prompts[0], prompts[20], prompts[50]):  # writing, reasoning, coding
+        ids = embedded_lm.encode(rec.text)
+        out = embedded_lm.generate(ids, max_new_tokens=64)
+        ref = greedy_reference(hf_model, ids, 64)
+        assert_same_tokens(out.token_ids, ref, hf_model, ids)
+
+
+def test_batch_equals_single(embedded_lm):
+    texts = ["Why is the sky blue?", "Write a haiku about autumn leaves falling into a quiet river at dusk.", "2+2="]
+    singles = [embedded_lm.generate(t, max_new_tokens=24).token_ids for t in texts]
+    batch = embedded_lm.generate(prompts=texts, max_new_tokens=24)
+    for b, s in zip(batch, singles):
+        assert b.token_ids[:len(s)] == s or b.token_ids == s
+    assert batch[0].text and isinstance(batch[0].text, str)
+
+
+def test_cached_conversion_loads_fast(embedded_lm):
+    t = time.perf_counter()
+    again = m2r2.load()
+    assert time.perf_counter() - t < 30  # the dequantised weights come from the cache
+    assert again.source.hf_dir == embedded_lm.source.hf_dir
+    assert torch.equal(again.model.layers[3].qkv.weight, embedded_lm.model.layers[3].qkv.weight)

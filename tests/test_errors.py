@@ -1,0 +1,99 @@
+"""Bad input gets a clear, typed error (and a one-line CLI message with a non-zero exit)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import m2r2
+from m2r2.cli import main
+from m2r2.prompts import load_prompts
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(m2r2.ModelNotFoundError):
+        m2r2.load(tmp_path / "nope")
+
+
+def test_dir_without_model(tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(m2r2.UnsupportedModelError, match="config.json"):
+        m2r2.load(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    with pytest.raises(m2r2.UnsupportedModelError, match="gpt2"):
+        m2r2.load(tmp_path)
+
+
+def test_corrupt_weights(tmp_path):
+    from conftest import make_tiny
+    make_tiny(tmp_path, "llama")
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: 1000])
+    with pytest.raises(m2r2.UnsupportedModelError, match="corrupt|unreadable"):
+        m2r2.load(tmp_path)
+
+
+def test_not_a_gguf(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"NOPE" + b"\0" * 100)
+    with pytest.raises(m2r2.UnsupportedModelError, match="GGUF"):
+        m2r2.load(f)
+
+
+def test_empty_prompt_and_bad_ids(tiny_lm):
+    with pytest.raises(m2r2.SamplingError):
+        tiny_lm.generate([], max_new_tokens=3)
+    with pytest.raises(m2r2.SamplingError):
+        tiny_lm.generate([5, 10_000], max_new_tokens=3)
+    with pytest.raises(m2r2.SamplingError):
+        tiny_lm.generate([5], max_new_tokens=-1)
+    with pytest.raises(m2r2.SamplingError):
+        tiny_lm.generate([5], max_new_tokens=3, strategy="nonsense")
+    with pytest.raises(m2r2.M2R2Error, match="tokenizer"):
+        tiny_lm.generate("text needs a tokenizer", max_new_tokens=3)
+
+
+def test_prompt_too_long(tiny_lm):
+    with pytest.raises(m2r2.ContextLengthError, match="context window"):
+        tiny_lm.generate([5] * 300, max_new_tokens=3)
+
+
+def test_prompt_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(m2r2.PromptFileError, match="no prompts"):
+        load_prompts(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no known field"}\n')
+    with pytest.raises(m2r2.PromptFileError, match="no prompt"):
+        load_prompts(bad)
+    with pytest.raises(m2r2.PromptFileError, match="not found"):
+        load_prompts(tmp_path / "missing.jsonl")
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"turns": ["a", "b"]}\n{"instruction": "c"}\n{"Instruction": "d"}\n{"prompt": "e"}\n')
+    assert [r.text for r in load_prompts(ok)] == ["a", "c", "d", "e"]
+    assert len(load_prompts("mt-bench")) == 80
+    assert len(load_prompts("koala")) == 180
+    assert len(load_prompts("spec-bench")) == 480
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, tiny_dir):
+    assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m2r2: error:") and err.count("\n") == 1
+    assert main(["generate", "5 6 7", "--token-ids", "--model", str(tiny_dir), "--temperature", "-2"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse rejects a malformed number itself
+        main(["generate", "hi", "--max-new-tokens", "ten"])
+    assert e.value.code == 2
+
+
+def test_cli_generate_token_ids_json(tiny_dir, capsys):
+    assert main(["generate", "5 6 7", "--token-ids", "--model", str(tiny_dir), "--max-new-tokens", "5",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_token_ids"] == [5, 6, 7] and len(out["token_ids"]) <= 5
