@@ -1,0 +1,334 @@
+"""``m2r2 bench decode``: greedy decoding speed of m2r2's plain decoder against transformers' ``generate``
+(plain and prompt-lookup) and llama.cpp, on the same prompts and token ids, in one process.
+
+Every arm gets the chat-templated prompt as token ids (``lm.encode``), decodes greedily up to
+``--max-new-tokens`` and reports new tokens over wall time (prefill + decode). m2r2-plain and hf-generate
+run the same float32 weights, so their outputs are compared token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import M2R2Error, PromptFileError
+from .harness import (ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
+                      run_benchmark, summarize, write_results)
+
+ARM_NAMES = ("m2r2-plain", "hf-generate", "hf-pld", "llamacpp")
+WARMUP_TEXT = "Write two sentences about why benchmarks need a warm-up run."  # not in any shipped set
+
+
+# ---------------------------------------------------------------- arms
+
+class M2R2PlainArm:
+    """m2r2's own decoder, plain strategy, through the public API."""
+
+    kind = "m2r2"
+
+    def __init__(self, lm, name: str = "m2r2-plain", strategy: str = "plain"):
+        self.lm, self.name, self.strategy = lm, name, strategy
+
+    def setup(self) -> None:
+        pass
+
+    def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
+        t0 = time.perf_counter()
+        out = self.lm.generate(list(prompt.token_ids), max_new_tokens=max_new_tokens, temperature=0.0,
+                               strategy=self.strategy)
+        seconds = time.perf_counter() - t0
+        s = out.stats
+        return ArmResult(len(out.token_ids), seconds, out.token_ids, s.forward_passes,
+                         {"engine_seconds": s.seconds, "prefill_seconds": s.prefill_seconds,
+                          "decode_tokens_per_s": s.decode_tokens_per_s, "finish_reason": out.finish_reason,
+                          **({"strategy": s.extra} if s.extra else {})})
+
+    def close(self) -> None:
+        pass
+
+
+class HFGenerateArm:
+    """transformers' ``generate`` on the same float32 weights (the converted HF directory), greedy;
+    ``prompt_lookup_num_tokens`` turns on its prompt-lookup (n-gram) speculative decoding."""
+
+    kind = "external"
+
+    def __init__(self, lm, name: str = "hf-generate", prompt_lookup_num_tokens: int | None = None):
+        self.lm, self.name, self.pld = lm, name, prompt_lookup_num_tokens
+        self.model = None
+        self.calls = 0
+
+    def setup(self) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # generation-config notices would interleave with the progress bar
+        hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(str(self.lm.source.hf_dir), dtype=torch.float32)
+        model.eval().requires_grad_(False)
+        forward = model.forward
+
+        # count target forward calls; functools.wraps keeps the signature, which generate() inspects
+        # (e.g. for ``logits_to_keep``, without which prefill would compute logits at every position)
+        @functools.wraps(forward)
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return forward(*args, **kwargs)
+
+        model.forward = counted
+        gc = model.generation_config
+        self.eos = gc.eos_token_id if gc.eos_token_id is not None else list(self.lm.config.eos_token_ids)
+        eos_list = self.eos if isinstance(self.eos, list) else [self.eos]
+        self.eos_set = set(eos_list)
+        self.pad = gc.pad_token_id if gc.pad_token_id is not None else (eos_list[0] if eos_list else 0)
+        self.model = model
+
+    @torch.inference_mode()
+    def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
+        ids = torch.tensor([prompt.token_ids], dtype=torch.long)
+        kwargs = {"prompt_lookup_num_tokens": self.pld} if self.pld else {}
+        self.calls = 0
+        t0 = time.perf_counter()
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, eos_token_id=self.eos, pad_token_id=self.pad, **kwargs)
+        seconds = time.perf_counter() - t0
+        new = out[0, ids.shape[1]:].tolist()
+        # batch 1 never pads after EOS, but cut defensively at the first EOS
+        for i, t in enumerate(new):
+            if t in self.eos_set:
+                new = new[: i + 1]
+                break
+        return ArmResult(len(new), seconds, new, self.calls,
+                         {"finish_reason": "eos" if new and new[-1] in self.eos_set else "length"})
+
+    def close(self) -> None:
+        self.model = None
+
+
+class LlamaCppArm:
+    """llama.cpp (through xllamacpp's in-process server) on the model's own GGUF, greedy, plain decoding.
+
+    The prompt goes in as the same token ids (the /completion endpoint takes ids), with prompt caching
+    off so every call pays its prefill like the other arms. Primary time is end to end around the call;
+    llama.cpp's own prompt/decode timings go to ``extra``. Token ids are only reported with
+    ``token_ids=True`` (they come from per-token logprobs, which cost a little time)."""
+
+    kind = "external"
+
+    def __init__(self, lm, threads: int, n_ctx: int, name: str = "llamacpp", token_ids: bool = False):
+        self.lm, self.threads, self.n_ctx, self.name, self.want_ids = lm, threads, n_ctx, name, token_ids
+        self.server = None
+
+    def setup(self) -> None:
+        gguf = self.lm.source.gguf
+        if gguf is None:
+            raise ArmUnavailable("the model was not loaded from a GGUF")
+        try:
+            import xllamacpp
+        except ImportError as e:
+            raise ArmUnavailable(f"xllamacpp is not importable ({e}); pip install xllamacpp") from None
+        p = xllamacpp.CommonParams()
+        p.model.path = str(gguf)
+        p.cpuparams.n_threads = self.threads
+        p.cpuparams_batch.n_threads = self.threads
+        p.n_ctx = self.n_ctx
+        p.n_parallel = 1  # one slot: batch-1 decoding like every other arm
+        p.cache_prompt = False
+        p.verbosity = 0
+        try:
+            self.server = xllamacpp.Server(p)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ArmUnavailable(f"llama.cpp could not load {gguf.name}: {e}") from None
+
+    def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
+        req = {"prompt": list(prompt.token_ids), "max_tokens": max_new_tokens, "temperature": 0.0,
+               "cache_prompt": False, "stream": False}
+        if self.want_ids:
+            req["logprobs"] = 1
+        t0 = time.perf_counter()
+        r = self.server.handle_completions(req)
+        seconds = time.perf_counter() - t0
+        if not isinstance(r, dict) or "error" in r or "timings" not in r:
+            raise RuntimeError(f"llama.cpp returned an error: {str(r)[:300]}")
+        t = r["timings"]
+        choice = r["choices"][0]
+        ids = None
+        if self.want_ids and choice.get("logprobs"):
+            ids = [int(c["id"]) for c in choice["logprobs"]["content"]]
+        # predicted_n counts every sampled token, EOS included (checked against m2r2's count)
+        return ArmResult(int(t["predicted_n"]), seconds, ids, None, {
+            "prompt_n": t.get("prompt_n"), "prompt_seconds": t["prompt_ms"] / 1000,
+            "decode_seconds": t["predicted_ms"] / 1000, "decode_tokens_per_s": t.get("predicted_per_second"),
+            "engine_seconds": (t["prompt_ms"] + t["predicted_ms"]) / 1000,
+            "finish_reason": "eos" if choice.get("finish_reason") == "stop" else choice.get("finish_reason")})
+
+    def close(self) -> None:
+        self.server = None  # the server's destructor stops its loop
+
+
+# ---------------------------------------------------------------- prompts
+
+def load_prompt_ids(path: str | os.PathLike, limit: int | None = None) -> list[BenchPrompt]:
+    """Prompts already tokenized: JSONL records with ``token_ids`` (or ``prompt_token_ids``), optional
+    ``id`` and ``category``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PromptFileError(f"prompt id file {p} not found")
+    out: list[BenchPrompt] = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+            ids = r.get("token_ids", r.get("prompt_token_ids")) if isinstance(r, dict) else None
+            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+                raise PromptFileError(f"{p}:{lineno}: needs a non-empty list of token ids in 'token_ids'")
+            out.append(BenchPrompt(str(r.get("id", lineno)), str(r.get("category", "all")), tuple(ids)))
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise PromptFileError(f"prompt id file {p} has no prompts")
+    return out
+
+
+def build_prompts(lm, args: argparse.Namespace) -> tuple[list[BenchPrompt], BenchPrompt]:
+    """The measured prompts and the warm-up prompt (a text outside the set, or the first prompt)."""
+    from ..prompts import load_prompts
+
+    if args.prompt_ids:
+        prompts = load_prompt_ids(args.prompt_ids, args.limit)
+        return prompts, prompts[0]
+    recs = load_prompts(args.prompts, limit=args.limit)
+    prompts = [BenchPrompt(r.id, r.category, tuple(lm.encode(r.text)), r.text) for r in recs]
+    return prompts, BenchPrompt("warmup", "warmup", tuple(lm.encode(WARMUP_TEXT)), WARMUP_TEXT)
+
+
+# ---------------------------------------------------------------- command
+
+def make_arms(names: list[str], lm, args: argparse.Namespace, n_ctx: int) -> list:
+    factories: dict[str, Callable[[], object]] = {
+        "m2r2-plain": lambda: M2R2PlainArm(lm),
+        "hf-generate": lambda: HFGenerateArm(lm),
+        "hf-pld": lambda: HFGenerateArm(lm, "hf-pld", prompt_lookup_num_tokens=args.pld_tokens),
+        "llamacpp": lambda: LlamaCppArm(lm, args.threads, n_ctx, token_ids=args.llamacpp_token_ids),
+    }
+    unknown = [n for n in names if n not in factories]
+    if unknown:
+        raise M2R2Error(f"unknown arm(s) {', '.join(unknown)} (available: {', '.join(ARM_NAMES)})")
+    return [factories[n]() for n in dict.fromkeys(names)]
+
+
+def main(args: argparse.Namespace) -> int:
+    import m2r2
+
+    args.threads = pin_threads(args.threads or os.cpu_count() or 1)
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not names:
+        raise M2R2Error("--arms is empty")
+    load_avg = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    lm = m2r2.load(args.model, dtype="float32")
+    prompts, warm = build_prompts(lm, args)
+    longest = max(len(p.token_ids) for p in [*prompts, warm])
+    n_ctx = min(lm.config.max_position_embeddings, -(-(longest + args.max_new_tokens + 16) // 256) * 256)
+    arms = make_arms(names, lm, args, n_ctx)
+
+    bandwidth = measure_bandwidth(args.bandwidth_mb)
+    roof = roofline(lm.config, bandwidth, 4.0)  # the float32 arms read 4 bytes per weight
+    arm_roofs: dict[str, float] = {}
+    meta_extra: dict = {}
+    if lm.source.gguf is not None and "llamacpp" in names:
+        # llama.cpp reads the quantised GGUF: about its file size per token (tied embedding = head)
+        size = lm.source.gguf.stat().st_size
+        arm_roofs["llamacpp"] = bandwidth * 1e9 / size
+        meta_extra["roofline_gguf"] = {"gguf": lm.source.gguf.name, "bytes_per_token": size,
+                                       "tokens_per_s": arm_roofs["llamacpp"]}
+    print(f"m2r2 bench: {lm!r}; {len(prompts)} prompts, arms {', '.join(a.name for a in arms)}, "
+          f"{args.threads} threads, bandwidth {bandwidth:.1f} GB/s, roofline {roof['tokens_per_s']:.1f} tok/s",
+          file=sys.stderr)
+
+    skipped: dict[str, str] = {}
+    records = run_benchmark(arms, prompts, args.max_new_tokens, warmup=args.warmup, repeats=args.repeats,
+                            progress=not args.no_progress, warmup_prompt=warm, skipped=skipped)
+    baseline = args.baseline
+    summary = summarize(records, baseline, reference_arm="hf-generate",
+                        also_against=[a for a in ("m2r2-plain",) if a != baseline],
+                        roofline_tokens_per_s=roof["tokens_per_s"], arm_rooflines=arm_roofs)
+    meta = {"model": lm.source.name, "model_identity": lm.source.identity,
+            "prompts": args.prompt_ids or args.prompts, "n_prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "warmup": args.warmup,
+            "arms": [a.name for a in arms if a.name not in skipped], "skipped_arms": skipped,
+            "pld_tokens": args.pld_tokens, "loadavg_start": load_avg,
+            "bandwidth_gbps": bandwidth, "roofline": roof, **meta_extra}
+    write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=args.keep_token_ids)
+    return 0
+
+
+def _int_at_least(name: str, lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "decode", help="greedy decoding speed: m2r2 vs transformers generate (plain, prompt lookup) vs llama.cpp",
+        description="Greedy decoding speed of every arm on the same prompts (token ids) in one process; "
+                    "writes benchmarks/results/<out>.json, .md and .png.")
+    p.add_argument("--model", default=None, help="model directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", default="mt-bench", help="built-in set (mt-bench, spec-bench, koala) or JSONL path "
+                                                         "(first turn; default: mt-bench)")
+    p.add_argument("--prompt-ids", default=None, help="JSONL of already tokenized prompts "
+                                                      "({'id', 'category', 'token_ids'}); overrides --prompts")
+    p.add_argument("--limit", type=_int_at_least("--limit", 1), default=None, help="use the first N prompts")
+    p.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=256)
+    p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None, help="CPU threads for every arm "
+                                                                                       "(default: all cores)")
+    p.add_argument("--arms", default=",".join(ARM_NAMES), help=f"comma-separated (default: {','.join(ARM_NAMES)})")
+    p.add_argument("--baseline", default="hf-generate", help="arm the speed ratios are relative to "
+                                                             "(ratios to m2r2-plain are reported too)")
+    p.add_argument("--repeats", type=_int_at_least("--repeats", 1), default=1, help="runs per (prompt, arm); median")
+    p.add_argument("--warmup", type=_int_at_least("--warmup", 0), default=1, help="untimed warm-up runs per arm")
+    p.add_argument("--pld-tokens", type=_int_at_least("--pld-tokens", 1), default=3,
+                   help="prompt_lookup_num_tokens of the hf-pld arm (default 3, the best on a 2-core CPU)")
+    p.add_argument("--llamacpp-token-ids", action="store_true",
+                   help="also collect llama.cpp's token ids (via logprobs; slightly slower) to compare outputs")
+    p.add_argument("--out", default="decode", help="result name: <out-dir>/<out>.json/.md/.png (default: decode)")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--keep-token-ids", action="store_true", help="store every arm's token ids in the JSON")
+    p.add_argument("--bandwidth-mb", type=_int_at_least("--bandwidth-mb", 1), default=256,
+                   help="tensor size for the memory bandwidth measurement (default 256 MB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=main)
+    return p
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m m2r2.bench.decode")
+    sub = parser.add_subparsers(dest="bench_cmd", required=True)
+    add_parser(sub)
+    argv = sys.argv[1:]
+    if not argv or argv[0] != "decode":
+        argv = ["decode", *argv]
+    ns = parser.parse_args(argv)
+    try:
+        sys.exit(ns.func(ns))
+    except M2R2Error as e:
+        print(f"m2r2: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,478 @@
+"""The benchmark harness every ``m2r2 bench`` command uses.
+
+An *arm* is one way of generating (an m2r2 strategy or an external engine) behind one small protocol.
+``run_benchmark`` runs every arm on every prompt, interleaved per prompt so that machine noise (other
+processes, thermal state) hits all arms alike; ``summarize`` turns the per-(arm, prompt) records into
+medians, per-prompt speed ratios and output-equality counts; ``write_results`` writes one JSON file with
+a fixed schema plus a markdown table and a chart rendered from it.
+
+Every arm counts the same thing: new tokens generated for the prompt (the first one included, an EOS
+included when produced) over the wall time of the whole call (prefill + decode).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+
+SCHEMA_VERSION = 1
+_pinned: dict[str, int] = {}
+
+
+# ---------------------------------------------------------------- prompts, arms, results
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    """One measured prompt. Arms consume ``token_ids`` (already chat-templated), so all see identical input."""
+    id: str
+    category: str
+    token_ids: tuple[int, ...]
+    text: str | None = None
+
+
+@dataclass
+class ArmResult:
+    new_tokens: int  # generated tokens, first included, EOS included when produced
+    seconds: float  # wall time of the call: prefill + decode
+    token_ids: list[int] | None = None  # the new tokens, where the arm can report them
+    forward_passes: int | None = None  # full-model forward calls (prefill included), where known
+    extra: dict = field(default_factory=dict)  # arm-specific numbers (decode-only timing, ...)
+
+
+class ArmUnavailable(Exception):
+    """Raised by ``Arm.setup`` when the arm cannot run here (missing package, no GGUF, ...): it is skipped."""
+
+
+@runtime_checkable
+class Arm(Protocol):
+    name: str
+    kind: Literal["m2r2", "external"]
+
+    def setup(self) -> None: ...
+
+    def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- machine
+
+def pin_threads(n: int) -> int:
+    """Fix torch's intra-op thread count for the whole benchmark and remember it for the metadata."""
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    _pinned["threads"] = n
+    return n
+
+
+def pinned_threads() -> int:
+    return _pinned.get("threads", torch.get_num_threads())
+
+
+def measure_bandwidth(size_mb: int = 256, repeats: int = 9, warmup: int = 2) -> float:
+    """Memory read bandwidth in GB/s (1e9 bytes/s): median over ``repeats`` timed ``torch.sum`` of a
+    ``size_mb`` fp32 tensor, far larger than any cache, at the current thread count."""
+    x = torch.ones(size_mb * (1 << 20) // 4)  # ones, not empty: every page is touched before timing
+    for _ in range(warmup):
+        float(x.sum())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(x.sum())
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def roofline(cfg, bandwidth_gbps: float, bytes_per_param: float = 4.0) -> dict:
+    """The batch-1 decode ceiling: every step reads all weights once, so tokens/s <= bandwidth / bytes."""
+    per_token = cfg.weight_bytes_per_token(bytes_per_param)
+    return {"bandwidth_gbps": bandwidth_gbps, "bytes_per_param": bytes_per_param,
+            "weight_bytes_per_token": per_token, "tokens_per_s": bandwidth_gbps * 1e9 / per_token}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("model name", "hardware", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_state() -> dict:
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if head.returncode != 0:
+        return {}
+    return {"git_commit": head.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+
+
+def _command_line() -> str:
+    """How this run was started: ``python -m pkg.mod ...`` or ``m2r2 bench ...`` rather than a full path."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = f"python -m {spec.name}" if spec is not None and spec.name != "__main__" else Path(sys.argv[0]).name
+    return " ".join([prog, shlex.join(sys.argv[1:])]).strip()
+
+
+def machine_info() -> dict:
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return {
+        "cpu": _cpu_model(), "cores": cores, "usable_cores": usable, "threads": pinned_threads(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": _version("transformers"), "m2r2": _version("m2r2"),
+        "xllamacpp": _version("xllamacpp"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": _command_line(), **_git_state(),
+    }
+
+
+# ---------------------------------------------------------------- running
+
+def _log(msg: str) -> None:
+    print(f"m2r2 bench: {msg}", file=sys.stderr, flush=True)
+
+
+def run_benchmark(arms: Sequence[Arm], prompts: Sequence[BenchPrompt], max_new_tokens: int, warmup: int = 1,
+                  repeats: int = 1, progress: bool = True, *, warmup_prompt: BenchPrompt | None = None,
+                  skipped: dict[str, str] | None = None) -> list[dict]:
+    """Set up the arms (skipping unavailable ones with a one-line notice, recorded in ``skipped``), warm
+    each up ``warmup`` times untimed on ``warmup_prompt`` (default: the first prompt), then for each prompt
+    run every arm ``repeats`` times and keep the median time. The arm order rotates from prompt to prompt
+    so no arm always runs first (right after another arm's allocations) or last. Returns one record per
+    (arm, prompt); arms are closed at the end."""
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        raise ValueError("no prompts to benchmark")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    ready: list[Arm] = []
+    try:
+        for arm in arms:
+            try:
+                arm.setup()
+            except ArmUnavailable as e:
+                _log(f"skipping arm {arm.name}: {e}")
+                if skipped is not None:
+                    skipped[arm.name] = str(e)
+                continue
+            ready.append(arm)
+        if not ready:
+            raise ValueError("no arm could be set up")
+
+        wp = warmup_prompt or prompts[0]
+        for arm in tqdm(ready * warmup, desc="warm-up", unit="run", file=sys.stderr, disable=not progress or not warmup):
+            arm.run(wp, max_new_tokens)
+
+        records: list[dict] = []
+        bar = tqdm(total=len(prompts) * len(ready), desc="benchmark", unit="run", file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True)
+        with bar:
+            for i, prompt in enumerate(prompts):
+                k = i % len(ready)
+                for arm in ready[k:] + ready[:k]:
+                    bar.set_postfix_str(f"{prompt.id} {arm.name}", refresh=False)
+                    records.append(_measure(arm, prompt, max_new_tokens, repeats))
+                    bar.update(1)
+        # records in (arm, prompt) order, independent of the rotation
+        order = {arm.name: j for j, arm in enumerate(ready)}
+        pos = {p.id: j for j, p in enumerate(prompts)}
+        records.sort(key=lambda r: (order[r["arm"]], pos[r["prompt_id"]]))
+        return records
+    finally:
+        for arm in ready:
+            arm.close()
+
+
+def _measure(arm: Arm, prompt: BenchPrompt, max_new_tokens: int, repeats: int) -> dict:
+    results = [arm.run(prompt, max_new_tokens) for _ in range(repeats)]
+    first = results[0]
+    seconds = statistics.median(r.seconds for r in results)
+    extra = dict(first.extra)
+    if repeats > 1:
+        extra["seconds_all"] = [r.seconds for r in results]
+        if len({r.new_tokens for r in results}) > 1:
+            extra["new_tokens_all"] = [r.new_tokens for r in results]
+    return {
+        "arm": arm.name, "kind": arm.kind, "prompt_id": prompt.id, "category": prompt.category,
+        "prompt_tokens": len(prompt.token_ids), "new_tokens": first.new_tokens, "seconds": seconds,
+        "tokens_per_s": first.new_tokens / seconds if seconds > 0 else 0.0,
+        "forward_passes": first.forward_passes,
+        "token_ids": list(first.token_ids) if first.token_ids is not None else None,
+        "extra": extra,
+    }
+
+
+# ---------------------------------------------------------------- summarizing
+
+def geomean(xs: Sequence[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first differing token (the shorter length if one is a prefix of the other), or None."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _group_stats(rows: list[dict], baselines: dict[str, dict[str, dict]]) -> dict:
+    tps = [r["tokens_per_s"] for r in rows]
+    tokens = sum(r["new_tokens"] for r in rows)
+    seconds = sum(r["seconds"] for r in rows)
+    passes = [r["forward_passes"] for r in rows]
+    out = {
+        "n": len(rows), "total_tokens": tokens, "total_seconds": seconds,
+        "median_tokens_per_s": statistics.median(tps), "mean_tokens_per_s": statistics.fmean(tps),
+        "aggregate_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "tokens_per_forward_pass": (tokens / sum(passes)) if all(p for p in passes) else None,
+        "ratios": {},
+    }
+    for base, by_prompt in baselines.items():
+        if rows[0]["arm"] == base:
+            continue
+        # per prompt first (same prompt, same machine moment), then aggregated
+        ratios = [r["tokens_per_s"] / by_prompt[r["prompt_id"]]["tokens_per_s"] for r in rows
+                  if r["prompt_id"] in by_prompt and by_prompt[r["prompt_id"]]["tokens_per_s"] > 0
+                  and r["tokens_per_s"] > 0]
+        if ratios:
+            out["ratios"][base] = {"geomean": geomean(ratios), "median": statistics.median(ratios), "n": len(ratios)}
+    return out
+
+
+def _equality(rows: list[dict], ref: dict[str, dict]) -> dict:
+    compared, identical, mismatches = 0, 0, []
+    for r in rows:
+        other = ref.get(r["prompt_id"])
+        if r["token_ids"] is None or other is None or other["token_ids"] is None:
+            continue
+        compared += 1
+        diff = first_difference(r["token_ids"], other["token_ids"])
+        if diff is None:
+            identical += 1
+        else:
+            mismatches.append({"prompt_id": r["prompt_id"], "first_diff": diff,
+                               "tokens": len(r["token_ids"]), "reference_tokens": len(other["token_ids"])})
+    return {"compared": compared, "identical": identical, "mismatches": mismatches}
+
+
+def summarize(records: Sequence[dict], baseline_arm: str, *, reference_arm: str | None = None,
+              also_against: Sequence[str] = (), roofline_tokens_per_s: float | None = None,
+              arm_rooflines: Mapping[str, float] | None = None) -> dict:
+    """Per arm, overall and per category: median/mean tokens/s, total tokens / total seconds, speed ratio
+    to ``baseline_arm`` (and to each of ``also_against``) computed per prompt then geometric-mean and
+    median; tokens per forward pass; fraction of the roofline (``arm_rooflines`` overrides it for arms
+    that read a different number of bytes per token, e.g. a quantised GGUF); and, where both arms
+    returned token ids, how many outputs equal ``reference_arm``'s."""
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    categories = list(dict.fromkeys(r["category"] for r in records))
+    baselines = {b: {r["prompt_id"]: r for r in records if r["arm"] == b}
+                 for b in dict.fromkeys([baseline_arm, *also_against]) if b in arms}
+    ref = {r["prompt_id"]: r for r in records if r["arm"] == reference_arm} if reference_arm in arms else None
+    summary: dict = {"baseline_arm": baseline_arm, "also_against": list(also_against),
+                     "reference_arm": reference_arm, "roofline_tokens_per_s": roofline_tokens_per_s,
+                     "categories": categories, "arms": {}}
+    for arm in arms:
+        rows = [r for r in records if r["arm"] == arm]
+        entry = {"kind": rows[0]["kind"], "all": _group_stats(rows, baselines), "by_category": {}}
+        for c in categories:
+            crow = [r for r in rows if r["category"] == c]
+            if crow:
+                entry["by_category"][c] = _group_stats(crow, baselines)
+        roof = (arm_rooflines or {}).get(arm, roofline_tokens_per_s)
+        entry["roofline_tokens_per_s"] = roof
+        entry["roofline_fraction"] = entry["all"]["median_tokens_per_s"] / roof if roof else None
+        if ref is not None and arm != reference_arm:
+            entry["equality"] = _equality(rows, ref)
+        summary["arms"][arm] = entry
+    return summary
+
+
+# ---------------------------------------------------------------- reporting
+
+def _fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table (shared by markdown and the terminal)."""
+    bases = list(dict.fromkeys([summary["baseline_arm"], *summary["also_against"]]))
+    ref = summary.get("reference_arm")
+    header = ["arm", "kind", "prompts", "tok/s median", "tok/s mean", "tok/s total"]
+    header += [f"x {b} (geo/med)" for b in bases] + ["% roofline", "tok/pass"]
+    header += [f"same as {ref}"] if ref else []
+    rows = []
+    for arm, e in summary["arms"].items():
+        a = e["all"]
+        row = [arm, e["kind"], str(a["n"]), _fmt(a["median_tokens_per_s"]), _fmt(a["mean_tokens_per_s"]),
+               _fmt(a["aggregate_tokens_per_s"])]
+        for b in bases:
+            r = a["ratios"].get(b)
+            row.append("1 (base)" if arm == b else (f"{r['geomean']:.2f} / {r['median']:.2f}" if r else "-"))
+        frac = e["roofline_fraction"]
+        own = e["roofline_tokens_per_s"] != summary["roofline_tokens_per_s"]
+        row.append(_fmt(None if frac is None else 100 * frac, ".0f", "%" + ("*" if own else "")))
+        row.append(_fmt(a["tokens_per_forward_pass"], ".2f"))
+        if ref:
+            eq = e.get("equality")
+            row.append("ref" if arm == ref else (f"{eq['identical']}/{eq['compared']}" if eq and eq["compared"] else "-"))
+        rows.append(row)
+    return header, rows
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def render_markdown(doc: dict) -> str:
+    meta, summary = doc["meta"], doc["summary"]
+    roof = meta.get("roofline") or {}
+    lines = [f"# Benchmark: {doc['benchmark']}", "",
+             f"- machine: {meta.get('cpu')}, {meta.get('cores')} cores, {meta.get('threads')} threads; "
+             f"torch {meta.get('torch')}, transformers {meta.get('transformers')}",
+             f"- date: {meta.get('date')}; command: `{meta.get('command')}`"]
+    for key in ("model", "prompts", "max_new_tokens", "repeats"):
+        if key in meta:
+            lines.append(f"- {key}: {meta[key]}")
+    if roof:
+        lines.append(f"- memory bandwidth {roof['bandwidth_gbps']:.1f} GB/s; roofline "
+                     f"{roof['tokens_per_s']:.1f} tokens/s ({roof['weight_bytes_per_token'] / 1e6:.0f} MB of "
+                     f"weights per token at {roof['bytes_per_param']:g} bytes/param)")
+    for arm, e in summary["arms"].items():
+        if e["roofline_tokens_per_s"] != summary["roofline_tokens_per_s"] and e["roofline_tokens_per_s"]:
+            lines.append(f"- \\* {arm}: fraction of its own roofline, {e['roofline_tokens_per_s']:.1f} tokens/s")
+    if meta.get("skipped_arms"):
+        lines.append("- skipped: " + "; ".join(f"{a} ({why})" for a, why in meta["skipped_arms"].items()))
+    lines += ["", "Tokens/s = new tokens (EOS included) / wall time of the call (prefill + decode). Ratios are "
+              "computed per prompt, then geometric mean / median.", "", _md_table(*summary_table(summary))]
+    cats = summary["categories"]
+    if len(cats) > 1:
+        arms = list(summary["arms"])
+        lines += ["", "## Median tokens/s by category", "",
+                  _md_table(["category", *arms], [[c, *(_fmt(summary["arms"][a]["by_category"].get(c, {}).get(
+                      "median_tokens_per_s")) for a in arms)] for c in cats])]
+    mism = [(a, m) for a, e in summary["arms"].items() for m in e.get("equality", {}).get("mismatches", [])]
+    if mism:
+        lines += ["", f"## Outputs differing from {summary['reference_arm']}", "",
+                  _md_table(["arm", "prompt", "first differing token", "tokens", "reference tokens"],
+                            [[a, m["prompt_id"], str(m["first_diff"]), str(m["tokens"]), str(m["reference_tokens"])]
+                             for a, m in mism])]
+    return "\n".join(lines) + "\n"
+
+
+def render_chart(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = doc["summary"]
+    arms = list(summary["arms"])
+    cats = summary["categories"]
+    colors = {"m2r2": "tab:blue", "external": "tab:gray"}
+    ncols = 2 if len(cats) > 1 else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 + 6 * (ncols - 1), 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2][:ncols]})
+    ax = axes[0][0]
+    med = [summary["arms"][a]["all"]["median_tokens_per_s"] for a in arms]
+    bars = ax.bar(arms, med, color=[colors.get(summary["arms"][a]["kind"], "tab:orange") for a in arms])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    roof = summary["roofline_tokens_per_s"]
+    if roof:
+        ax.axhline(roof, color="tab:red", linestyle="--", linewidth=1)
+        ax.annotate(f"roofline {roof:.1f} tok/s", (0, roof), xytext=(2, 3), textcoords="offset points",
+                    xycoords=("axes fraction", "data"), color="tab:red", fontsize=8)
+    for bar, a in zip(bars, arms):  # arms with their own ceiling (fewer bytes per weight) get a short tick
+        own = summary["arms"][a]["roofline_tokens_per_s"]
+        if own and own != roof:
+            x0, w = bar.get_x(), bar.get_width()
+            ax.hlines(own, x0, x0 + w, color="tab:red", linestyle=":", linewidth=1.5)
+            ax.annotate(f"own {own:.0f}", (x0 + w / 2, own), xytext=(0, 3), textcoords="offset points",
+                        ha="center", color="tab:red", fontsize=7)
+    ax.set_ylabel("tokens/s (median over prompts)")
+    ax.set_title(f"{doc['benchmark']}: tokens/s per arm", fontsize=10)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    if ncols == 2:
+        ax2 = axes[0][1]
+        width = 0.8 / len(arms)
+        for j, a in enumerate(arms):
+            vals = [summary["arms"][a]["by_category"].get(c, {}).get("median_tokens_per_s", 0.0) for c in cats]
+            ax2.bar([i + j * width for i in range(len(cats))], vals, width, label=a)
+        if roof:
+            ax2.axhline(roof, color="tab:red", linestyle="--", linewidth=1)
+        ax2.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=30, ha="right", fontsize=8)
+        ax2.set_title("by category", fontsize=10)
+        ax2.legend(fontsize=7)
+    meta = doc["meta"]
+    fig.suptitle(f"{meta.get('cpu')} · {meta.get('threads')} threads · {meta.get('date')}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(name: str, meta: dict, records: Sequence[dict], summary: dict,
+                  out_dir: str | os.PathLike = "benchmarks/results", *, keep_token_ids: bool = False) -> dict[str, Path]:
+    """Write ``<out_dir>/<name>.json`` (schema: benchmark, meta, records, summary), render ``<name>.md`` and
+    ``<name>.png`` from it, print the table to stderr and one JSON summary line to stdout."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = [r if keep_token_ids else {k: v for k, v in r.items() if k != "token_ids"} for r in records]
+    doc = {"benchmark": name, "meta": {"schema_version": SCHEMA_VERSION, **machine_info(), **meta},
+           "records": recs, "summary": summary}
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
+    paths["json"].write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    paths["md"].write_text(render_markdown(doc), encoding="utf-8")
+    render_chart(doc, paths["png"])
+
+    print("\n" + _text_table(*summary_table(summary)), file=sys.stderr)
+    roof = summary.get("roofline_tokens_per_s")
+    if roof:
+        print(f"roofline {roof:.1f} tokens/s; results in {paths['json']} (.md, .png)", file=sys.stderr)
+    line = {"benchmark": name, "roofline_tokens_per_s": roof, "json": str(paths["json"]),
+            "arms": {a: {"median_tokens_per_s": e["all"]["median_tokens_per_s"],
+                         "ratios_geomean": {b: r["geomean"] for b, r in e["all"]["ratios"].items()},
+                         **({"identical": f"{e['equality']['identical']}/{e['equality']['compared']}"}
+                            if "equality" in e else {})}
+                     for a, e in summary["arms"].items()}}
+    print(json.dumps(line), flush=True)
+    return paths

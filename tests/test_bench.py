@@ -1,0 +1,226 @@
+"""The benchmark harness and ``m2r2 bench decode`` on a tiny random Llama (runs in seconds)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+import m2r2
+from m2r2.bench import harness
+from m2r2.bench.decode import HFGenerateArm, M2R2PlainArm, add_parser, load_prompt_ids
+from m2r2.bench.harness import ArmResult, ArmUnavailable, BenchPrompt, run_benchmark, summarize, write_results
+from m2r2.errors import M2R2Error, PromptFileError
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    """The brief's tiny random Llama (2 layers, no tokenizer), saved as a Hugging Face directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bench_lm(bench_dir):
+    return m2r2.load(bench_dir)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """Benchmarks pin torch's thread count; give later tests back the count they started with."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+PROMPTS = [BenchPrompt("p1", "math", (5, 6, 7, 8)), BenchPrompt("p2", "math", (9, 10, 11)),
+           BenchPrompt("p3", "writing", (12, 13, 14, 15, 16))]
+
+
+class FakeArm:
+    """Records every call in a shared log; takes ``speed`` tokens/s."""
+
+    kind = "m2r2"
+
+    def __init__(self, name: str, log: list, speed: float = 10.0, unavailable: bool = False):
+        self.name, self.log, self.speed, self.unavailable = name, log, speed, unavailable
+        self.closed = False
+
+    def setup(self) -> None:
+        if self.unavailable:
+            raise ArmUnavailable("not here")
+
+    def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
+        self.log.append((prompt.id, self.name))
+        return ArmResult(max_new_tokens, max_new_tokens / self.speed, [1] * max_new_tokens, max_new_tokens)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_run_benchmark_interleaves_warms_up_and_skips():
+    log: list = []
+    arms = [FakeArm("a", log, 10), FakeArm("b", log, 20), FakeArm("c", log, unavailable=True)]
+    skipped: dict = {}
+    warm = BenchPrompt("w", "warmup", (1, 2))
+    recs = run_benchmark(arms, PROMPTS, 4, warmup=1, repeats=3, progress=False, warmup_prompt=warm, skipped=skipped)
+    assert skipped == {"c": "not here"}
+    assert log[:2] == [("w", "a"), ("w", "b")]  # warm-up first, on the warm-up prompt
+    measured = log[2:]
+    # every arm runs a prompt (all repeats) before any arm moves to the next prompt
+    blocks = [measured[i:i + 6] for i in range(0, len(measured), 6)]
+    assert [{p for p, _ in b} for b in blocks] == [{"p1"}, {"p2"}, {"p3"}]
+    assert all({a for _, a in b} == {"a", "b"} for b in blocks)
+    assert blocks[0][0][1] != blocks[1][0][1]  # the starting arm rotates
+    assert [(r["arm"], r["prompt_id"]) for r in recs] == [(a, p.id) for a in "ab" for p in PROMPTS]
+    assert all(math.isclose(r["tokens_per_s"], {"a": 10, "b": 20}[r["arm"]]) for r in recs)
+    assert all(len(r["extra"]["seconds_all"]) == 3 for r in recs)
+    assert arms[0].closed and arms[1].closed and not arms[2].closed
+    assert "w" not in {r["prompt_id"] for r in recs}
+
+
+def _rec(arm, pid, cat, tokens, seconds, ids=None, passes=None, kind="m2r2"):
+    return {"arm": arm, "kind": kind, "prompt_id": pid, "category": cat, "prompt_tokens": 3,
+            "new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "forward_passes": passes, "token_ids": ids, "extra": {}}
+
+
+def synthetic_records():
+    return [
+        _rec("base", "1", "x", 10, 1.0, [1, 2, 3], 10, "external"),  # 10 tok/s
+        _rec("base", "2", "x", 20, 1.0, [4, 5], 20, "external"),  # 20
+        _rec("base", "3", "y", 30, 1.0, [6], 30, "external"),  # 30
+        _rec("fast", "1", "x", 10, 0.5, [1, 2, 3], 5),  # 20 -> ratio 2
+        _rec("fast", "2", "x", 20, 0.125, [4, 9], 10),  # 160 -> ratio 8
+        _rec("fast", "3", "y", 30, 0.5, [6, 7], 15),  # 60 -> ratio 2
+        _rec("ext", "1", "x", 10, 2.0),  # 5, no token ids
+    ]
+
+
+def test_summarize_by_hand():
+    s = summarize(synthetic_records(), "base", reference_arm="base", also_against=["fast"],
+                  roofline_tokens_per_s=100.0, arm_rooflines={"ext": 10.0})
+    fast = s["arms"]["fast"]
+    a = fast["all"]
+    assert a["n"] == 3 and a["total_tokens"] == 60 and math.isclose(a["total_seconds"], 1.125)
+    assert math.isclose(a["median_tokens_per_s"], 60) and math.isclose(a["mean_tokens_per_s"], 80)
+    assert math.isclose(a["aggregate_tokens_per_s"], 60 / 1.125)
+    assert math.isclose(a["tokens_per_forward_pass"], 2.0)
+    r = a["ratios"]["base"]
+    assert math.isclose(r["geomean"], (2 * 8 * 2) ** (1 / 3)) and math.isclose(r["median"], 2) and r["n"] == 3
+    assert "fast" not in a["ratios"]  # no ratio of an arm to itself
+    cx = fast["by_category"]["x"]
+    assert cx["n"] == 2 and math.isclose(cx["ratios"]["base"]["geomean"], 4) and math.isclose(cx["median_tokens_per_s"], 90)
+    assert math.isclose(fast["roofline_fraction"], 0.6)
+    # equality with the reference: prompt 1 identical, 2 differs at index 1, 3 is a longer continuation
+    eq = fast["equality"]
+    assert eq["compared"] == 3 and eq["identical"] == 1
+    assert {m["prompt_id"]: m["first_diff"] for m in eq["mismatches"]} == {"2": 1, "3": 1}
+    ext = s["arms"]["ext"]
+    assert ext["equality"]["compared"] == 0 and ext["all"]["tokens_per_forward_pass"] is None
+    assert math.isclose(ext["roofline_fraction"], 0.5)  # its own roofline
+    assert math.isclose(ext["all"]["ratios"]["base"]["geomean"], 0.5)
+    assert math.isclose(ext["all"]["ratios"]["fast"]["geomean"], 0.25)
+    assert "equality" not in s["arms"]["base"]
+    # a baseline that did not run: no ratios, no failure
+    s2 = summarize(synthetic_records(), "missing")
+    assert s2["arms"]["fast"]["all"]["ratios"] == {}
+
+
+def test_write_results_schema(tmp_path, capsys):
+    recs = synthetic_records()
+    s = summarize(recs, "base", reference_arm="base", roofline_tokens_per_s=100.0)
+    roof = {"bandwidth_gbps": 10.0, "bytes_per_param": 4.0, "weight_bytes_per_token": 1e8, "tokens_per_s": 100.0}
+    paths = write_results("unit", {"bandwidth_gbps": 10.0, "roofline": roof}, recs, s, tmp_path)
+    doc = json.loads(paths["json"].read_text())
+    assert set(doc) == {"benchmark", "meta", "records", "summary"} and doc["benchmark"] == "unit"
+    for key in ("cpu", "cores", "threads", "torch", "transformers", "date", "command", "bandwidth_gbps", "roofline"):
+        assert key in doc["meta"], key
+    assert len(doc["records"]) == len(recs) and "token_ids" not in doc["records"][0]
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["md"].read_text()
+    assert "| arm |" in md and "tok/s median" in md and "by category" in md
+    out = capsys.readouterr()
+    line = json.loads(out.out.strip().splitlines()[-1])
+    assert line["benchmark"] == "unit" and "fast" in line["arms"]
+    assert "tok/s median" in out.err
+
+
+def test_bandwidth_and_roofline(bench_lm):
+    assert harness.pin_threads(1) == 1 and harness.machine_info()["threads"] == 1
+    bw = harness.measure_bandwidth(size_mb=8, repeats=3, warmup=1)
+    assert bw > 0
+    roof = harness.roofline(bench_lm.config, bw)
+    assert math.isclose(roof["tokens_per_s"], bw * 1e9 / bench_lm.config.weight_bytes_per_token(4.0))
+
+
+def test_m2r2_and_hf_arms_agree_on_tiny_model(bench_lm):
+    prompts = [BenchPrompt("a", "all", (3, 17, 99, 4, 17, 99)), BenchPrompt("b", "all", (200, 1, 7))]
+    arms = [M2R2PlainArm(bench_lm), HFGenerateArm(bench_lm), HFGenerateArm(bench_lm, "hf-pld", 3)]
+    recs = run_benchmark(arms, prompts, 12, progress=False)
+    by = {(r["arm"], r["prompt_id"]): r for r in recs}
+    for p in prompts:
+        m, h, pld = by["m2r2-plain", p.id], by["hf-generate", p.id], by["hf-pld", p.id]
+        assert m["token_ids"] == h["token_ids"] == pld["token_ids"]
+        assert m["new_tokens"] == len(m["token_ids"]) > 0
+        # one forward per token: prefill yields the first, each later step one more
+        assert m["forward_passes"] == h["forward_passes"] == m["new_tokens"]
+    s = summarize(recs, "hf-generate", reference_arm="hf-generate")
+    assert s["arms"]["m2r2-plain"]["equality"]["identical"] == 2
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="bench_cmd", required=True))
+    return parser.parse_args(["decode", *argv])
+
+
+def test_decode_command_end_to_end(bench_dir, tmp_path, capsys):
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("\n".join(json.dumps({"id": f"q{i}", "category": c, "token_ids": t})
+                             for i, (c, t) in enumerate([("a", [5, 6, 7]), ("b", [8, 9, 10, 11])])) + "\n")
+    args = _parse(["--model", str(bench_dir), "--prompt-ids", str(ids), "--max-new-tokens", "6", "--threads", "1",
+                   "--out", "tiny", "--out-dir", str(tmp_path), "--no-progress", "--bandwidth-mb", "8"])
+    assert args.func(args) == 0
+    doc = json.loads((tmp_path / "tiny.json").read_text())
+    assert doc["meta"]["skipped_arms"].keys() == {"llamacpp"}  # a directory model has no GGUF
+    assert doc["meta"]["arms"] == ["m2r2-plain", "hf-generate", "hf-pld"]
+    eq = doc["summary"]["arms"]["m2r2-plain"]["equality"]
+    assert eq == {"compared": 2, "identical": 2, "mismatches": []}
+    assert doc["summary"]["arms"]["m2r2-plain"]["all"]["ratios"].keys() == {"hf-generate"}
+    assert doc["summary"]["arms"]["hf-pld"]["all"]["ratios"].keys() == {"hf-generate", "m2r2-plain"}
+    assert (tmp_path / "tiny.md").is_file() and (tmp_path / "tiny.png").is_file()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "tiny"
+
+
+def test_decode_errors(bench_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"token_ids": "nope"}\n')
+    with pytest.raises(PromptFileError):
+        load_prompt_ids(bad)
+    with pytest.raises(PromptFileError):
+        load_prompt_ids(tmp_path / "missing.jsonl")
+    args = _parse(["--model", str(bench_dir), "--prompts", str(tmp_path / "missing.jsonl"), "--threads", "1",
+                   "--out-dir", str(tmp_path), "--bandwidth-mb", "8"])
+    with pytest.raises(PromptFileError):
+        args.func(args)
+    # text prompts need a tokenizer; the tiny model has none
+    args = _parse(["--model", str(bench_dir), "--threads", "1", "--limit", "1", "--out-dir", str(tmp_path)])
+    with pytest.raises(M2R2Error):
+        args.func(args)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"token_ids": [1, 2, 3]}\n')
+    args = _parse(["--model", str(bench_dir), "--prompt-ids", str(good), "--arms", "m2r2-plain,nope", "--threads", "1"])
+    with pytest.raises(M2R2Error, match="unknown arm"):
+        args.func(args)
+    with pytest.raises(SystemExit):
+        _parse(["--max-new-tokens", "0"])
