@@ -117,5 +117,5 @@ def load(model: str | os.PathLike | None = None, *, dtype: str = "float32",
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     source = resolve(model)
-    m, tok = load_model(source, dtype=DTYPES[dtype])
+    m, tok = load_model(source, dtype=DTYPES[dtype], threads=threads)
     return LM(m, tok, source, time.perf_counter() - t0)

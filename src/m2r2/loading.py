@@ -210,8 +210,10 @@ def rope_table(hf_config, max_positions: int) -> tuple[torch.Tensor, torch.Tenso
     return cos[0].float(), sin[0].float()
 
 
-def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_positions: int | None = None):
-    """Build m2r2's ``Transformer`` and the tokenizer (or None) from a Hugging Face directory."""
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_positions: int | None = None,
+               threads: int | None = None):
+    """Build m2r2's ``Transformer`` and the tokenizer (or None) from a Hugging Face directory. Linear
+    weights are laid out for ``threads`` intra-op threads (default: torch's current count)."""
     from transformers import AutoConfig
     d = source.hf_dir
     try:
@@ -221,16 +223,16 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_posi
     eos = _eos_ids(d, hf_config)
     cfg = ModelConfig.from_hf(hf_config, eos)
     n_pos = min(cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings, 1 << 17)
-    model = Transformer(cfg, rope_table(hf_config, n_pos))
+    model = Transformer(cfg, rope_table(hf_config, n_pos), threads)
     sd = _load_state_dict(d)
     try:
         mapped = hf_state_dict_to_m2r2(sd, cfg)
     except KeyError as e:
         raise UnsupportedModelError(f"the weights in {d} lack tensor {e.args[0]!r}: not a {cfg.model_type} checkpoint?") from e
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise UnsupportedModelError(f"weights in {d} do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    try:
+        model.load_dense(mapped)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UnsupportedModelError(f"weights in {d} do not fit the config: {e}") from e
     for name, t in mapped.items():
         if not torch.isfinite(t).all():
             raise UnsupportedModelError(f"tensor {name} in {d} has non-finite values: the file is corrupt")

@@ -1,0 +1,206 @@
+"""M2R2's accelerated residual stream: accelerator adapters on a frozen decoder.
+
+Design (a reconstruction from the paper's abstract; see docs/METHOD.md):
+
+* The slow stream is the unchanged model, ``s_i = B_i(s_{i-1})``.
+* The fast stream with rate R runs the first ``F = ceil(L / R)`` blocks with an adapter beside each:
+  ``f_i = B_i(f_{i-1}) + A_i(f_{i-1})``, ``A_i(x) = U_i act(D_i rmsnorm(x))``. ``U_i`` starts at zero,
+  so an untrained fast stream *is* the slow stream. Fast layer l is trained so that ``N(f_l)`` matches
+  ``N(s_min(L, R*l))``: it reaches the model's answer in about L/R layers.
+* Shared KV cache: at block i the fast query at position t attends to the slow stream's K/V for
+  positions < t and to its own K/V at t. At inference this is simply the one persistent cache: the
+  fast token writes its K/V into slot t (temporarily; verification overwrites it) and attends to
+  slots <= t. In training all positions run in parallel with keys ``[slow K (T) | fast K (T)]`` and a
+  mask that is strictly causal over the slow half and diagonal over the fast half.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AdapterError
+from .model import RMSNorm, StepContext, Transformer
+
+ADAPTER_FORMAT = 1
+
+
+@dataclass
+class AcceleratorConfig:
+    rate: int = 2
+    rank: int = 64
+    base_identity: str = ""
+    base_num_layers: int = 0
+    hidden_size: int = 0
+    activation: str = "silu"
+    format: int = ADAPTER_FORMAT
+    training: dict = field(default_factory=dict)  # what produced it: command, data, steps, wall time
+
+    def __post_init__(self) -> None:
+        if self.rate not in (1, 2, 3, 4, 5, 6, 8):
+            raise AdapterError(f"rate must be one of 1-6 or 8, got {self.rate}")
+        if self.rank < 1:
+            raise AdapterError(f"rank must be >= 1, got {self.rank}")
+
+    @property
+    def fast_layers(self) -> int:
+        """F = ceil(L / R): the fast stream's depth."""
+        return math.ceil(self.base_num_layers / self.rate)
+
+    def target_depth(self, l: int) -> int:
+        """Slow depth (number of blocks) that fast layer l (1-based) is trained to match."""
+        return min(self.base_num_layers, self.rate * l)
+
+
+class Adapter(nn.Module):
+    """Low-rank accelerator: U act(D rmsnorm(x)); U zero-initialised so it starts as the identity
+    of the fast stream (adds nothing)."""
+
+    def __init__(self, hidden: int, rank: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = RMSNorm(hidden, eps)
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, hidden, bias=False)
+        nn.init.normal_(self.down.weight, std=1.0 / math.sqrt(hidden))
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.silu(self.down(self.norm(x))))
+
+
+class Accelerator(nn.Module):
+    """The adapters of one fast stream (rate R) for one base model."""
+
+    def __init__(self, cfg: AcceleratorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.adapters = nn.ModuleList(Adapter(cfg.hidden_size, cfg.rank) for _ in range(cfg.fast_layers))
+
+    @classmethod
+    def for_model(cls, model: Transformer, identity: str, rate: int = 2, rank: int = 64) -> "Accelerator":
+        c = model.cfg
+        return cls(AcceleratorConfig(rate=rate, rank=rank, base_identity=identity, base_num_layers=c.num_layers,
+                                     hidden_size=c.hidden_size))
+
+    @property
+    def fast_layers(self) -> int:
+        return self.cfg.fast_layers
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    # ---- inference: the fast stream on the shared cache ----
+    def fast_layer(self, model: Transformer, i: int, f: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """f_{i+1} = B_i(f_i) + A_i(f_i), with B_i reading/writing the shared cache through ``ctx``."""
+        return model.layer(i, f, ctx) + self.adapters[i](f)
+
+    def fast_forward(self, model: Transformer, ids: torch.Tensor, ctx: StepContext, depth: int | None = None,
+                     return_states: bool = False):
+        """Run the fast stream for ids (B, T) through ``depth`` fast layers (default all). Writes the
+        fast K/V into the cache slots of ``ctx`` (temporary: the caller crops or overwrites them)."""
+        depth = self.fast_layers if depth is None else depth
+        f = model.embed(ids)
+        states = [f]
+        for i in range(depth):
+            f = self.fast_layer(model, i, f, ctx)
+            if return_states:
+                states.append(f)
+        return states if return_states else f
+
+    # ---- training: all positions in parallel ----
+    def parallel_fast_states(self, model: Transformer, ids: torch.Tensor, slow_k: list[torch.Tensor],
+                             slow_v: list[torch.Tensor], depth: int | None = None) -> list[torch.Tensor]:
+        """Fast states f_0..f_depth (each (B, T, D)) for every position at once.
+
+        slow_k[i], slow_v[i]: the slow stream's rotated K/V at block i, (B, KV, T, hd). Query t sees
+        slow keys j < t and its own fast key at t, exactly what step-by-step inference sees."""
+        depth = self.fast_layers if depth is None else depth
+        B, T = ids.shape
+        pos = torch.arange(T, device=ids.device)
+        cos, sin = model.rope(pos.expand(B, T))
+        strict = pos.view(1, -1) < pos.view(-1, 1)  # (T, T): slow key j visible to query t iff j < t
+        diag = torch.eye(T, dtype=torch.bool, device=ids.device)
+        mask = torch.cat([strict, diag], dim=1).view(1, 1, T, 2 * T)
+        f = model.embed(ids)
+        states = [f]
+        for i in range(depth):
+            blk = model.layers[i]
+            q, k, v = blk.qkv_proj(blk.input_norm(f), cos, sin)
+            keys = torch.cat([slow_k[i], k], dim=2)
+            vals = torch.cat([slow_v[i], v], dim=2)
+            x = f + blk.attend(q, keys, vals, mask)
+            x = x + blk.mlp(x)
+            f = x + self.adapters[i](f)
+            states.append(f)
+        return states
+
+    # ---- files ----
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``adapter.safetensors`` and ``adapter.json`` into directory ``path`` (atomically)."""
+        from safetensors.torch import save_file
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp_w, tmp_c = d / ".adapter.safetensors.tmp", d / ".adapter.json.tmp"
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(sd, str(tmp_w), metadata={"m2r2": "accelerator", "base_identity": self.cfg.base_identity})
+        tmp_c.write_text(json.dumps(asdict(self.cfg), indent=1))
+        os.replace(tmp_w, d / "adapter.safetensors")
+        os.replace(tmp_c, d / "adapter.json")
+        return d
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Transformer | None = None, identity: str | None = None) -> "Accelerator":
+        """Load adapters from a directory; refuse them if they were trained for another base model."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        d = Path(path)
+        cfg_file, w_file = d / "adapter.json", d / "adapter.safetensors"
+        if not cfg_file.is_file() or not w_file.is_file():
+            raise AdapterError(f"{d} is not an adapter directory (needs adapter.json and adapter.safetensors)")
+        try:
+            raw = json.loads(cfg_file.read_text())
+            cfg = AcceleratorConfig(**raw)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise AdapterError(f"{cfg_file} is corrupt: {e}") from e
+        if cfg.format != ADAPTER_FORMAT:
+            raise AdapterError(f"{d}: adapter format {cfg.format} is not supported (expected {ADAPTER_FORMAT})")
+        if identity is not None and cfg.base_identity != identity:
+            raise AdapterError(
+                f"the adapter in {d} was trained for a different base model "
+                f"({cfg.base_identity[:24]}...) than the one loaded ({identity[:24]}...)")
+        if model is not None and (cfg.base_num_layers, cfg.hidden_size) != (model.cfg.num_layers, model.cfg.hidden_size):
+            raise AdapterError(f"the adapter in {d} is for a {cfg.base_num_layers}-layer, {cfg.hidden_size}-wide "
+                               f"model, not this {model.cfg.num_layers}-layer, {model.cfg.hidden_size}-wide one")
+        acc = cls(cfg)
+        try:
+            sd = load_file(str(w_file))
+            acc.load_state_dict(sd)
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise AdapterError(f"{w_file} is unreadable or does not match its config: {e}") from e
+        if model is not None:
+            acc = acc.to(model.embed_tokens.weight.dtype)
+        return acc.eval().requires_grad_(False)
+
+
+def slow_trace(model: Transformer, ids: torch.Tensor, depth: int | None = None):
+    """Run the slow stream over ids (B, T) (right padding is harmless: queries never see later keys).
+
+    Returns (states, cache): states[i] is the residual after i blocks (states[0] = embeddings), and the
+    cache holds the slow stream's rotated K/V for every block."""
+    B, T = ids.shape
+    cache = model.new_cache(B, T)
+    ctx = model.context(cache, torch.arange(T, device=ids.device).expand(B, T))
+    depth = model.cfg.num_layers if depth is None else depth
+    x = model.embed(ids)
+    states = [x]
+    for i in range(depth):
+        x = model.layer(i, x, ctx)
+        states.append(x)
+    return states, cache
