@@ -204,3 +204,48 @@ def slow_trace(model: Transformer, ids: torch.Tensor, depth: int | None = None):
         x = model.layer(i, x, ctx)
         states.append(x)
     return states, cache
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the self-distillation objective (see ``distill_loss``)."""
+    align: float = 1.0  # 1 - cos(N(f_l), N(s_target(l))), averaged over fast layers
+    kl: float = 1.0  # KL(p_full || p_fast(l)) at ``kl_layers``
+    kl_layers: tuple[int, ...] = ()  # 1-based fast layers with a KL term; () = the last fast layer
+
+    def layers(self, fast_layers: int) -> tuple[int, ...]:
+        return self.kl_layers or (fast_layers,)
+
+
+def distill_loss(model: Transformer, acc: Accelerator, ids: torch.Tensor, valid: torch.Tensor,
+                 weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict]:
+    """The self-distillation loss on a right-padded batch ids (B, T) with ``valid`` (B, T) marking real
+    tokens. The slow stream runs without gradients; gradients reach only the adapters.
+
+    Returns (loss, stats) with per-layer alignment losses and top-1 agreement of each KL layer's read-out
+    with the full model (for logs)."""
+    F_ = acc.fast_layers
+    with torch.no_grad():
+        slow, cache = slow_trace(model, ids)
+        norm_targets = [model.norm(slow[acc.cfg.target_depth(l)]) for l in range(1, F_ + 1)]
+        teacher_logp = torch.log_softmax(model.head(slow[-1]), -1)  # (B, T, V)
+    fast = acc.parallel_fast_states(model, ids, cache.k, cache.v)
+    m = valid.float()
+    n = m.sum().clamp_min(1.0)
+    align_terms = []
+    for l in range(1, F_ + 1):
+        cos = F.cosine_similarity(model.norm(fast[l]), norm_targets[l - 1], dim=-1)  # (B, T)
+        align_terms.append(((1 - cos) * m).sum() / n)
+    align = torch.stack(align_terms)
+    kl_terms, agree = [], {}
+    for l in weights.layers(F_):
+        logp = torch.log_softmax(model.head(fast[l]), -1)
+        kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)  # (B, T)
+        kl_terms.append((kl * m).sum() / n)
+        with torch.no_grad():
+            agree[l] = float(((logp.argmax(-1) == teacher_logp.argmax(-1)).float() * m).sum() / n)
+    kl = torch.stack(kl_terms).mean()
+    loss = weights.align * align.mean() + weights.kl * kl
+    stats = {"loss": float(loss.detach()), "align": float(align.detach().mean()), "kl": float(kl.detach()),
+             "align_by_layer": [round(float(a), 5) for a in align.detach()], "agree": agree}
+    return loss, stats

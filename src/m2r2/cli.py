@@ -36,7 +36,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int("--threads"), default=None,
                    help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weight dtype (float32 is exact; bfloat16 halves the bytes read)")
+                   help="weight dtype (float32: exact and fastest on CPU; bfloat16: for GPUs, slow on CPU)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

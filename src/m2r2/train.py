@@ -1,0 +1,288 @@
+"""``m2r2 train``: train M2R2 accelerator adapters on a frozen model by self-distillation.
+
+    m2r2 data --n 1024 --out runs/distill                  # the base model's own responses
+    m2r2 train --data runs/distill --out runs/adapter-r2   # adapters for rate 2
+    accelerate launch -m m2r2.train --data ... --out ...   # the same on many processes / GPUs
+
+Training runs through Hugging Face Accelerate: the adapters (the only trainable parameters) are wrapped
+for data parallelism, each process takes its share of every global batch, and only the main process
+writes files. State (adapters, optimizer, schedule, step) is checkpointed atomically every
+``--checkpoint-every`` steps; re-running the same command resumes from the last checkpoint, and a
+different configuration in the same ``--out`` is refused. Data order is a pure function of (seed, step),
+so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .accelerator import Accelerator as M2R2Accelerator
+from .accelerator import LossWeights, distill_loss
+from .errors import M2R2Error
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+
+
+class TrainError(M2R2Error):
+    """Training cannot start or resume as asked."""
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str = "runs/adapter-r2"
+    model: str | None = None
+    rate: int = 2
+    rank: int = 64
+    steps: int = 400
+    batch_size: int = 4  # sequences per global batch
+    max_len: int = 320  # tokens per sequence (prompt + response, truncated)
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    align_weight: float = 1.0
+    kl_weight: float = 1.0
+    kl_layers: tuple[int, ...] = ()  # () = the last fast layer
+    seed: int = 0
+    checkpoint_every: int = 25
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_len", "rank", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise TrainError(f"--lr must be > 0, got {self.lr}")
+        if self.rate not in (2, 3, 4):
+            raise TrainError(f"--rate must be 2, 3 or 4, got {self.rate}")
+        self.kl_layers = tuple(int(x) for x in self.kl_layers)
+
+    def identity(self) -> dict:
+        """The settings a resumed run must share (everything but where and how fast it runs)."""
+        d = asdict(self)
+        for k in ("out", "threads", "checkpoint_every", "steps"):
+            d.pop(k)
+        return d
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """The example indices of global batch ``step``: epochs are seeded permutations of range(n)."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, off = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        take = min(batch_size - len(out), n - off)
+        out += perm[off:off + take]
+        pos += take
+    return out
+
+
+def make_batch(records: list[dict], idx: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    seqs = [(records[i]["prompt_ids"] + records[i]["response_ids"])[:max_len] for i in idx]
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        valid[b, : len(s)] = True
+    return ids, valid
+
+
+class _Distill(nn.Module):
+    """Frozen backbone + trainable adapters as one module, so Accelerate can wrap it for data parallelism
+    (only the adapters require gradients, so only they are synchronised)."""
+
+    def __init__(self, backbone, acc: M2R2Accelerator, weights: LossWeights):
+        super().__init__()
+        self.backbone, self.acc, self.weights = backbone, acc, weights
+
+    def forward(self, ids, valid):
+        return distill_loss(self.backbone, self.acc, ids, valid, self.weights)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train (or resume) adapters as ``cfg`` says; writes ``cfg.out``/adapter.{safetensors,json}.
+    ``stop_after`` ends this call after that many steps (as if interrupted; tests use it)."""
+    from accelerate import Accelerator as HFAccelerator
+    from tqdm.auto import tqdm
+
+    from .distill_data import load_dataset
+
+    hfacc = HFAccelerator(cpu=not torch.cuda.is_available())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if lm is None:
+        from .api import load
+        lm = load(cfg.model, threads=cfg.threads)
+    model = lm.model.to(hfacc.device)
+    records = load_dataset(cfg.data, model_identity=lm.source.identity)
+    if len(records) < cfg.batch_size:
+        raise TrainError(f"{cfg.data} has {len(records)} examples, fewer than --batch-size {cfg.batch_size}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT
+
+    torch.manual_seed(cfg.seed)
+    acc = M2R2Accelerator.for_model(model, lm.source.identity, rate=cfg.rate, rank=cfg.rank).to(hfacc.device)
+    F_ = acc.fast_layers
+    bad = [l for l in cfg.kl_layers if not 1 <= l <= F_]
+    if bad:
+        raise TrainError(f"--kl-layers {bad} outside the fast stream's layers 1..{F_}")
+    opt = torch.optim.AdamW(acc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    wall_before = 0.0
+    if ckpt_path.is_file():
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a checkpoint is written atomically; unreadable means damaged on disk
+            raise TrainError(f"{ckpt_path} is unreadable ({e}); delete it to start over") from e
+        if ck.get("config") != cfg.identity():
+            diff = {k: (ck.get("config", {}).get(k), v) for k, v in cfg.identity().items()
+                    if ck.get("config", {}).get(k) != v}
+            raise TrainError(f"{out} holds a run with other settings ({diff}); pass another --out or delete it")
+        acc.load_state_dict(ck["adapters"])
+        opt.load_state_dict(ck["optimizer"])
+        step, wall_before = ck["step"], ck.get("wall_seconds", 0.0)
+        if hfacc.is_main_process:
+            print(f"m2r2: resuming {out} at step {step}", file=sys.stderr)
+    module = _Distill(model, acc, LossWeights(cfg.align_weight, cfg.kl_weight, cfg.kl_layers))
+    module, opt = hfacc.prepare(module, opt)
+
+    def checkpoint(final: bool = False) -> None:
+        hfacc.wait_for_everyone()
+        if not hfacc.is_main_process:
+            return
+        adapters = hfacc.unwrap_model(module).acc
+        _atomic_save({"config": cfg.identity(), "adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
+                      "step": step, "wall_seconds": wall_before + time.perf_counter() - t_start}, ckpt_path)
+        if final:
+            adapters.cfg.training = {
+                "command": " ".join(["m2r2 train", *sys.argv[1:]]) if sys.argv and "m2r2" in sys.argv[0] else None,
+                "config": asdict(cfg), "examples": len(records), "steps": step,
+                "tokens_seen": tokens_seen_total, "wall_seconds": round(wall_before + time.perf_counter() - t_start, 1),
+                "processes": hfacc.num_processes, "last_log": last,
+            }
+            adapters.save(out)
+
+    rank, world = hfacc.process_index, hfacc.num_processes
+    t_start = time.perf_counter()
+    tokens_seen_total = step * cfg.batch_size * cfg.max_len  # an upper bound for earlier sessions
+    last: dict = {}
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train R={cfg.rate}", unit="step", file=sys.stderr,
+               disable=not (progress and hfacc.is_main_process), dynamic_ncols=True)
+    log_f = open(out / LOG, "a", encoding="utf-8") if hfacc.is_main_process else None
+    tok_window, t_window = 0, time.perf_counter()
+    try:
+        module.train()
+        while step < end:
+            idx = batch_indices(len(records), step, cfg.batch_size, cfg.seed)[rank::world]
+            ids, valid = make_batch(records, idx, cfg.max_len)
+            ids, valid = ids.to(hfacc.device), valid.to(hfacc.device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            loss, stats = module(ids, valid)
+            opt.zero_grad(set_to_none=True)
+            hfacc.backward(loss)
+            opt.step()
+            step += 1
+            ntok = int(valid.sum()) * world
+            tok_window += ntok
+            tokens_seen_total += ntok
+            last = {"step": step, "lr": lr_at(step - 1, cfg), **stats, "tokens": ntok}
+            if log_f is not None:
+                log_f.write(json.dumps(last) + "\n")
+                log_f.flush()
+            now = time.perf_counter()
+            agree = stats["agree"].get(max(stats["agree"])) if stats["agree"] else None
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{stats['kl']:.3f}", agree=f"{agree:.2f}",
+                            tok_s=f"{tok_window / max(now - t_window, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                checkpoint()
+                tok_window, t_window = 0, time.perf_counter()
+        checkpoint(final=step >= cfg.steps)
+    finally:
+        bar.close()
+        if log_f is not None:
+            log_f.close()
+    return {"step": step, "done": step >= cfg.steps, "last": last, "out": str(out)}
+
+
+def _csv_ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig(data="")
+    p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
+    p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); re-run to resume")
+    p.add_argument("--model", default=None, help="model directory, .gguf or hub id (default: embedded)")
+    for name, typ in (("rate", int), ("rank", int), ("steps", int), ("batch_size", int), ("max_len", int),
+                      ("lr", float), ("warmup_steps", int), ("weight_decay", float), ("align_weight", float),
+                      ("kl_weight", float), ("seed", int), ("checkpoint_every", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
+                       help=f"(default: {getattr(d, name)})")
+    p.add_argument("--kl-layers", type=_csv_ints, default=(), help="1-based fast layers with a KL term "
+                                                                   "(default: the last fast layer)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    kw = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**kw)
+    res = train(cfg, progress=not args.no_progress)
+    print(json.dumps(res["last"]), flush=True)
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train accelerator adapters by self-distillation (resumable)",
+                              description=__doc__.split("\n\n")[0])
+    _add_args(p)
+    p.set_defaults(func=main)
+    return p
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m m2r2.train", description=__doc__.split("\n\n")[0])
+    _add_args(parser)
+    ns = parser.parse_args()
+    try:
+        sys.exit(main(ns))
+    except M2R2Error as e:
+        print(f"m2r2: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,154 @@
+"""M2R2 accelerator adapters on tiny random models: identity at init, frozen backbone, shared-cache
+attention (parallel training == step-by-step inference), adapter files, and resumable training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import m2r2
+from m2r2.accelerator import Accelerator, LossWeights, distill_loss, slow_trace
+from m2r2.distill_data import generate_dataset
+from m2r2.train import TrainConfig, TrainError, batch_indices, train
+
+from conftest import make_tiny
+
+SEQ = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]])
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-acc")
+    make_tiny(d, "llama", num_hidden_layers=6)
+    return m2r2.load(d)
+
+
+def _perturbed(acc: Accelerator, seed: int = 0) -> Accelerator:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in acc.adapters:
+            a.up.weight.copy_(torch.randn(a.up.weight.shape, generator=g) * 0.3)
+    return acc
+
+
+@pytest.mark.parametrize("rate", [2, 3, 4])
+def test_untrained_fast_stream_is_the_slow_stream(lm, rate):
+    acc = Accelerator.for_model(lm.model, lm.source.identity, rate=rate, rank=8)
+    assert acc.fast_layers == -(-6 // rate)
+    T = SEQ.shape[1]
+    with torch.no_grad():
+        slow, cache = slow_trace(lm.model, SEQ)
+        # inference path: the same call as the slow stream's, so equal bit for bit (the adapters add zeros)
+        c = lm.model.new_cache(1, T)
+        step = acc.fast_forward(lm.model, SEQ, lm.model.context(c, torch.arange(T).unsqueeze(0)), return_states=True)
+        for l in range(acc.fast_layers + 1):
+            assert torch.equal(step[l], slow[l])
+        # training path (slow keys before t, own key at t): the same values up to float summation order
+        fast = acc.parallel_fast_states(lm.model, SEQ, cache.k, cache.v)
+    for l in range(acc.fast_layers + 1):
+        torch.testing.assert_close(fast[l], slow[l], rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_training_attention_equals_step_by_step_inference(lm):
+    """Query t sees slow K/V for positions < t and its own fast K/V at t, in both paths."""
+    acc = _perturbed(Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8))
+    T = SEQ.shape[1]
+    with torch.no_grad():
+        _, cache = slow_trace(lm.model, SEQ)
+        par = acc.parallel_fast_states(lm.model, SEQ, cache.k, cache.v)
+        for t in range(T):
+            c = lm.model.new_cache(1, T)
+            lm.model(SEQ, c, torch.arange(T).unsqueeze(0))  # the slow stream's cache for every position
+            c.advance(T)
+            c.crop(t)
+            step = acc.fast_forward(lm.model, SEQ[:, t:t + 1], lm.model.context(c, torch.tensor([[t]])),
+                                    return_states=True)
+            for l in range(1, acc.fast_layers + 1):
+                torch.testing.assert_close(step[l][0, 0], par[l][0, t], rtol=1e-4, atol=1e-4)
+    # and the perturbation really changed the stream (the test is not vacuous)
+    slow, _ = slow_trace(lm.model, SEQ)
+    assert not torch.allclose(par[acc.fast_layers], slow[acc.fast_layers], atol=1e-3)
+
+
+def test_loss_reaches_only_the_adapters(lm):
+    acc = _perturbed(Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8))
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    ref = lm.model(SEQ, lm.model.new_cache(1, SEQ.shape[1]), torch.arange(SEQ.shape[1]).unsqueeze(0)).detach()
+    opt = torch.optim.SGD(acc.parameters(), lr=0.5)
+    valid = torch.ones_like(SEQ, dtype=torch.bool)
+    loss0, stats = distill_loss(lm.model, acc, SEQ, valid, LossWeights(kl_layers=(1, 2, 3)))
+    assert set(stats["agree"]) == {1, 2, 3} and len(stats["align_by_layer"]) == 3
+    loss0.backward()
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in acc.parameters())
+    opt.step()
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    after = lm.model(SEQ, lm.model.new_cache(1, SEQ.shape[1]), torch.arange(SEQ.shape[1]).unsqueeze(0))
+    assert torch.equal(after, ref)  # the slow stream's outputs are untouched
+    loss1, _ = distill_loss(lm.model, acc, SEQ, valid, LossWeights(kl_layers=(1, 2, 3)))
+    assert float(loss1) < float(loss0)
+
+
+def test_adapter_files_roundtrip_and_refuse_other_models(lm, tmp_path):
+    acc = _perturbed(Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8))
+    acc.save(tmp_path / "a")
+    back = Accelerator.load(tmp_path / "a", lm.model, lm.source.identity)
+    for (k, v), (k2, v2) in zip(acc.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(m2r2.AdapterError, match="different base model"):
+        Accelerator.load(tmp_path / "a", lm.model, "gguf:someothermodel")
+    with pytest.raises(m2r2.AdapterError, match="not an adapter directory"):
+        Accelerator.load(tmp_path / "missing", lm.model, lm.source.identity)
+    (tmp_path / "a" / "adapter.safetensors").write_bytes(b"garbage")
+    with pytest.raises(m2r2.AdapterError, match="unreadable"):
+        Accelerator.load(tmp_path / "a", lm.model, lm.source.identity)
+    (tmp_path / "a" / "adapter.json").write_text("{not json")
+    with pytest.raises(m2r2.AdapterError, match="corrupt"):
+        Accelerator.load(tmp_path / "a", lm.model, lm.source.identity)
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    a = [batch_indices(10, s, 4, seed=1) for s in range(5)]
+    assert a == [batch_indices(10, s, 4, seed=1) for s in range(5)]
+    flat = sum(a[:2], []) + a[2][:2]  # the first epoch: every example once
+    assert sorted(flat) == list(range(10))
+
+
+@pytest.fixture(scope="module")
+def data_dir(lm, tmp_path_factory):
+    d = tmp_path_factory.mktemp("distill")
+    prompts = [[(7 * i + j) % 250 + 2 for j in range(3 + i % 5)] for i in range(12)]
+    generate_dataset(lm, d, None, prompts=prompts, max_new_tokens=12, batch_size=4, shard_size=6, progress=False)
+    return d
+
+
+def test_training_resumes_exactly(lm, data_dir, tmp_path):
+    """Killed after 3 of 6 steps and resumed == 6 steps in one go, bit for bit; then refuses other settings."""
+    base = dict(data=str(data_dir), rate=2, rank=4, steps=6, batch_size=3, max_len=24, lr=1e-2, warmup_steps=2,
+                checkpoint_every=3, kl_layers=(1, 3))
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **base), lm=lm, progress=False)
+    assert whole["done"]
+    part = train(TrainConfig(out=str(tmp_path / "part"), **base), lm=lm, progress=False, stop_after=3)
+    assert not part["done"] and not (tmp_path / "part" / "adapter.safetensors").exists()
+    train(TrainConfig(out=str(tmp_path / "part"), **base), lm=lm, progress=False)
+    a = Accelerator.load(tmp_path / "whole", lm.model, lm.source.identity)
+    b = Accelerator.load(tmp_path / "part", lm.model, lm.source.identity)
+    for (k, v), (_, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, v2), k
+    assert any(p.abs().sum() > 0 for n, p in a.named_parameters() if n.endswith("up.weight"))
+    meta = json.loads((tmp_path / "whole" / "adapter.json").read_text())
+    assert meta["training"]["steps"] == 6 and meta["base_identity"] == lm.source.identity
+    logs = (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in logs] == list(range(1, 7))
+    with pytest.raises(TrainError, match="other settings"):
+        train(TrainConfig(out=str(tmp_path / "part"), **{**base, "rank": 8}), lm=lm, progress=False)
+
+
+def test_train_config_validation(data_dir):
+    with pytest.raises(TrainError, match="--rate"):
+        TrainConfig(data=str(data_dir), rate=5)
+    with pytest.raises(TrainError, match="--steps"):
+        TrainConfig(data=str(data_dir), steps=0)
