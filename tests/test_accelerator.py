@@ -89,7 +89,7 @@ def test_loss_reaches_only_the_adapters(lm):
     after = lm.model(SEQ, lm.model.new_cache(1, SEQ.shape[1]), torch.arange(SEQ.shape[1]).unsqueeze(0))
     assert torch.equal(after, ref)  # the slow stream's outputs are untouched
     loss1, _ = distill_loss(lm.model, acc, SEQ, valid, LossWeights(kl_layers=(1, 2, 3)))
-    assert float(loss1) < float(loss0)
+    assert float(loss1.detach()) < float(loss0.detach())
 
 
 def test_adapter_files_roundtrip_and_refuse_other_models(lm, tmp_path):
@@ -152,3 +152,26 @@ def test_train_config_validation(data_dir):
         TrainConfig(data=str(data_dir), rate=5)
     with pytest.raises(TrainError, match="--steps"):
         TrainConfig(data=str(data_dir), steps=0)
+
+
+def test_analyze_untrained_fast_equals_slow(lm, tmp_path):
+    from m2r2.analyze import analyze, plot
+    acc = Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=4)
+    res = analyze(lm, [[5, 6, 7, 8], [9, 10, 11]], acc, max_new_tokens=8, progress=False)
+    slow, fast = res["streams"]["slow"], res["streams"]["fast"]
+    assert slow["agreement"][-1] == 1.0 and abs(slow["cos_to_final"][-1] - 1) < 1e-5
+    assert len(fast["agreement"]) == acc.fast_layers + 1
+    for k in ("agreement", "cos_to_final"):
+        for a, b in zip(fast[k], slow[k][: acc.fast_layers + 1]):
+            assert abs(a - b) < 1e-4, k
+    doc = {"meta": {"rate": 2, "model": "tiny", "prompts": "x", "n_prompts": 2}, **res}
+    plot(doc, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_load_accelerator_errors(lm, tmp_path):
+    with pytest.raises(m2r2.AdapterError, match="no adapter with rate 2 ships"):
+        lm.load_accelerator()
+    acc = Accelerator.for_model(lm.model, lm.source.identity, rate=3, rank=4)
+    acc.save(tmp_path / "r3")
+    assert lm.load_accelerator(tmp_path / "r3").cfg.rate == 3

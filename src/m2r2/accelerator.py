@@ -249,3 +249,22 @@ def distill_loss(model: Transformer, acc: Accelerator, ids: torch.Tensor, valid:
     stats = {"loss": float(loss.detach()), "align": float(align.detach().mean()), "kl": float(kl.detach()),
              "align_by_layer": [round(float(a), 5) for a in align.detach()], "agree": agree}
     return loss, stats
+
+
+def shipped_dir() -> Path:
+    return Path(__file__).resolve().parent / "adapters"
+
+
+def find_shipped(identity: str, rate: int) -> Path | None:
+    """The adapter shipped inside the package for this base model and rate, if any."""
+    root = shipped_dir()
+    if not root.is_dir():
+        return None
+    for cfg_file in sorted(root.glob("*/adapter.json")):
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if raw.get("base_identity") == identity and raw.get("rate") == rate:
+            return cfg_file.parent
+    return None

@@ -51,6 +51,18 @@ class LM:
         return (f"LM({self.source.name!r}, {c.num_layers} layers, hidden {c.hidden_size}, "
                 f"vocab {c.vocab_size}, {self.model.embed_tokens.weight.dtype})")
 
+    def load_accelerator(self, path: str | os.PathLike | None = None, rate: int = 2):
+        """M2R2 accelerator adapters for this model: from ``path``, or the ones shipped in the package for
+        this exact base model and ``rate``. Refuses adapters trained for another model."""
+        from .accelerator import Accelerator, find_shipped
+        from .errors import AdapterError
+        if path is None:
+            path = find_shipped(self.source.identity, rate)
+            if path is None:
+                raise AdapterError(f"no adapter with rate {rate} ships for {self.source.name}; train one with "
+                                   "`m2r2 data` and `m2r2 train`, then pass its directory")
+        return Accelerator.load(path, self.model, self.source.identity)
+
     # ---- text <-> ids, at the boundary ----
     def encode(self, prompt: Prompt, chat: bool = True, system: str | None = None) -> list[int]:
         if not isinstance(prompt, str):
