@@ -160,7 +160,7 @@ def test_packed_linear_equals_dense(parts, bias):
         if bias:
             lin.bias.copy_(b)
     assert torch.equal(lin.dense(), dense)
-    for shape in [(12,), (1, 1, 12), (3, 5, 12)]:
+    for shape in [(12,), (1, 1, 12), (3, 5, 12), (2, 40, 12)]:  # matvec, bmm and gemm paths
         x = torch.randn(shape)
         ref = torch.nn.functional.linear(x, dense, b if bias else None)
         torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)

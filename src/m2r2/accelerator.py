@@ -217,37 +217,38 @@ class LossWeights:
         return self.kl_layers or (fast_layers,)
 
 
-def distill_loss(model: Transformer, acc: Accelerator, ids: torch.Tensor, valid: torch.Tensor,
+def distill_loss(model: Transformer, acc: Accelerator, ids: torch.Tensor, mask: torch.Tensor,
                  weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict]:
-    """The self-distillation loss on a right-padded batch ids (B, T) with ``valid`` (B, T) marking real
-    tokens. The slow stream runs without gradients; gradients reach only the adapters.
+    """The self-distillation loss on a right-padded batch ids (B, T); ``mask`` (B, T) marks the positions
+    that are scored (e.g. the response positions: where the fast stream will draft). The slow stream
+    runs without gradients; gradients reach only the adapters. States are gathered at the scored
+    positions before the LM head, so unscored context costs no head FLOPs.
 
     Returns (loss, stats) with per-layer alignment losses and top-1 agreement of each KL layer's read-out
     with the full model (for logs)."""
     F_ = acc.fast_layers
+    sel = mask.nonzero(as_tuple=True)
+    if sel[0].numel() == 0:
+        raise ValueError("the loss mask selects no position")
     with torch.no_grad():
         slow, cache = slow_trace(model, ids)
-        norm_targets = [model.norm(slow[acc.cfg.target_depth(l)]) for l in range(1, F_ + 1)]
-        teacher_logp = torch.log_softmax(model.head(slow[-1]), -1)  # (B, T, V)
+        norm_targets = [model.norm(slow[acc.cfg.target_depth(l)][sel]) for l in range(1, F_ + 1)]
+        teacher_logp = torch.log_softmax(model.head(slow[-1][sel]), -1)  # (N, V)
+        teacher_p = teacher_logp.exp()
+        teacher_top = teacher_logp.argmax(-1)
     fast = acc.parallel_fast_states(model, ids, cache.k, cache.v)
-    m = valid.float()
-    n = m.sum().clamp_min(1.0)
-    align_terms = []
-    for l in range(1, F_ + 1):
-        cos = F.cosine_similarity(model.norm(fast[l]), norm_targets[l - 1], dim=-1)  # (B, T)
-        align_terms.append(((1 - cos) * m).sum() / n)
-    align = torch.stack(align_terms)
+    align = torch.stack([(1 - F.cosine_similarity(model.norm(fast[l][sel]), norm_targets[l - 1], dim=-1)).mean()
+                         for l in range(1, F_ + 1)])
     kl_terms, agree = [], {}
     for l in weights.layers(F_):
-        logp = torch.log_softmax(model.head(fast[l]), -1)
-        kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)  # (B, T)
-        kl_terms.append((kl * m).sum() / n)
-        with torch.no_grad():
-            agree[l] = float(((logp.argmax(-1) == teacher_logp.argmax(-1)).float() * m).sum() / n)
+        logp = torch.log_softmax(model.head(fast[l][sel]), -1)
+        kl_terms.append((teacher_p * (teacher_logp - logp)).sum(-1).mean())
+        agree[l] = float((logp.detach().argmax(-1) == teacher_top).float().mean())
     kl = torch.stack(kl_terms).mean()
     loss = weights.align * align.mean() + weights.kl * kl
     stats = {"loss": float(loss.detach()), "align": float(align.detach().mean()), "kl": float(kl.detach()),
-             "align_by_layer": [round(float(a), 5) for a in align.detach()], "agree": agree}
+             "align_by_layer": [round(float(a), 5) for a in align.detach()], "agree": agree,
+             "positions": int(sel[0].numel())}
     return loss, stats
 
 

@@ -41,6 +41,7 @@ class LM:
         self.tokenizer = tokenizer
         self.source = source
         self.load_seconds = load_seconds
+        self._accelerator = None  # loaded on first use of strategy="m2r2"
 
     @property
     def config(self):
@@ -107,6 +108,11 @@ class LM:
         if not batch:
             raise SamplingError("prompts is empty")
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if strategy == "m2r2":  # self-speculative decoding with the shipped rate-2 adapters
+            from .speculative import SelfSpeculative
+            if self._accelerator is None:
+                self._accelerator = self.load_accelerator()
+            strategy = SelfSpeculative(self._accelerator)
         ids = [self.encode(p, chat=chat, system=system) for p in batch]
         new, stats = decode(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                             strategy=strategy, on_tokens=stream)

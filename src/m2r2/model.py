@@ -49,6 +49,8 @@ class Linear(nn.Module):
     back (out, in).
     """
 
+    GEMM_ROWS = 16  # above this many rows (prefill, training) the product is compute-bound: plain gemm
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, parts: int = 1):
         super().__init__()
         if parts < 1 or in_features % parts:
@@ -70,8 +72,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if self.parts == 1:
-            y = x2 @ self.weight[0]  # (N, out)
+        if self.parts == 1 or x2.shape[0] > self.GEMM_ROWS:  # compute-bound: one ordinary (threaded) gemm
+            y = x2 @ self.weight.view(self.in_features, self.out_features)  # (N, out)
         else:  # (P, N, in/P) @ (P, in/P, out) -> P partial sums (P, N, out) -> (N, out)
             xp = x2.view(-1, self.parts, self.in_features // self.parts).transpose(0, 1)
             y = torch.bmm(xp, self.weight).sum(0)

@@ -101,14 +101,23 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 
 
 def make_batch(records: list[dict], idx: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seqs = [(records[i]["prompt_ids"] + records[i]["response_ids"])[:max_len] for i in idx]
+    """Right-padded ids (B, T) of prompt + response (the response cut to fit ``max_len``; the prompt's
+    tail is kept when the prompt alone is too long) and the loss mask (B, T): the last prompt position
+    and every response position, i.e. where the fast stream will have to draft."""
+    seqs, starts = [], []
+    for i in idx:
+        p, r = records[i]["prompt_ids"], records[i]["response_ids"]
+        if len(p) >= max_len:
+            p = p[-(max_len // 2):]
+        seqs.append((p + r)[:max_len])
+        starts.append(len(p) - 1)
     T = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for b, s in enumerate(seqs):
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, (s, st) in enumerate(zip(seqs, starts)):
         ids[b, : len(s)] = torch.tensor(s)
-        valid[b, : len(s)] = True
-    return ids, valid
+        mask[b, st: len(s)] = True
+    return ids, mask
 
 
 class _Distill(nn.Module):
