@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_float("--top-p"), default=1.0)
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)
-    g.add_argument("--strategy", default="plain", help="decoding strategy (default: plain)")
+    g.add_argument("--strategy", default="plain", choices=["plain", "m2r2"],
+                   help="plain, or m2r2 (lossless self-speculative decoding; needs the adapter for the model)")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--token-ids", action="store_true", help="PROMPT is a list of token ids")
