@@ -5,8 +5,8 @@
 set -euo pipefail
 RATE=${RATE:-2}
 pip install -e ".[train]"
-m2r2 data --n 768 --max-new-tokens 160 --batch-size 16 --out runs/distill
-m2r2 train --data runs/distill --out "runs/adapter-r$RATE" --rate "$RATE" --steps "${STEPS:-400}"
+m2r2 data --n 768 --max-new-tokens 160 --batch-size 16 --out data/distill-smollm2-135m
+m2r2 train --data data/distill-smollm2-135m --out "runs/adapter-r$RATE" --rate "$RATE" --steps "${STEPS:-400}"
 mkdir -p "src/m2r2/adapters/smollm2-135m-instruct-r$RATE"
 cp "runs/adapter-r$RATE/adapter.json" "runs/adapter-r$RATE/adapter.safetensors" \
    "src/m2r2/adapters/smollm2-135m-instruct-r$RATE/"

@@ -9,16 +9,34 @@ import os
 import sys
 
 
-def _positive_int(name: str):
+def int_at_least(name: str, lo: int):
+    """An argparse type: an integer >= ``lo``; the message names the flag."""
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
         return v
     return parse
+
+
+def _positive_int(name: str):
+    return int_at_least(name, 0)
+
+
+def run_standalone(prog: str, description: str, add_args, main_fn) -> None:
+    """``python -m m2r2.<module>``: parse with ``add_args``, run ``main_fn``, user errors on one line."""
+    from .errors import M2R2Error
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_args(parser)
+    ns = parser.parse_args()
+    try:
+        sys.exit(main_fn(ns))
+    except M2R2Error as e:
+        print(f"m2r2: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _float(name: str):

@@ -467,29 +467,18 @@ def load_dataset(out_dir: str | os.PathLike, *, model_identity: str | None = Non
 
 # ---------------------------------------------------------------- command line
 
-def _int_at_least(lo: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-    return parse
-
-
 def _add_args(p: argparse.ArgumentParser) -> None:
+    from .cli import int_at_least
     p.add_argument("--out", default="runs/distill", help="output directory (default: runs/distill)")
-    p.add_argument("--n", type=_int_at_least(1), default=1024, help="number of prompts (default: 1024)")
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=192)
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="prompt order (and sampling) seed")
+    p.add_argument("--n", type=int_at_least("--n", 1), default=1024, help="number of prompts (default: 1024)")
+    p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=192)
+    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=8)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="prompt order (and sampling) seed")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--max-prompt-tokens", type=_int_at_least(1), default=384)
-    p.add_argument("--shard-size", type=_int_at_least(1), default=SHARD_SIZE)
+    p.add_argument("--max-prompt-tokens", type=int_at_least("--max-prompt-tokens", 1), default=384)
+    p.add_argument("--shard-size", type=int_at_least("--shard-size", 1), default=SHARD_SIZE)
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: embedded)")
-    p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None, help="CPU threads (default: torch's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--stats", action="store_true", help="print the prompt pool's counts and exit")
 
@@ -521,11 +510,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m m2r2.distill_data", description=__doc__.split("\n\n")[0])
-    _add_args(parser)
-    ns = parser.parse_args()
-    try:
-        sys.exit(main(ns))
-    except M2R2Error as e:
-        print(f"m2r2: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from .cli import run_standalone
+    run_standalone("python -m m2r2.distill_data", __doc__.split("\n\n")[0], _add_args, main)

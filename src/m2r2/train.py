@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -287,11 +287,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m m2r2.train", description=__doc__.split("\n\n")[0])
-    _add_args(parser)
-    ns = parser.parse_args()
-    try:
-        sys.exit(main(ns))
-    except M2R2Error as e:
-        print(f"m2r2: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from .cli import run_standalone
+    run_standalone("python -m m2r2.train", __doc__.split("\n\n")[0], _add_args, main)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error, PromptFileError
 from .harness import (ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
                       run_benchmark, summarize, write_results)
@@ -272,18 +273,6 @@ def main(args: argparse.Namespace) -> int:
             "bandwidth_gbps": bandwidth, "roofline": roof, **meta_extra}
     write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=args.keep_token_ids)
     return 0
-
-
-def _int_at_least(name: str, lo: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
-        return v
-    return parse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
