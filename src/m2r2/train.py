@@ -29,6 +29,7 @@ from torch import nn
 
 from .accelerator import Accelerator as M2R2Accelerator
 from .accelerator import LossWeights, distill_loss
+from .bench.harness import _command_line
 from .errors import M2R2Error
 
 CHECKPOINT = "checkpoint.pt"
@@ -195,7 +196,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
                       "step": step, "wall_seconds": wall_before + time.perf_counter() - t_start}, ckpt_path)
         if final:
             adapters.cfg.training = {
-                "command": " ".join(["m2r2 train", *sys.argv[1:]]) if sys.argv and "m2r2" in sys.argv[0] else None,
+                "command": _command_line(),
                 "config": asdict(cfg), "examples": len(records), "steps": step,
                 "tokens_seen": tokens_seen_total, "wall_seconds": round(wall_before + time.perf_counter() - t_start, 1),
                 "processes": hfacc.num_processes, "last_log": last,
