@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -183,21 +182,16 @@ def load_prompt_ids(path: str | os.PathLike, limit: int | None = None) -> list[B
     p = Path(path).expanduser()
     if not p.is_file():
         raise PromptFileError(f"prompt id file {p} not found")
+    from ..prompts import iter_jsonl
+
     out: list[BenchPrompt] = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptFileError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            ids = r.get("token_ids", r.get("prompt_token_ids")) if isinstance(r, dict) else None
-            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
-                raise PromptFileError(f"{p}:{lineno}: needs a non-empty list of token ids in 'token_ids'")
-            out.append(BenchPrompt(str(r.get("id", lineno)), str(r.get("category", "all")), tuple(ids)))
-            if limit is not None and len(out) >= limit:
-                break
+    for lineno, r in iter_jsonl(p):
+        ids = r.get("token_ids", r.get("prompt_token_ids")) if isinstance(r, dict) else None
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise PromptFileError(f"{p}:{lineno}: needs a non-empty list of token ids in 'token_ids'")
+        out.append(BenchPrompt(str(r.get("id", lineno)), str(r.get("category", "all")), tuple(ids)))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise PromptFileError(f"prompt id file {p} has no prompts")
     return out
