@@ -141,6 +141,8 @@ def test_training_resumes_exactly(lm, data_dir, tmp_path):
     assert any(p.abs().sum() > 0 for n, p in a.named_parameters() if n.endswith("up.weight"))
     meta = json.loads((tmp_path / "whole" / "adapter.json").read_text())
     assert meta["training"]["steps"] == 6 and meta["base_identity"] == lm.source.identity
+    resumed = json.loads((tmp_path / "part" / "adapter.json").read_text())
+    assert resumed["training"]["tokens_seen"] == meta["training"]["tokens_seen"] > 0
     logs = (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in logs] == list(range(1, 7))
     with pytest.raises(TrainError, match="other settings"):

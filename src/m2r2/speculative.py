@@ -109,7 +109,7 @@ class SelfSpeculative:
                 else:
                     nxt[b] = torch.multinomial(p[b, g], 1, generator=state.generator)[0]
                 accepted[b] = a
-        live = [b for b in range(B) if not state.done[b]]
+        live = [b for b in range(B) if not state.done[b]]  # never empty: the loop stops when all rows are done
         for b in range(B):
             a = int(accepted[b])
             new.append(drafts[b, :a].tolist() + [int(nxt[b])])
@@ -118,7 +118,6 @@ class SelfSpeculative:
         grow = torch.where(torch.tensor(state.done), 0, accepted + 1)
         state.cache.advance(grow)
         state.pending = torch.where(grow > 0, nxt, state.pending)
-        live = live or list(range(B))
         self.steps += 1
         self.drafted += g * len(live)
         self.accepted += int(accepted[live].sum())

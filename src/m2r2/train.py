@@ -170,6 +170,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     opt = torch.optim.AdamW(acc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     wall_before = 0.0
+    tokens_seen_total = 0
     if ckpt_path.is_file():
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -181,7 +182,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
             raise TrainError(f"{out} holds a run with other settings ({diff}); pass another --out or delete it")
         acc.load_state_dict(ck["adapters"])
         opt.load_state_dict(ck["optimizer"])
-        step, wall_before = ck["step"], ck.get("wall_seconds", 0.0)
+        step, wall_before, tokens_seen_total = ck["step"], ck.get("wall_seconds", 0.0), ck.get("tokens_seen", 0)
         if hfacc.is_main_process:
             print(f"m2r2: resuming {out} at step {step}", file=sys.stderr)
     module = _Distill(model, acc, LossWeights(cfg.align_weight, cfg.kl_weight, cfg.kl_layers))
@@ -193,7 +194,8 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
             return
         adapters = hfacc.unwrap_model(module).acc
         _atomic_save({"config": cfg.identity(), "adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
-                      "step": step, "wall_seconds": wall_before + time.perf_counter() - t_start}, ckpt_path)
+                      "step": step, "tokens_seen": tokens_seen_total,
+                      "wall_seconds": wall_before + time.perf_counter() - t_start}, ckpt_path)
         if final:
             adapters.cfg.training = {
                 "command": _command_line(),
@@ -205,7 +207,6 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
 
     rank, world = hfacc.process_index, hfacc.num_processes
     t_start = time.perf_counter()
-    tokens_seen_total = step * cfg.batch_size * cfg.max_len  # an upper bound for earlier sessions
     last: dict = {}
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train R={cfg.rate}", unit="step", file=sys.stderr,
