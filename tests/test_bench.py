@@ -224,3 +224,36 @@ def test_decode_errors(bench_dir, tmp_path):
         args.func(args)
     with pytest.raises(SystemExit):
         _parse(["--max-new-tokens", "0"])
+
+
+def test_spec_command_end_to_end(bench_dir, bench_lm, tmp_path, capsys):
+    """Every drafter on the same loop and verifier: lossless (token-equal to plain), with drafting stats."""
+    from m2r2.accelerator import Accelerator
+    from m2r2.bench.spec import add_parser as add_spec
+
+    acc = Accelerator.for_model(bench_lm.model, bench_lm.source.identity, rate=2, rank=4)
+    with torch.no_grad():
+        for a in acc.adapters:
+            a.up.weight.normal_(0, 0.05)
+    acc.save(tmp_path / "adapter")
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("\n".join(json.dumps({"id": f"q{i}", "category": c, "token_ids": t}) for i, (c, t) in
+                             enumerate([("a", [5, 6, 7, 5, 6, 7, 5]), ("b", [8, 9, 10, 11]), ("b", [3])])) + "\n")
+    parser = argparse.ArgumentParser()
+    add_spec(parser.add_subparsers(dest="bench_cmd", required=True))
+    args = parser.parse_args(["spec", "--model", str(bench_dir), "--prompt-ids", str(ids), "--max-new-tokens", "24",
+                              "--threads", "1", "--arms", "m2r2,m2r2-r3,early-exit,prompt-lookup",
+                              "--adapter", str(tmp_path / "adapter"), "--per-category", "1",
+                              "--out", "spec", "--out-dir", str(tmp_path), "--no-progress", "--bandwidth-mb", "8"])
+    assert args.func(args) == 0
+    doc = json.loads((tmp_path / "spec.json").read_text())
+    assert doc["meta"]["n_prompts"] == 2  # one per category
+    assert doc["meta"]["arms"] == ["m2r2-plain", "m2r2", "early-exit", "prompt-lookup"]
+    assert "m2r2-r3" in doc["meta"]["skipped_arms"]  # no rate-3 adapter for this model
+    for arm in ("m2r2", "early-exit", "prompt-lookup"):
+        assert doc["summary"]["arms"][arm]["equality"]["identical"] == 2
+        spec = doc["summary"]["speculative"][arm]["all"]
+        assert spec["verify_steps"] > 0 and spec["tokens_per_verify"] >= 1
+    assert doc["summary"]["speculative"]["prompt-lookup"]["draft_cost_bytes"] == 0.0
+    assert 0 < doc["summary"]["speculative"]["early-exit"]["draft_cost_bytes"] < 1
+    assert "Speculative decoding" in (tmp_path / "spec.md").read_text()

@@ -111,3 +111,107 @@ def test_rejection_sampling_keeps_the_model_distribution(lm):
     tv = 0.5 * sum(abs(counts.get(k, 0) / n - v) for k, v in exact.items())
     assert set(counts) <= set(exact)
     assert tv < 0.08, tv
+
+
+# ---- the verifier on hand-written logits ----
+
+from m2r2.speculative import (Draft, DraftHead, PromptLookupDrafter, Speculative, StreamDrafter,  # noqa: E402
+                              verify)
+
+P = torch.tensor([0.5, 0.3, 0.2, 0.0])
+S = SamplingConfig(temperature=1.0, seed=0)
+
+
+def _logits(p: torch.Tensor, rows: int, positions: int) -> torch.Tensor:
+    return p.clamp_min(1e-30).log().expand(rows, positions, -1).clone()
+
+
+def _first_tokens(drafts: torch.Tensor, q: torch.Tensor | None, n: int, seed: int):
+    """Verify n rows that all draft the same thing against P; return (accepted, first emitted token)."""
+    g = torch.Generator().manual_seed(seed)
+    acc, nxt = verify(_logits(P, n, drafts.shape[1] + 1), Draft(drafts.expand(n, -1), None if q is None else
+                                                                 q.expand(n, *q.shape[1:])), S, g)
+    first = torch.where(acc > 0, drafts[0, 0].expand(n), nxt)
+    return acc, first
+
+
+def _freq(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(tokens, minlength=4).double() / len(tokens)
+
+
+def test_verify_always_accepts_when_the_drafter_is_the_model():
+    q = P.view(1, 1, 4).expand(1, 3, 4)
+    drafts = torch.tensor([[0, 1, 2]])
+    acc, _ = _first_tokens(drafts, q, 2000, seed=1)
+    assert bool((acc == 3).all())
+
+
+def test_verify_never_accepts_an_impossible_draft_and_samples_the_model():
+    q = torch.tensor([0.0, 0.0, 0.0, 1.0]).view(1, 1, 4)  # all mass where the model has none
+    acc, first = _first_tokens(torch.tensor([[3]]), q, 20000, seed=2)
+    assert bool((acc == 0).all())
+    assert (_freq(first) - P.double()).abs().max() < 0.015
+
+
+@pytest.mark.parametrize("q", [torch.tensor([0.2, 0.6, 0.2, 0.0]), torch.tensor([0.1, 0.1, 0.1, 0.7])])
+def test_verify_sometimes_accepts_and_the_residual_restores_the_model(q):
+    """Draft sampled from q, accepted with min(1, p/q), residual max(0, p-q): the emitted token is
+    distributed as p (checked per draft token and overall), and acceptance is sum(min(p, q))."""
+    n = 40000
+    g = torch.Generator().manual_seed(3)
+    drafts = torch.multinomial(q, n, replacement=True, generator=g).view(n, 1)
+    acc, nxt = verify(_logits(P, n, 2), Draft(drafts, q.view(1, 1, 4).expand(n, 1, 4)), S, g)
+    first = torch.where(acc > 0, drafts[:, 0], nxt)
+    assert (_freq(first) - P.double()).abs().max() < 0.01
+    assert abs(float(acc.double().mean()) - float(torch.minimum(P, q).sum())) < 0.01
+    rejected = acc == 0
+    resid = (P - q).clamp_min(0)
+    assert (_freq(nxt[rejected]) - (resid / resid.sum()).double()).abs().max() < 0.015
+
+
+def test_verify_point_mass_drafts_accept_with_the_model_probability():
+    acc, first = _first_tokens(torch.tensor([[1]]), None, 40000, seed=4)
+    assert abs(float(acc.double().mean()) - 0.3) < 0.01
+    assert (_freq(first) - P.double()).abs().max() < 0.01
+
+
+def test_verify_greedy_is_the_matching_prefix_plus_the_model_token():
+    logits = torch.full((3, 4, 6), -5.0)
+    target = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    logits.scatter_(2, target.unsqueeze(-1), 5.0)
+    drafts = torch.tensor([[1, 2, 3], [1, 5, 3], [0, 2, 3]])
+    acc, nxt = verify(logits, Draft(drafts), SamplingConfig())
+    assert acc.tolist() == [3, 1, 0] and nxt.tolist() == [4, 2, 1]
+
+
+# ---- the peers' drafters: lossless on the same loop ----
+
+REPETITIVE = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12], [3, 4]]
+
+
+def test_prompt_lookup_finds_the_latest_ngram():
+    d = PromptLookupDrafter(max_ngram=2)
+    assert d.lookup([1, 2, 3, 9, 1, 2, 4, 8, 1, 2], 3) == [4, 8, 1]
+    assert d.lookup([1, 2, 3, 7, 3], 2) == [7, 3]  # falls back to a 1-gram
+    assert d.lookup([1, 2, 3], 2) == []
+
+
+@pytest.mark.parametrize("make", [
+    lambda acc: PromptLookupDrafter(),
+    lambda acc: StreamDrafter(None, depth=2),
+    lambda acc: StreamDrafter(acc, vocab=torch.arange(0, 256, 2)),  # reduced draft vocabulary
+])
+def test_peer_drafters_greedy_equal_plain(lm, make):
+    acc = _acc(lm, 0.05)
+    prompts = REPETITIVE + PROMPTS
+    plain = [decode(lm.model, [p], max_new_tokens=96)[0][0] for p in prompts]
+    spec, st = decode(lm.model, prompts, max_new_tokens=96, strategy=Speculative(make(acc), gamma=3))
+    assert spec == plain
+    assert st.extra["drafted"] > 0 and st.extra["verify_steps"] == st.steps
+
+
+def test_draft_head_over_a_subset_equals_the_full_head_restricted(lm):
+    vocab = torch.tensor([3, 17, 40, 41, 200])
+    h = torch.randn(2, lm.config.hidden_size)
+    full = lm.model.head(h)[:, vocab]
+    torch.testing.assert_close(DraftHead(lm.model, vocab).logits(h), full, rtol=1e-5, atol=1e-5)

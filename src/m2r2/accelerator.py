@@ -30,6 +30,7 @@ from .errors import AdapterError
 from .model import RMSNorm, StepContext, Transformer
 
 ADAPTER_FORMAT = 1
+DRAFT_VOCAB = "draft_vocab.json"
 
 
 @dataclass
@@ -40,6 +41,7 @@ class AcceleratorConfig:
     base_num_layers: int = 0
     hidden_size: int = 0
     activation: str = "silu"
+    output_scale: str = "rms"  # "rms": the adapter's output is scaled by its input's RMS; "none": not
     format: int = ADAPTER_FORMAT
     training: dict = field(default_factory=dict)  # what produced it: command, data, steps, wall time
 
@@ -48,6 +50,8 @@ class AcceleratorConfig:
             raise AdapterError(f"rate must be one of 1-6 or 8, got {self.rate}")
         if self.rank < 1:
             raise AdapterError(f"rank must be >= 1, got {self.rank}")
+        if self.output_scale not in ("rms", "none"):
+            raise AdapterError(f"output_scale must be 'rms' or 'none', got {self.output_scale!r}")
 
     @property
     def fast_layers(self) -> int:
@@ -60,19 +64,28 @@ class AcceleratorConfig:
 
 
 class Adapter(nn.Module):
-    """Low-rank accelerator: U act(D rmsnorm(x)); U zero-initialised so it starts as the identity
-    of the fast stream (adds nothing)."""
+    """Low-rank accelerator: U act(D rmsnorm(x)), times rms(x) when ``rms_scaled``. U is zero-initialised,
+    so an untrained adapter adds nothing (the fast stream starts as the slow stream).
 
-    def __init__(self, hidden: int, rank: int, eps: float = 1e-5):
+    Why the RMS factor: the residual stream's RMS grows ~5x between layer 15 and layer 30 of the embedded
+    model (6 -> 31, carried by a few massive dimensions that change between depths), and the fast stream has
+    to reach the deep direction in half the layers. Scaling the output by the input's own RMS lets the
+    adapter work in units relative to the stream, so its weights need the same size at every depth."""
+
+    def __init__(self, hidden: int, rank: int, eps: float = 1e-5, rms_scaled: bool = True):
         super().__init__()
         self.norm = RMSNorm(hidden, eps)
         self.down = nn.Linear(hidden, rank, bias=False)
         self.up = nn.Linear(rank, hidden, bias=False)
+        self.rms_scaled = rms_scaled
         nn.init.normal_(self.down.weight, std=1.0 / math.sqrt(hidden))
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(F.silu(self.down(self.norm(x))))
+        out = self.up(F.silu(self.down(self.norm(x))))
+        if self.rms_scaled:
+            out = out * x.pow(2).mean(-1, keepdim=True).add(self.norm.eps).sqrt()
+        return out
 
 
 class Accelerator(nn.Module):
@@ -81,13 +94,16 @@ class Accelerator(nn.Module):
     def __init__(self, cfg: AcceleratorConfig):
         super().__init__()
         self.cfg = cfg
-        self.adapters = nn.ModuleList(Adapter(cfg.hidden_size, cfg.rank) for _ in range(cfg.fast_layers))
+        self.draft_vocab: torch.Tensor | None = None  # frequent token ids for drafting (draft_vocab.json)
+        self.adapters = nn.ModuleList(Adapter(cfg.hidden_size, cfg.rank, rms_scaled=cfg.output_scale == "rms")
+                                      for _ in range(cfg.fast_layers))
 
     @classmethod
-    def for_model(cls, model: Transformer, identity: str, rate: int = 2, rank: int = 64) -> "Accelerator":
+    def for_model(cls, model: Transformer, identity: str, rate: int = 2, rank: int = 64,
+                  output_scale: str = "rms") -> "Accelerator":
         c = model.cfg
         return cls(AcceleratorConfig(rate=rate, rank=rank, base_identity=identity, base_num_layers=c.num_layers,
-                                     hidden_size=c.hidden_size))
+                                     hidden_size=c.hidden_size, output_scale=output_scale))
 
     @property
     def fast_layers(self) -> int:
@@ -184,6 +200,15 @@ class Accelerator(nn.Module):
             acc.load_state_dict(sd)
         except (SafetensorError, RuntimeError, OSError) as e:
             raise AdapterError(f"{w_file} is unreadable or does not match its config: {e}") from e
+        vocab_file = d / DRAFT_VOCAB
+        if vocab_file.is_file():
+            try:
+                ids = json.loads(vocab_file.read_text())["token_ids"]
+                acc.draft_vocab = torch.tensor(ids, dtype=torch.long)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise AdapterError(f"{vocab_file} is corrupt: {e}") from e
+            if acc.draft_vocab.numel() == 0 or (model is not None and int(acc.draft_vocab.max()) >= model.cfg.vocab_size):
+                raise AdapterError(f"{vocab_file} holds token ids outside this model's vocabulary")
         if model is not None:
             acc = acc.to(model.embed_tokens.weight.dtype)
         return acc.eval().requires_grad_(False)
@@ -250,6 +275,26 @@ def distill_loss(model: Transformer, acc: Accelerator, ids: torch.Tensor, mask: 
              "align_by_layer": [round(float(a), 5) for a in align.detach()], "agree": agree,
              "positions": int(sel[0].numel())}
     return loss, stats
+
+
+def write_draft_vocab(path: str | os.PathLike, records: list[dict], size: int = 4096,
+                      always: tuple[int, ...] = ()) -> Path:
+    """Write ``draft_vocab.json`` into an adapter directory: the ``size`` most frequent response tokens of
+    the self-distillation records (the model's own outputs), plus ``always`` (e.g. EOS). Drafting over it
+    reads a fraction of the LM head; tokens outside it cannot be drafted but are never wrong."""
+    from collections import Counter
+    counts = Counter()
+    for r in records:
+        counts.update(r["response_ids"])
+    ids = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+    ids = sorted(set(ids) | set(always))
+    covered = sum(counts[t] for t in ids) / max(1, sum(counts.values()))
+    d = Path(path)
+    tmp = d / (DRAFT_VOCAB + ".tmp")
+    tmp.write_text(json.dumps({"size": len(ids), "requested": size, "train_token_coverage": round(covered, 5),
+                               "token_ids": ids}))
+    os.replace(tmp, d / DRAFT_VOCAB)
+    return d / DRAFT_VOCAB
 
 
 def shipped_dir() -> Path:

@@ -40,7 +40,7 @@ class LM:
         self.tokenizer = tokenizer
         self.source = source
         self.load_seconds = load_seconds
-        self._accelerator = None  # loaded on first use of strategy="m2r2"
+        self._accelerators: dict = {}  # rate -> Accelerator, loaded on first use of strategy="m2r2"
 
     @property
     def config(self):
@@ -62,6 +62,47 @@ class LM:
                 raise AdapterError(f"no adapter with rate {rate} ships for {self.source.name}; train one with "
                                    "`m2r2 data` and `m2r2 train`, then pass its directory")
         return Accelerator.load(path, self.model, self.source.identity)
+
+    STRATEGIES = ("plain", "m2r2", "early-exit", "prompt-lookup")
+
+    def strategy(self, name: str = "plain", *, rate: int = 2, adapter: str | os.PathLike | None = None,
+                 gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, draft_vocab: bool = True,
+                 depth: int | None = None, stop_below: float = 0.0, max_ngram: int = 3) -> Strategy:
+        """A decoding strategy by name, for ``generate(strategy=...)``:
+
+        * ``plain``: one full forward per token;
+        * ``m2r2``: lossless self-speculative decoding, drafts from the M2R2 fast stream (the shipped
+          adapter for ``rate``, or ``adapter``), over its frequent-token draft vocabulary when it has one
+          and ``draft_vocab``;
+        * ``early-exit``: the same, drafting with the model's own first ``depth`` layers and no adapters
+          (default: as deep as the R=2 fast stream);
+        * ``prompt-lookup``: the same, drafting by n-gram lookup in the context (up to ``max_ngram``).
+
+        Every speculative strategy verifies with the full model, so greedy output equals ``plain``."""
+        from .speculative import PromptLookupDrafter, Speculative, StreamDrafter
+        if name == "plain":
+            from .generate import PlainStrategy
+            return PlainStrategy()
+        if name == "m2r2":
+            key = (rate, None if adapter is None else str(adapter))
+            if key not in self._accelerators:
+                self._accelerators[key] = self.load_accelerator(adapter, rate)
+            acc = self._accelerators[key]
+            drafter = StreamDrafter(acc, vocab=acc.draft_vocab if draft_vocab else None, stop_below=stop_below)
+        elif name == "early-exit":
+            L = self.config.num_layers
+            depth = -(-L // 2) if depth is None else depth
+            if not 1 <= depth < L:
+                raise SamplingError(f"early-exit depth must be in [1, {L - 1}], got {depth}")
+            drafter = StreamDrafter(None, depth=depth, stop_below=stop_below)
+        elif name == "prompt-lookup":
+            drafter = PromptLookupDrafter(max_ngram=max_ngram)
+        else:
+            raise SamplingError(f"unknown strategy {name!r} (available: {', '.join(self.STRATEGIES)})")
+        try:
+            return Speculative(drafter, gamma=gamma, max_gamma=max_gamma, adaptive=adaptive)
+        except ValueError as e:
+            raise SamplingError(str(e)) from None
 
     # ---- text <-> ids, at the boundary ----
     def encode(self, prompt: Prompt, chat: bool = True, system: str | None = None) -> list[int]:
@@ -107,11 +148,8 @@ class LM:
         if not batch:
             raise SamplingError("prompts is empty")
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        if strategy == "m2r2":  # self-speculative decoding with the shipped rate-2 adapters
-            from .speculative import SelfSpeculative
-            if self._accelerator is None:
-                self._accelerator = self.load_accelerator()
-            strategy = SelfSpeculative(self._accelerator)
+        if isinstance(strategy, str):
+            strategy = self.strategy(strategy)
         ids = [self.encode(p, chat=chat, system=system) for p in batch]
         new, stats = decode(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                             strategy=strategy, on_tokens=stream)

@@ -81,7 +81,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from .errors import SamplingError
             raise SamplingError("--token-ids expects the prompt as space- or comma-separated integers") from None
     out = lm.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, strategy=args.strategy,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      strategy=lm.strategy(args.strategy, rate=args.rate, adapter=args.adapter, gamma=args.gamma,
+                                           max_gamma=max(8, args.gamma)),
                       chat=not args.no_chat, system=args.system, stream=None if args.json else stream)
     s = out.stats
     if args.json:
@@ -113,8 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_float("--top-p"), default=1.0)
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)
-    g.add_argument("--strategy", default="plain", choices=["plain", "m2r2"],
-                   help="plain, or m2r2 (lossless self-speculative decoding; needs the adapter for the model)")
+    g.add_argument("--strategy", default="plain", choices=["plain", "m2r2", "early-exit", "prompt-lookup"],
+                   help="plain; m2r2 (lossless self-speculative decoding with the M2R2 fast stream; needs the "
+                        "adapter for the model); early-exit or prompt-lookup (the same verifier, other drafters)")
+    g.add_argument("--rate", type=int, choices=[2, 3, 4], default=2, help="m2r2: rate of the shipped adapter")
+    g.add_argument("--adapter", default=None, help="m2r2: adapter directory (default: the shipped one)")
+    g.add_argument("--gamma", type=_positive_int("--gamma"), default=4, help="initial draft length (adapts)")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--token-ids", action="store_true", help="PROMPT is a list of token ids")
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (every arm on the same prompts, in one run)",
                            description="Benchmarks: every arm on the same prompts in one process.")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")
-    for modname in ("m2r2.bench.decode",):
+    for modname in ("m2r2.bench.decode", "m2r2.bench.spec"):
         _add_optional(modname, bsub)
     for modname in ("m2r2.distill_data", "m2r2.train", "m2r2.analyze"):
         _add_optional(modname, sub)

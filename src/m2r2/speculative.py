@@ -1,118 +1,154 @@
-"""Lossless self-speculative decoding with M2R2 drafts: the ``m2r2`` strategy.
+"""Lossless speculative decoding: one strategy, one verifier, pluggable drafters.
 
-Each step drafts up to ``gamma`` tokens with the fast stream (``ceil(L/R)`` blocks plus accelerator
-adapters, read out by the frozen final norm and LM head), then verifies the pending token and all drafts
-with the full model in one forward pass over the shared cache:
+``Speculative(drafter)`` is the strategy every speculative method in m2r2 shares; only the drafter
+differs between M2R2 and its peers. One step:
 
-* draft j runs at position n+j; its fast K/V go into the cache's slots n+j of the first F layers
-  (temporary: the verification pass overwrites every slot it covers), so later drafts attend to the
-  slow stream's K/V before n and to the drafts' own K/V after it, as in training;
-* greedy: accept the longest prefix of drafts equal to the full model's argmax, plus the model's own
-  next token; sampling: speculative rejection sampling (accept d with probability min(1, p(d)/q(d)),
-  else sample the normalised residual max(0, p - q)), so the output distribution is the model's;
-* commit what was accepted by advancing each row's cache length (rows accept different counts); slots
-  past it are stale and masked.
+1. the drafter proposes up to ``gamma`` tokens per row (a ``Draft``: token ids and, for drafters that
+   sample, their proposal distributions; a deterministic drafter gives none, i.e. a point mass);
+2. the full model verifies the pending token and every draft in one forward pass over the shared cache
+   (its K/V overwrite whatever the drafter wrote into those slots);
+3. ``verify`` accepts, per row, the longest prefix the model agrees with: greedy, the drafts equal to its
+   argmax; sampling, speculative rejection sampling (accept d with probability min(1, p(d)/q(d)), else
+   sample the normalised residual max(0, p - q)), so the output distribution is exactly the model's;
+4. the accepted tokens are committed by advancing each row's cache length (rows accept different
+   counts; slots past a row's length are stale and masked), and the model's own next token becomes the
+   pending one.
 
-Draft length adapts: drafting stops early when the fast stream's top probability falls below
-``stop_below`` (for every row), and ``gamma`` grows by one after a fully accepted step and shrinks by one
-otherwise, within [1, ``max_gamma``].
+Draft length adapts: ``gamma`` grows by one after a step where every live row accepted all drafts and
+shrinks by one otherwise, within [1, ``max_gamma``]; drafters may stop early (e.g. when unsure).
+
+Drafters here:
+
+* ``StreamDrafter``: runs the first layers of the model itself for each draft token, either the M2R2 fast
+  stream (blocks + accelerator adapters, ``m2r2``) or the plain slow stream cut at a layer (LayerSkip-style
+  early-exit drafting, ``early-exit``), read out by the frozen final norm and LM head, optionally over a
+  reduced draft vocabulary. Draft j runs at position n+j and writes its K/V into the cache slots n+j of
+  the layers it runs (temporarily), so later drafts attend to the slow K/V before n and to the drafts' own
+  K/V after it, exactly as in training.
+* ``PromptLookupDrafter``: copies the continuation of the latest earlier occurrence of the context's last
+  n-gram (prompt-lookup decoding); free to draft, good on inputs that get quoted back.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .accelerator import Accelerator
 from .generate import DecodeState
+from .model import Linear, Transformer
+from .sampling import SamplingConfig
 
 
-class SelfSpeculative:
-    name = "m2r2"
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # (B, g) proposed token ids (g may be 0)
+    q: torch.Tensor | None = None  # (B, g, V) proposal distributions; None = deterministic (point masses)
 
-    def __init__(self, accelerator: Accelerator, gamma: int = 4, max_gamma: int = 8, stop_below: float = 0.0,
-                 adaptive: bool = True):
+
+class Drafter(Protocol):
+    name: str
+
+    def setup(self, state: DecodeState) -> None: ...
+
+    def draft(self, state: DecodeState, gamma: int) -> Draft: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# the verifier
+
+
+def verify(logits: torch.Tensor, draft: Draft, sampling: SamplingConfig,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept drafts against the full model's ``logits`` (B, g+1, V) at the pending position and the g
+    draft positions. Returns (accepted (B,) number of drafts kept, nxt (B,) the model's next token after
+    them). Greedy: longest prefix equal to the argmax. Sampling: speculative rejection sampling; without
+    proposal distributions the draft is a point mass (accept d with probability p(d), else sample p with d
+    removed, renormalised)."""
+    drafts = draft.tokens
+    B, g = drafts.shape
+    if sampling.greedy:
+        target = logits.argmax(-1)  # (B, g+1)
+        accepted = (drafts == target[:, :g]).long().cumprod(1).sum(1)
+        return accepted, target[torch.arange(B), accepted]
+    p = sampling.probs(logits)  # (B, g+1, V)
+    q = draft.q
+    accepted = torch.zeros(B, dtype=torch.long)
+    nxt = torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        a = 0
+        while a < g:
+            d = int(drafts[b, a])
+            pa = float(p[b, a, d])
+            qa = 1.0 if q is None else float(q[b, a, d])
+            u = float(torch.rand((), generator=generator))
+            if qa > 0 and u < min(1.0, pa / qa):
+                a += 1
+                continue
+            if q is None:
+                resid = p[b, a].clone()
+                resid[d] = 0
+            else:
+                resid = (p[b, a] - q[b, a]).clamp_min(0)
+            total = float(resid.sum())
+            dist = resid / total if total > 0 else p[b, a]
+            nxt[b] = torch.multinomial(dist, 1, generator=generator)[0]
+            break
+        else:
+            nxt[b] = torch.multinomial(p[b, g], 1, generator=generator)[0]
+        accepted[b] = a
+    return accepted, nxt
+
+
+# ---------------------------------------------------------------------------------------------------
+# the strategy
+
+
+class Speculative:
+    """Draft, verify in one full forward, accept, commit: lossless with any drafter."""
+
+    def __init__(self, drafter: Drafter, gamma: int = 4, max_gamma: int = 8, adaptive: bool = True):
         if not 1 <= gamma <= max_gamma:
             raise ValueError(f"need 1 <= gamma <= max_gamma, got gamma={gamma}, max_gamma={max_gamma}")
-        self.acc = accelerator
-        self.gamma0, self.max_gamma, self.stop_below, self.adaptive = gamma, max_gamma, stop_below, adaptive
-        self.cache_slack = max_gamma + 1  # verification writes the pending token and max_gamma drafts
+        self.drafter = drafter
+        self.name = drafter.name
+        self.gamma0, self.max_gamma, self.adaptive = gamma, max_gamma, adaptive
+        self.cache_slack = max_gamma + 1  # verification writes the pending token and up to max_gamma drafts
 
     def setup(self, state: DecodeState) -> None:
         self.gamma = self.gamma0
-        self.steps = self.drafted = self.accepted = self.draft_calls = 0
+        self.steps = self.drafted = self.accepted = 0
+        self.draft_seconds = self.verify_seconds = 0.0
+        self.drafter.setup(state)
 
     def stats(self) -> dict:
-        return {"verify_steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance": self.accepted / self.drafted if self.drafted else 0.0,
-                "tokens_per_verify": (self.accepted + self.steps) / self.steps if self.steps else 0.0,
-                "draft_calls": self.draft_calls}
+        s = {"verify_steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
+             "acceptance": self.accepted / self.drafted if self.drafted else 0.0,
+             "tokens_per_verify": (self.accepted + self.steps) / self.steps if self.steps else 0.0,
+             "draft_seconds": self.draft_seconds, "verify_seconds": self.verify_seconds}
+        extra = getattr(self.drafter, "stats", None)
+        if callable(extra):
+            s.update(extra())
+        return s
 
-    # ---- drafting ----
-    def _draft(self, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drafts (B, g) and, when sampling, their draft distributions (B, g, V)."""
-        model, acc, s = state.model, self.acc, state.sampling
-        n = state.cache.lengths
-        tok = state.pending
-        drafts, qs = [], []
-        for j in range(self.gamma):
-            ctx = model.context(state.cache, (n + j).view(-1, 1))
-            f = acc.fast_forward(model, tok.view(-1, 1), ctx)
-            logits = model.head(f)[:, 0]  # (B, V)
-            self.draft_calls += 1
-            if s.greedy:
-                tok = logits.argmax(-1)
-                conf = torch.softmax(logits, -1).max(-1).values if self.stop_below > 0 else None
-            else:
-                q = s.probs(logits)
-                tok = torch.multinomial(q, 1, generator=state.generator)[:, 0]
-                qs.append(q)
-                conf = q.max(-1).values
-            drafts.append(tok)
-            if self.stop_below > 0 and conf is not None and bool((conf < self.stop_below).all()):
-                break
-        return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs else None)
-
-    # ---- one step ----
     def step(self, state: DecodeState) -> list[list[int]]:
-        model, s = state.model, state.sampling
-        B = state.batch
-        drafts, q = self._draft(state)  # (B, g)
-        g = drafts.shape[1]
+        t0 = time.perf_counter()
+        draft = self.drafter.draft(state, self.gamma)
+        t1 = time.perf_counter()
+        drafts = draft.tokens
+        B, g = drafts.shape
         n = state.cache.lengths
         ids = torch.cat([state.pending.view(-1, 1), drafts], 1)  # (B, g+1)
         positions = n.view(-1, 1) + torch.arange(g + 1)
-        logits = model(ids, state.cache, positions)  # (B, g+1, V): slow K/V overwrite the drafts' slots
-        new: list[list[int]] = []
-        accepted = torch.zeros(B, dtype=torch.long)
-        nxt = torch.zeros(B, dtype=torch.long)
-        if s.greedy:
-            target = logits.argmax(-1)  # (B, g+1)
-            match = (drafts == target[:, :g]).long()
-            accepted = match.cumprod(1).sum(1)  # length of the matching prefix
-            nxt = target[torch.arange(B), accepted]
-        else:
-            p = s.probs(logits)  # (B, g+1, V)
-            for b in range(B):
-                a = 0
-                while a < g:
-                    d = int(drafts[b, a])
-                    pa, qa = float(p[b, a, d]), float(q[b, a, d])
-                    u = float(torch.rand((), generator=state.generator))
-                    if qa > 0 and u < min(1.0, pa / qa):
-                        a += 1
-                        continue
-                    resid = (p[b, a] - q[b, a]).clamp_min(0)
-                    total = float(resid.sum())
-                    dist = resid / total if total > 0 else p[b, a]
-                    nxt[b] = torch.multinomial(dist, 1, generator=state.generator)[0]
-                    break
-                else:
-                    nxt[b] = torch.multinomial(p[b, g], 1, generator=state.generator)[0]
-                accepted[b] = a
+        logits = state.model(ids, state.cache, positions)  # (B, g+1, V): slow K/V overwrite the drafts' slots
+        accepted, nxt = verify(logits, draft, state.sampling, state.generator)
+        self.draft_seconds += t1 - t0
+        self.verify_seconds += time.perf_counter() - t1
         live = [b for b in range(B) if not state.done[b]]  # never empty: the loop stops when all rows are done
-        for b in range(B):
-            a = int(accepted[b])
-            new.append(drafts[b, :a].tolist() + [int(nxt[b])])
+        new = [drafts[b, : int(accepted[b])].tolist() + [int(nxt[b])] for b in range(B)]
         # commit the pending token and the accepted drafts; finished rows stand still (their cache must not
         # outgrow its slots while other rows go on)
         grow = torch.where(torch.tensor(state.done), 0, accepted + 1)
@@ -121,7 +157,166 @@ class SelfSpeculative:
         self.steps += 1
         self.drafted += g * len(live)
         self.accepted += int(accepted[live].sum())
-        if self.adaptive:
+        if self.adaptive and g > 0:
             all_in = bool((accepted[live] == g).all())
             self.gamma = min(self.max_gamma, self.gamma + 1) if all_in else max(1, self.gamma - 1)
         return new
+
+
+# ---------------------------------------------------------------------------------------------------
+# drafters
+
+
+class DraftHead(torch.nn.Module):
+    """The frozen final norm and LM head, optionally restricted to a draft vocabulary (a subset of token
+    ids). On CPU the 49,152-row head of the embedded model is a fifth of its weights; a frequent-token
+    subset cuts what every draft reads. Drafts outside the subset are impossible, never wrong: the
+    verifier still decides."""
+
+    def __init__(self, model: Transformer, vocab: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long)
+        if self.vocab is not None:
+            full = model.lm_head
+            dense = full.dense()[self.vocab]  # (K, D)
+            self.sub = Linear(full.in_features, len(self.vocab), False, full.parts).to(dense.dtype)
+            with torch.no_grad():
+                self.sub.weight.copy_(Linear.pack(dense, full.parts))
+            self.sub.requires_grad_(False)
+
+    @property
+    def size(self) -> int:
+        return self.model.cfg.vocab_size if self.vocab is None else len(self.vocab)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, K) logits over the draft vocabulary (float32)."""
+        if self.vocab is None:
+            return self.model.head(h)
+        return self.sub(self.model.norm(h)).float()
+
+    def to_full(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.vocab is None else self.vocab[idx]
+
+    def scatter_full(self, q: torch.Tensor) -> torch.Tensor:
+        """A distribution over the draft vocabulary (B, K) as one over the full vocabulary (B, V)."""
+        if self.vocab is None:
+            return q
+        out = q.new_zeros(q.shape[0], self.model.cfg.vocab_size)
+        out[:, self.vocab] = q
+        return out
+
+
+class StreamDrafter:
+    """Drafts with the first layers of the model: the M2R2 fast stream (``accelerator`` given: its
+    ``ceil(L/R)`` blocks with adapters) or the slow stream cut at ``depth`` (early-exit drafting without
+    adapters). ``stop_below``: stop drafting when every row's top draft probability is below it."""
+
+    def __init__(self, model_or_acc: Accelerator | None = None, depth: int | None = None,
+                 vocab: torch.Tensor | None = None, stop_below: float = 0.0, name: str | None = None):
+        self.acc = model_or_acc
+        if self.acc is None and depth is None:
+            raise ValueError("early-exit drafting needs a depth (the layer to read out)")
+        self.depth = depth if depth is not None else self.acc.fast_layers
+        if self.acc is not None and self.depth > self.acc.fast_layers:
+            raise ValueError(f"depth {self.depth} exceeds the fast stream's {self.acc.fast_layers} layers")
+        self.vocab, self.stop_below = vocab, stop_below
+        self.name = name or ("m2r2" if self.acc is not None else "early-exit")
+        self._head: DraftHead | None = None
+
+    def setup(self, state: DecodeState) -> None:
+        if self._head is None or self._head.model is not state.model:
+            self._head = DraftHead(state.model, self.vocab)
+        self.calls = 0
+
+    def stats(self) -> dict:
+        return {"draft_calls": self.calls, "draft_depth": self.depth, "draft_vocab": self._head.size}
+
+    def _hidden(self, model: Transformer, tok: torch.Tensor, ctx) -> torch.Tensor:
+        if self.acc is not None:
+            return self.acc.fast_forward(model, tok, ctx, depth=self.depth)
+        x = model.embed(tok)
+        for i in range(self.depth):
+            x = model.layer(i, x, ctx)
+        return x
+
+    def draft(self, state: DecodeState, gamma: int) -> Draft:
+        model, s, head = state.model, state.sampling, self._head
+        n = state.cache.lengths
+        tok = state.pending
+        drafts, qs = [], []
+        for j in range(gamma):
+            ctx = model.context(state.cache, (n + j).view(-1, 1))
+            logits = head.logits(self._hidden(model, tok.view(-1, 1), ctx)[:, 0])  # (B, K)
+            self.calls += 1
+            if s.greedy:
+                idx = logits.argmax(-1)
+                conf = torch.softmax(logits, -1).max(-1).values if self.stop_below > 0 else None
+            else:
+                q = s.probs(logits)
+                idx = torch.multinomial(q, 1, generator=state.generator)[:, 0]
+                qs.append(head.scatter_full(q))
+                conf = q.max(-1).values
+            tok = head.to_full(idx)
+            drafts.append(tok)
+            if self.stop_below > 0 and bool((conf < self.stop_below).all()):
+                break
+        return Draft(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None)
+
+
+class PromptLookupDrafter:
+    """Prompt-lookup decoding: find the latest earlier occurrence of the last n tokens of a row's context
+    (n from ``max_ngram`` down to ``min_ngram``) and propose the tokens that followed it. Deterministic
+    (point-mass proposals); costs no model compute."""
+
+    name = "prompt-lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def setup(self, state: DecodeState) -> None:
+        self.hits = self.lookups = 0
+
+    def stats(self) -> dict:
+        return {"lookup_hits": self.hits, "lookups": self.lookups}
+
+    def lookup(self, ctx: list[int], gamma: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(ctx) - 1), self.min_ngram - 1, -1):
+            tail = ctx[-n:]
+            for start in range(len(ctx) - n - 1, -1, -1):  # latest earlier occurrence first
+                if ctx[start: start + n] == tail:
+                    return ctx[start + n: start + n + gamma]
+        return []
+
+    def draft(self, state: DecodeState, gamma: int) -> Draft:
+        rows = []
+        for b in range(state.batch):
+            if state.done[b]:
+                rows.append([])
+                continue
+            ctx = state.prompts[b] + state.out[b]  # out[b] ends with the pending token
+            self.lookups += 1
+            found = self.lookup(ctx, gamma)
+            self.hits += bool(found)
+            rows.append(found)
+        g = max(len(r) for r in rows)
+        tokens = torch.zeros(state.batch, g, dtype=torch.long)
+        for b, r in enumerate(rows):  # short rows are padded with a repeat of their last token: a cheap
+            if r:  # proposal the verifier may still accept
+                tokens[b, : len(r)] = torch.tensor(r)
+                tokens[b, len(r):] = r[-1]
+            else:
+                tokens[b] = state.pending[b]
+        return Draft(tokens)
+
+
+class SelfSpeculative(Speculative):
+    """M2R2 self-speculative decoding: ``Speculative`` over the fast stream's drafts."""
+
+    def __init__(self, accelerator: Accelerator, gamma: int = 4, max_gamma: int = 8, stop_below: float = 0.0,
+                 adaptive: bool = True, vocab: torch.Tensor | None = None):
+        super().__init__(StreamDrafter(accelerator, vocab=vocab, stop_below=stop_below), gamma, max_gamma,
+                         adaptive)
+        self.acc = accelerator

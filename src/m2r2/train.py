@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .accelerator import Accelerator as M2R2Accelerator
-from .accelerator import LossWeights, distill_loss
+from .accelerator import LossWeights, distill_loss, write_draft_vocab
 from .bench.harness import _command_line
 from .errors import M2R2Error
 
@@ -47,6 +47,8 @@ class TrainConfig:
     model: str | None = None
     rate: int = 2
     rank: int = 64
+    output_scale: str = "rms"  # adapter output scaled by its input's RMS ("rms") or not ("none")
+    draft_vocab: int = 4096  # size of the frequent-token draft vocabulary written beside the adapter
     steps: int = 400
     batch_size: int = 4  # sequences per global batch
     max_len: int = 320  # tokens per sequence (prompt + response, truncated)
@@ -62,7 +64,7 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_len", "rank", "checkpoint_every"):
+        for name in ("steps", "batch_size", "max_len", "rank", "checkpoint_every", "draft_vocab"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -74,7 +76,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings a resumed run must share (everything but where and how fast it runs)."""
         d = asdict(self)
-        for k in ("out", "threads", "checkpoint_every", "steps"):
+        for k in ("out", "threads", "checkpoint_every", "steps", "draft_vocab"):
             d.pop(k)
         return d
 
@@ -162,7 +164,8 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     ckpt_path = out / CHECKPOINT
 
     torch.manual_seed(cfg.seed)
-    acc = M2R2Accelerator.for_model(model, lm.source.identity, rate=cfg.rate, rank=cfg.rank).to(hfacc.device)
+    acc = M2R2Accelerator.for_model(model, lm.source.identity, rate=cfg.rate, rank=cfg.rank,
+                                         output_scale=cfg.output_scale).to(hfacc.device)
     F_ = acc.fast_layers
     bad = [l for l in cfg.kl_layers if not 1 <= l <= F_]
     if bad:
@@ -204,6 +207,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
                 "processes": hfacc.num_processes, "last_log": last,
             }
             adapters.save(out)
+            write_draft_vocab(out, records, cfg.draft_vocab, always=tuple(lm.model.cfg.eos_token_ids))
 
     rank, world = hfacc.process_index, hfacc.num_processes
     t_start = time.perf_counter()
@@ -263,9 +267,11 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory, .gguf or hub id (default: embedded)")
     for name, typ in (("rate", int), ("rank", int), ("steps", int), ("batch_size", int), ("max_len", int),
                       ("lr", float), ("warmup_steps", int), ("weight_decay", float), ("align_weight", float),
-                      ("kl_weight", float), ("seed", int), ("checkpoint_every", int)):
+                      ("kl_weight", float), ("seed", int), ("checkpoint_every", int), ("draft_vocab", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
                        help=f"(default: {getattr(d, name)})")
+    p.add_argument("--output-scale", choices=("rms", "none"), default=d.output_scale,
+                   help=f"scale each adapter's output by its input's RMS (default: {d.output_scale})")
     p.add_argument("--kl-layers", type=_csv_ints, default=(), help="1-based fast layers with a KL term "
                                                                    "(default: the last fast layer)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

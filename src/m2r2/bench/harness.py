@@ -392,6 +392,25 @@ def render_markdown(doc: dict) -> str:
         lines += ["", "## Median tokens/s by category", "",
                   _md_table(["category", *arms], [[c, *(_fmt(summary["arms"][a]["by_category"].get(c, {}).get(
                       "median_tokens_per_s")) for a in arms)] for c in cats])]
+    spec = summary.get("speculative")
+    if spec:
+        def cell(d: dict, key: str, spec_: str) -> str:
+            return _fmt(d.get(key), spec_)
+        lines += ["", "## Speculative decoding: drafting and verification", "",
+                  "Tokens per verification = (accepted drafts + 1) per full forward; draft cost = seconds per draft "
+                  "token over seconds per plain decode token (measured), and weight bytes a draft token reads over "
+                  "a full forward's.", "",
+                  _md_table(["arm", "tokens/verify", "acceptance", "draft cost (time)", "draft cost (bytes)",
+                             "verify cost (time)"],
+                            [[a, cell(e["all"], "tokens_per_verify", ".2f"), cell(e["all"], "acceptance", ".2f"),
+                              cell(e["all"], "draft_cost_measured", ".2f"), _fmt(e.get("draft_cost_bytes"), ".2f"),
+                              cell(e["all"], "verify_cost_measured", ".2f")] for a, e in spec.items()])]
+        cats = summary["categories"]
+        if len(cats) > 1:
+            arms_ = list(spec)
+            lines += ["", "## Tokens per verification by category", "",
+                      _md_table(["category", *arms_], [[c, *(_fmt(spec[a]["by_category"].get(c, {}).get(
+                          "tokens_per_verify"), ".2f") for a in arms_)] for c in cats])]
     mism = [(a, m) for a, e in summary["arms"].items() for m in e.get("equality", {}).get("mismatches", [])]
     if mism:
         lines += ["", f"## Outputs differing from {summary['reference_arm']}", "",

@@ -1,0 +1,242 @@
+"""``m2r2 bench spec``: every speculative strategy against m2r2's plain decoding, on the same prompts, in one
+run. The m2r2 arms share the engine, the cache and the verifier (``m2r2.speculative``): only the drafter
+differs. External arms: transformers' prompt-lookup assisted generation and llama.cpp plain decoding.
+
+Per arm and prompt category: tokens/s, speedup over m2r2-plain (per prompt, then geometric mean), tokens
+per verification, acceptance rate, draft cost relative to a full forward (measured, and in weight bytes
+read), and, under greedy decoding, whether every lossless arm produced the plain output token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ..cli import int_at_least as _int_at_least
+from ..errors import M2R2Error
+from .decode import HFGenerateArm, LlamaCppArm, build_prompts
+from .harness import (ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
+                      run_benchmark, summarize, write_results)
+
+# arm name -> (strategy, options); the draft vocabulary is the adapter's frequent-token subset
+M2R2_ARMS: dict[str, tuple[str, dict]] = {
+    "m2r2-plain": ("plain", {}),
+    "m2r2": ("m2r2", {"rate": 2}),
+    "m2r2-full-vocab": ("m2r2", {"rate": 2, "draft_vocab": False}),
+    "m2r2-r3": ("m2r2", {"rate": 3}),
+    "m2r2-r4": ("m2r2", {"rate": 4}),
+    "early-exit": ("early-exit", {}),
+    "prompt-lookup": ("prompt-lookup", {}),
+}
+EXTERNAL_ARMS = ("hf-pld", "llamacpp")
+ARM_NAMES = (*M2R2_ARMS, *EXTERNAL_ARMS)
+DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-r3", "m2r2-r4", "early-exit", "prompt-lookup",
+                "hf-pld", "llamacpp")
+
+
+class StrategyArm:
+    """One m2r2 strategy through the public API (``lm.strategy`` + ``lm.generate``)."""
+
+    kind = "m2r2"
+
+    def __init__(self, lm, name: str, strategy: str, options: dict, gamma: int, temperature: float, seed: int):
+        self.lm, self.name, self.strategy_name = lm, name, strategy
+        self.options = dict(options)
+        if strategy != "plain":
+            self.options.setdefault("gamma", gamma)
+            self.options.setdefault("max_gamma", max(8, gamma))
+        self.temperature, self.seed = temperature, seed
+        self.strategy = None
+
+    def setup(self) -> None:
+        try:
+            self.strategy = self.lm.strategy(self.strategy_name, **self.options)
+        except M2R2Error as e:  # e.g. no adapter ships for this rate
+            raise ArmUnavailable(str(e)) from None
+
+    def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
+        t0 = time.perf_counter()
+        out = self.lm.generate(list(prompt.token_ids), max_new_tokens=max_new_tokens, temperature=self.temperature,
+                               seed=self.seed, strategy=self.strategy)
+        seconds = time.perf_counter() - t0
+        s = out.stats
+        return ArmResult(len(out.token_ids), seconds, out.token_ids, s.forward_passes,
+                         {"engine_seconds": s.seconds, "prefill_seconds": s.prefill_seconds,
+                          "decode_tokens_per_s": s.decode_tokens_per_s, "steps": s.steps,
+                          "finish_reason": out.finish_reason, **({"strategy": s.extra} if s.extra else {})})
+
+    def close(self) -> None:
+        pass  # the strategy stays for the summary (its drafter's depth and vocabulary)
+
+
+class GreedyOnly:
+    """Wraps an external arm that this benchmark can only run greedily."""
+
+    def __init__(self, arm, temperature: float):
+        self.arm, self.temperature = arm, temperature
+        self.name, self.kind = arm.name, arm.kind
+
+    def setup(self) -> None:
+        if self.temperature > 0:
+            raise ArmUnavailable("greedy only in this benchmark")
+        self.arm.setup()
+
+    def run(self, prompt, max_new_tokens):
+        return self.arm.run(prompt, max_new_tokens)
+
+    def close(self) -> None:
+        self.arm.close()
+
+
+def draft_bytes(lm, name: str, strategy) -> float | None:
+    """Weight bytes one draft token reads, relative to a full forward (float32): the layers it runs, its
+    adapters and its read-out rows."""
+    drafter = getattr(strategy, "drafter", None)
+    depth = getattr(drafter, "depth", None)
+    if depth is None:
+        return 0.0 if drafter is not None else None  # prompt lookup: no model compute
+    m = lm.model
+    per_layer = sum(p.numel() for p in m.layers[0].parameters()) * 4
+    head_rows = drafter._head.size if drafter._head is not None else m.cfg.vocab_size
+    adapters = drafter.acc.param_bytes() if drafter.acc is not None else 0
+    full = per_layer * m.cfg.num_layers + m.cfg.vocab_size * m.cfg.hidden_size * 4
+    return (per_layer * depth + adapters + head_rows * m.cfg.hidden_size * 4) / full
+
+
+def speculative_summary(records: list[dict], arms: dict[str, object], lm, categories: list[str]) -> dict:
+    """Per arm (all prompts and per category): tokens per verification, acceptance, draft cost."""
+    plain = [r for r in records if r["arm"] == "m2r2-plain"]
+    plain_tok_s = sorted(r["extra"].get("decode_tokens_per_s") or 0 for r in plain)
+    plain_token_seconds = 1 / plain_tok_s[len(plain_tok_s) // 2] if plain_tok_s and plain_tok_s[len(plain_tok_s) // 2] else None
+
+    def agg(rows: list[dict]) -> dict:
+        st = [r["extra"].get("strategy", {}) for r in rows]
+        steps = sum(s.get("verify_steps", 0) for s in st)
+        drafted = sum(s.get("drafted", 0) for s in st)
+        accepted = sum(s.get("accepted", 0) for s in st)
+        calls = sum(s.get("draft_calls", 0) for s in st)
+        dsec = sum(s.get("draft_seconds", 0.0) for s in st)
+        vsec = sum(s.get("verify_seconds", 0.0) for s in st)
+        out = {"verify_steps": steps, "tokens_per_verify": (accepted + steps) / steps if steps else None,
+               "acceptance": accepted / drafted if drafted else None,
+               "draft_seconds": dsec, "verify_seconds": vsec}
+        if calls and plain_token_seconds:
+            out["draft_cost_measured"] = dsec / calls / plain_token_seconds
+        if steps and plain_token_seconds:
+            out["verify_cost_measured"] = vsec / steps / plain_token_seconds
+        return out
+
+    summary = {}
+    for name, arm in arms.items():
+        rows = [r for r in records if r["arm"] == name]
+        if not rows or not any("strategy" in r["extra"] for r in rows):
+            continue
+        entry = {"all": agg(rows), "by_category": {c: agg([r for r in rows if r["category"] == c])
+                                                   for c in categories if any(r["category"] == c for r in rows)},
+                 "draft_cost_bytes": draft_bytes(lm, name, getattr(arm, "strategy", None))}
+        summary[name] = entry
+    return summary
+
+
+def make_arms(names: list[str], lm, args: argparse.Namespace, n_ctx: int) -> list:
+    arms = []
+    for n in dict.fromkeys(names):
+        if n in M2R2_ARMS:
+            strat, opts = M2R2_ARMS[n]
+            if args.adapter and n in ("m2r2", "m2r2-full-vocab"):
+                opts = {**opts, "adapter": args.adapter}
+            arms.append(StrategyArm(lm, n, strat, opts, args.gamma, args.temperature, args.seed))
+        elif n == "hf-pld":
+            arms.append(GreedyOnly(HFGenerateArm(lm, "hf-pld", prompt_lookup_num_tokens=args.pld_tokens),
+                                   args.temperature))
+        elif n == "hf-generate":
+            arms.append(GreedyOnly(HFGenerateArm(lm), args.temperature))
+        elif n == "llamacpp":
+            arms.append(GreedyOnly(LlamaCppArm(lm, args.threads, n_ctx), args.temperature))
+        else:
+            raise M2R2Error(f"unknown arm {n!r} (available: {', '.join(ARM_NAMES)}, hf-generate)")
+    return arms
+
+
+def main(args: argparse.Namespace) -> int:
+    import m2r2
+
+    args.threads = pin_threads(args.threads or os.cpu_count() or 1)
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if "m2r2-plain" not in names:
+        names.insert(0, "m2r2-plain")  # the baseline every ratio and equality check refers to
+    if args.temperature < 0:
+        raise M2R2Error(f"--temperature must be >= 0, got {args.temperature}")
+    load_avg = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    lm = m2r2.load(args.model, dtype="float32")
+    prompts, warm = build_prompts(lm, args)
+    if args.per_category:  # a stratified subset: the first N prompts of every category
+        seen: dict[str, int] = {}
+        keep = []
+        for p_ in prompts:
+            if seen.get(p_.category, 0) < args.per_category:
+                seen[p_.category] = seen.get(p_.category, 0) + 1
+                keep.append(p_)
+        prompts = keep
+    longest = max(len(p.token_ids) for p in [*prompts, warm])
+    n_ctx = min(lm.config.max_position_embeddings, -(-(longest + args.max_new_tokens + 32) // 256) * 256)
+    arms = make_arms(names, lm, args, n_ctx)
+    bandwidth = measure_bandwidth(args.bandwidth_mb)
+    roof = roofline(lm.config, bandwidth, 4.0)
+    arm_roofs = {}
+    if lm.source.gguf is not None and "llamacpp" in names:
+        arm_roofs["llamacpp"] = bandwidth * 1e9 / lm.source.gguf.stat().st_size
+    print(f"m2r2 bench spec: {lm!r}; {len(prompts)} prompts, arms {', '.join(a.name for a in arms)}, "
+          f"{args.threads} threads, temperature {args.temperature}, bandwidth {bandwidth:.1f} GB/s, "
+          f"roofline {roof['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    skipped: dict[str, str] = {}
+    records = run_benchmark(arms, prompts, args.max_new_tokens, warmup=args.warmup, repeats=args.repeats,
+                            progress=not args.no_progress, warmup_prompt=warm, skipped=skipped)
+    greedy = args.temperature == 0
+    summary = summarize(records, "m2r2-plain", reference_arm="m2r2-plain" if greedy else None,
+                        roofline_tokens_per_s=roof["tokens_per_s"], arm_rooflines=arm_roofs)
+    summary["speculative"] = speculative_summary(records, {a.name: a for a in arms}, lm, summary["categories"])
+    meta = {"model": lm.source.name, "model_identity": lm.source.identity, "prompts": args.prompt_ids or args.prompts, "adapter": args.adapter,
+            "n_prompts": len(prompts), "per_category": args.per_category, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "seed": args.seed, "gamma": args.gamma, "repeats": args.repeats, "warmup": args.warmup,
+            "arms": [a.name for a in arms if a.name not in skipped], "skipped_arms": skipped,
+            "pld_tokens": args.pld_tokens, "loadavg_start": load_avg, "bandwidth_gbps": bandwidth, "roofline": roof,
+            "lossless_check": "token equality with m2r2-plain" if greedy else
+            "none per output (sampling); exactness is tested statistically in tests/test_speculative.py"}
+    write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=args.keep_token_ids)
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "spec", help="speculative decoding: M2R2 drafts vs every peer drafter, same verifier, one run",
+        description="Every speculative strategy on the same prompts in one run, against m2r2's plain decoding; "
+                    "writes benchmarks/results/<out>.json, .md and .png.")
+    p.add_argument("--model", default=None, help="model directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", default="mt-bench", help="built-in set (mt-bench, spec-bench, koala) or JSONL path "
+                                                         "(default: mt-bench)")
+    p.add_argument("--prompt-ids", default=None, help="JSONL of already tokenized prompts "
+                                                      "({'id', 'category', 'token_ids'}); overrides --prompts")
+    p.add_argument("--limit", type=_int_at_least("--limit", 1), default=None, help="use the first N prompts")
+    p.add_argument("--adapter", default=None, help="adapter directory for the m2r2 arms (default: the shipped ones)")
+    p.add_argument("--per-category", type=_int_at_least("--per-category", 1), default=None,
+                   help="use the first N prompts of each category (after --limit)")
+    p.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gamma", type=_int_at_least("--gamma", 1), default=4, help="initial draft length (adapts)")
+    p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None)
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help=f"comma-separated (default: {','.join(DEFAULT_ARMS)}; also hf-generate)")
+    p.add_argument("--repeats", type=_int_at_least("--repeats", 1), default=1)
+    p.add_argument("--warmup", type=_int_at_least("--warmup", 0), default=1)
+    p.add_argument("--pld-tokens", type=_int_at_least("--pld-tokens", 1), default=3)
+    p.add_argument("--out", default="spec", help="result name (default: spec)")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--keep-token-ids", action="store_true")
+    p.add_argument("--bandwidth-mb", type=_int_at_least("--bandwidth-mb", 1), default=256)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+    return p
