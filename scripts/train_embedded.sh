@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # The exact commands that produced the adapters shipped in src/m2r2/adapters/ for the embedded
 # SmolLM2-135M-Instruct (each adapter.json records its own command, data size, steps and wall time).
-# On 2 CPU cores: data ~20 min, training ~1 h per rate. Everything resumes if interrupted: re-run.
+# On 2 CPU cores: data ~21 min; training ~45 min for R=2 (500 steps), less for R=3/R=4 and the exit adapter.
+# Everything resumes if interrupted: re-run the same command.
+#   RATE=2 scripts/train_embedded.sh               # the M2R2 fast stream, rate 2 (default settings)
+#   RATE=3 STEPS=250 scripts/train_embedded.sh
+#   KIND=exit STEPS=250 scripts/train_embedded.sh  # the early-exit peer's single exit adapter (depth 15)
 set -euo pipefail
 RATE=${RATE:-2}
+KIND=${KIND:-m2r2}
+STEPS=${STEPS:-500}
+THREADS=${THREADS:-2}
+if [ "$KIND" = exit ]; then NAME="smollm2-135m-instruct-exit-r$RATE"; else NAME="smollm2-135m-instruct-r$RATE"; fi
 pip install -e ".[train]"
 m2r2 data --n 768 --max-new-tokens 160 --batch-size 16 --out data/distill-smollm2-135m
-m2r2 train --data data/distill-smollm2-135m --out "runs/adapter-r$RATE" --rate "$RATE" --steps "${STEPS:-400}"
-mkdir -p "src/m2r2/adapters/smollm2-135m-instruct-r$RATE"
-cp "runs/adapter-r$RATE/adapter.json" "runs/adapter-r$RATE/adapter.safetensors" \
-   "src/m2r2/adapters/smollm2-135m-instruct-r$RATE/"
-m2r2 analyze --rate "$RATE" --out "analyze-r$RATE"
+m2r2 train --data data/distill-smollm2-135m --out "runs/$NAME" --kind "$KIND" --rate "$RATE" --steps "$STEPS" \
+  --threads "$THREADS"
+mkdir -p "src/m2r2/adapters/$NAME"
+cp "runs/$NAME/adapter.json" "runs/$NAME/adapter.safetensors" "runs/$NAME/draft_vocab.json" "src/m2r2/adapters/$NAME/"
+if [ "$KIND" = m2r2 ]; then m2r2 analyze --rate "$RATE" --out "analyze-r$RATE"; fi

@@ -172,8 +172,38 @@ def test_analyze_untrained_fast_equals_slow(lm, tmp_path):
 
 
 def test_load_accelerator_errors(lm, tmp_path):
-    with pytest.raises(m2r2.AdapterError, match="no adapter with rate 2 ships"):
+    with pytest.raises(m2r2.AdapterError, match="no m2r2 adapter with rate 2 ships"):
         lm.load_accelerator()
     acc = Accelerator.for_model(lm.model, lm.source.identity, rate=3, rank=4)
     acc.save(tmp_path / "r3")
     assert lm.load_accelerator(tmp_path / "r3").cfg.rate == 3
+
+
+def test_exit_adapter_peer(lm, tmp_path):
+    """The Kangaroo/DEED-style peer: the unchanged slow stream to depth F plus one exit adapter. Untrained it
+    is the slow stream; parallel (training) == step-by-step (inference); the loss reaches only the adapter;
+    the kind survives a save/load and the shipped-adapter lookup keeps kinds apart."""
+    acc = Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8, kind="exit")
+    assert len(acc.adapters) == 1 and acc.fast_layers == 3
+    T = SEQ.shape[1]
+    with torch.no_grad():
+        slow, cache = slow_trace(lm.model, SEQ)
+        c = lm.model.new_cache(1, T)
+        step = acc.fast_forward(lm.model, SEQ, lm.model.context(c, torch.arange(T).unsqueeze(0)))
+        assert torch.equal(step, slow[3])
+    _perturbed(acc)
+    with torch.no_grad():
+        par = acc.parallel_fast_states(lm.model, SEQ, cache.k, cache.v)
+        c = lm.model.new_cache(1, T)
+        step = acc.fast_forward(lm.model, SEQ, lm.model.context(c, torch.arange(T).unsqueeze(0)))
+    torch.testing.assert_close(step, par[3], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(par[3], slow[3], atol=1e-3)
+    loss, stats = distill_loss(lm.model, acc, SEQ, torch.ones_like(SEQ, dtype=torch.bool))
+    loss.backward()
+    assert len(stats["align_by_layer"]) == 1
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert acc.adapters[0].up.weight.grad.abs().sum() > 0
+    acc.save(tmp_path / "exit")
+    assert Accelerator.load(tmp_path / "exit", lm.model, lm.source.identity).cfg.kind == "exit"
+    with pytest.raises(m2r2.AdapterError, match="exit adapter, not a m2r2"):
+        lm.load_accelerator(tmp_path / "exit", kind="m2r2")

@@ -42,6 +42,8 @@ class AcceleratorConfig:
     hidden_size: int = 0
     activation: str = "silu"
     output_scale: str = "rms"  # "rms": the adapter's output is scaled by its input's RMS; "none": not
+    kind: str = "m2r2"  # "m2r2": an adapter beside each of the F fast blocks; "exit": the plain slow stream
+    #                     through F blocks plus one exit adapter before the read-out (Kangaroo/DEED-style)
     format: int = ADAPTER_FORMAT
     training: dict = field(default_factory=dict)  # what produced it: command, data, steps, wall time
 
@@ -50,6 +52,8 @@ class AcceleratorConfig:
             raise AdapterError(f"rate must be one of 1-6 or 8, got {self.rate}")
         if self.rank < 1:
             raise AdapterError(f"rank must be >= 1, got {self.rank}")
+        if self.kind not in ("m2r2", "exit"):
+            raise AdapterError(f"kind must be 'm2r2' or 'exit', got {self.kind!r}")
         if self.output_scale not in ("rms", "none"):
             raise AdapterError(f"output_scale must be 'rms' or 'none', got {self.output_scale!r}")
 
@@ -95,15 +99,20 @@ class Accelerator(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.draft_vocab: torch.Tensor | None = None  # frequent token ids for drafting (draft_vocab.json)
+        n = cfg.fast_layers if cfg.kind == "m2r2" else 1
         self.adapters = nn.ModuleList(Adapter(cfg.hidden_size, cfg.rank, rms_scaled=cfg.output_scale == "rms")
-                                      for _ in range(cfg.fast_layers))
+                                      for _ in range(n))
 
     @classmethod
     def for_model(cls, model: Transformer, identity: str, rate: int = 2, rank: int = 64,
-                  output_scale: str = "rms") -> "Accelerator":
+                  output_scale: str = "rms", kind: str = "m2r2") -> "Accelerator":
         c = model.cfg
         return cls(AcceleratorConfig(rate=rate, rank=rank, base_identity=identity, base_num_layers=c.num_layers,
-                                     hidden_size=c.hidden_size, output_scale=output_scale))
+                                     hidden_size=c.hidden_size, output_scale=output_scale, kind=kind))
+
+    @property
+    def is_exit(self) -> bool:
+        return self.cfg.kind == "exit"
 
     @property
     def fast_layers(self) -> int:
@@ -125,19 +134,35 @@ class Accelerator(nn.Module):
         f = model.embed(ids)
         states = [f]
         for i in range(depth):
-            f = self.fast_layer(model, i, f, ctx)
+            if self.is_exit:  # the slow stream, then the exit adapter at the read-out depth
+                f = model.layer(i, f, ctx)
+                if i == self.fast_layers - 1:
+                    f = f + self.adapters[0](f)
+            else:
+                f = self.fast_layer(model, i, f, ctx)
             if return_states:
                 states.append(f)
         return states if return_states else f
 
     # ---- training: all positions in parallel ----
     def parallel_fast_states(self, model: Transformer, ids: torch.Tensor, slow_k: list[torch.Tensor],
-                             slow_v: list[torch.Tensor], depth: int | None = None) -> list[torch.Tensor]:
+                             slow_v: list[torch.Tensor], depth: int | None = None,
+                             slow_states: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Fast states f_0..f_depth (each (B, T, D)) for every position at once.
 
         slow_k[i], slow_v[i]: the slow stream's rotated K/V at block i, (B, KV, T, hd). Query t sees
-        slow keys j < t and its own fast key at t, exactly what step-by-step inference sees."""
+        slow keys j < t and its own fast key at t, exactly what step-by-step inference sees.
+        For an exit adapter the states are the slow stream's (``slow_states`` if given) and the exit
+        adapter applied at depth F."""
         depth = self.fast_layers if depth is None else depth
+        if self.is_exit:
+            if slow_states is None:
+                slow_states, _ = slow_trace(model, ids, depth)
+            states = list(slow_states[: depth + 1])
+            if depth >= self.fast_layers:
+                F_ = self.fast_layers
+                states[F_] = states[F_] + self.adapters[0](states[F_])
+            return states
         B, T = ids.shape
         pos = torch.arange(T, device=ids.device)
         cos, sin = model.rope(pos.expand(B, T))
@@ -261,9 +286,10 @@ def distill_loss(model: Transformer, acc: Accelerator, ids: torch.Tensor, mask: 
         teacher_logp = torch.log_softmax(model.head(slow[-1][sel]), -1)  # (N, V)
         teacher_p = teacher_logp.exp()
         teacher_top = teacher_logp.argmax(-1)
-    fast = acc.parallel_fast_states(model, ids, cache.k, cache.v)
+    fast = acc.parallel_fast_states(model, ids, cache.k, cache.v, slow_states=slow)
+    aligned = range(1, F_ + 1) if not acc.is_exit else (F_,)  # an exit adapter only changes depth F
     align = torch.stack([(1 - F.cosine_similarity(model.norm(fast[l][sel]), norm_targets[l - 1], dim=-1)).mean()
-                         for l in range(1, F_ + 1)])
+                         for l in aligned])
     kl_terms, agree = [], {}
     for l in weights.layers(F_):
         logp = torch.log_softmax(model.head(fast[l][sel]), -1)
@@ -301,8 +327,8 @@ def shipped_dir() -> Path:
     return Path(__file__).resolve().parent / "adapters"
 
 
-def find_shipped(identity: str, rate: int) -> Path | None:
-    """The adapter shipped inside the package for this base model and rate, if any."""
+def find_shipped(identity: str, rate: int, kind: str = "m2r2") -> Path | None:
+    """The adapter of ``kind`` shipped inside the package for this base model and rate, if any."""
     root = shipped_dir()
     if not root.is_dir():
         return None
@@ -311,6 +337,6 @@ def find_shipped(identity: str, rate: int) -> Path | None:
             raw = json.loads(cfg_file.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if raw.get("base_identity") == identity and raw.get("rate") == rate:
+        if raw.get("base_identity") == identity and raw.get("rate") == rate and raw.get("kind", "m2r2") == kind:
             return cfg_file.parent
     return None

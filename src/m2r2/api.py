@@ -51,23 +51,28 @@ class LM:
         return (f"LM({self.source.name!r}, {c.num_layers} layers, hidden {c.hidden_size}, "
                 f"vocab {c.vocab_size}, {self.model.embed_tokens.weight.dtype})")
 
-    def load_accelerator(self, path: str | os.PathLike | None = None, rate: int = 2):
+    def load_accelerator(self, path: str | os.PathLike | None = None, rate: int = 2, kind: str = "m2r2"):
         """M2R2 accelerator adapters for this model: from ``path``, or the ones shipped in the package for
-        this exact base model and ``rate``. Refuses adapters trained for another model."""
+        this exact base model, ``rate`` and ``kind`` ("m2r2", or "exit" for the single exit adapter of the
+        early-exit peer). Refuses adapters trained for another model."""
         from .accelerator import Accelerator, find_shipped
         from .errors import AdapterError
         if path is None:
-            path = find_shipped(self.source.identity, rate)
+            path = find_shipped(self.source.identity, rate, kind)
             if path is None:
-                raise AdapterError(f"no adapter with rate {rate} ships for {self.source.name}; train one with "
-                                   "`m2r2 data` and `m2r2 train`, then pass its directory")
-        return Accelerator.load(path, self.model, self.source.identity)
+                raise AdapterError(f"no {kind} adapter with rate {rate} ships for {self.source.name}; train one "
+                                   f"with `m2r2 data` and `m2r2 train --kind {kind}`, then pass its directory")
+        acc = Accelerator.load(path, self.model, self.source.identity)
+        if acc.cfg.kind != kind:
+            raise AdapterError(f"{path} holds a {acc.cfg.kind} adapter, not a {kind} one")
+        return acc
 
-    STRATEGIES = ("plain", "m2r2", "early-exit", "prompt-lookup")
+    STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "calm", "m2r2-exit")
 
     def strategy(self, name: str = "plain", *, rate: int = 2, adapter: str | os.PathLike | None = None,
                  gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, draft_vocab: bool = True,
-                 depth: int | None = None, stop_below: float = 0.0, max_ngram: int = 3) -> Strategy:
+                 depth: int | None = None, stop_below: float = 0.0, max_ngram: int = 3,
+                 threshold: float = 0.9, kv: str = "recompute") -> Strategy:
         """A decoding strategy by name, for ``generate(strategy=...)``:
 
         * ``plain``: one full forward per token;
@@ -76,19 +81,35 @@ class LM:
           and ``draft_vocab``;
         * ``early-exit``: the same, drafting with the model's own first ``depth`` layers and no adapters
           (default: as deep as the R=2 fast stream);
+        * ``early-exit-adapter``: early-exit drafting through one trained exit adapter (the shipped
+          ``kind="exit"`` adapter for ``rate``, or ``adapter``);
         * ``prompt-lookup``: the same, drafting by n-gram lookup in the context (up to ``max_ngram``).
 
-        Every speculative strategy verifies with the full model, so greedy output equals ``plain``."""
+        Every speculative strategy verifies with the full model, so greedy output equals ``plain``.
+
+        Early exit (lossy; batch 1; ``m2r2.early_exit``): a token leaves at the first checked depth whose
+        read-out confidence reaches ``threshold``; ``kv="recompute"`` recomputes the skipped layers' K/V
+        exactly and lazily, ``"propagate"`` derives them from the exit state (CALM):
+
+        * ``calm``: on the model's own layers (no adapters);
+        * ``m2r2-exit``: on the M2R2 fast stream (the shipped adapter for ``rate``, or ``adapter``); with a
+          confidence rule until the ARLA router ships."""
         from .speculative import PromptLookupDrafter, Speculative, StreamDrafter
         if name == "plain":
             from .generate import PlainStrategy
             return PlainStrategy()
-        if name == "m2r2":
-            key = (rate, None if adapter is None else str(adapter))
-            if key not in self._accelerators:
-                self._accelerators[key] = self.load_accelerator(adapter, rate)
-            acc = self._accelerators[key]
-            drafter = StreamDrafter(acc, vocab=acc.draft_vocab if draft_vocab else None, stop_below=stop_below)
+        if name in ("calm", "m2r2-exit"):
+            from .early_exit import ConfidenceRule, EarlyExit
+            if not 0 < threshold:
+                raise SamplingError(f"threshold must be > 0, got {threshold}")
+            if name == "calm":
+                return EarlyExit(ConfidenceRule(threshold, first=4, every=2), "slow", None, kv, name=name)
+            acc = self._accelerator_for("m2r2", rate, adapter)
+            return EarlyExit(ConfidenceRule(threshold, first=2, every=1), "fast", acc, kv, name=name)
+        if name in ("m2r2", "early-exit-adapter"):
+            acc = self._accelerator_for("m2r2" if name == "m2r2" else "exit", rate, adapter)
+            drafter = StreamDrafter(acc, vocab=acc.draft_vocab if draft_vocab else None, stop_below=stop_below,
+                                    name=name)
         elif name == "early-exit":
             L = self.config.num_layers
             depth = -(-L // 2) if depth is None else depth
@@ -103,6 +124,12 @@ class LM:
             return Speculative(drafter, gamma=gamma, max_gamma=max_gamma, adaptive=adaptive)
         except ValueError as e:
             raise SamplingError(str(e)) from None
+
+    def _accelerator_for(self, kind: str, rate: int, adapter):
+        key = (kind, rate, None if adapter is None else str(adapter))
+        if key not in self._accelerators:
+            self._accelerators[key] = self.load_accelerator(adapter, rate, kind)
+        return self._accelerators[key]
 
     # ---- text <-> ids, at the boundary ----
     def encode(self, prompt: Prompt, chat: bool = True, system: str | None = None) -> list[int]:

@@ -115,11 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_float("--top-p"), default=1.0)
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)
-    g.add_argument("--strategy", default="plain", choices=["plain", "m2r2", "early-exit", "prompt-lookup"],
+    g.add_argument("--strategy", default="plain", choices=["plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup"],
                    help="plain; m2r2 (lossless self-speculative decoding with the M2R2 fast stream; needs the "
-                        "adapter for the model); early-exit or prompt-lookup (the same verifier, other drafters)")
+                        "adapter for the model); early-exit, early-exit-adapter or prompt-lookup (the same "
+                        "verifier, the peers' drafters)")
     g.add_argument("--rate", type=int, choices=[2, 3, 4], default=2, help="m2r2: rate of the shipped adapter")
-    g.add_argument("--adapter", default=None, help="m2r2: adapter directory (default: the shipped one)")
+    g.add_argument("--adapter", default=None, help="m2r2 / early-exit-adapter: adapter directory (default: the shipped one)")
     g.add_argument("--gamma", type=_positive_int("--gamma"), default=4, help="initial draft length (adapts)")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")

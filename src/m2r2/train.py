@@ -46,16 +46,18 @@ class TrainConfig:
     out: str = "runs/adapter-r2"
     model: str | None = None
     rate: int = 2
-    rank: int = 64
+    rank: int = 128
     output_scale: str = "rms"  # adapter output scaled by its input's RMS ("rms") or not ("none")
+    kind: str = "m2r2"  # "m2r2" (fast stream) or "exit" (one exit adapter at depth ceil(L/R): a peer)
     draft_vocab: int = 4096  # size of the frequent-token draft vocabulary written beside the adapter
-    steps: int = 400
+    steps: int = 500
     batch_size: int = 4  # sequences per global batch
     max_len: int = 320  # tokens per sequence (prompt + response, truncated)
     lr: float = 3e-3
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     align_weight: float = 1.0
     kl_weight: float = 1.0
     kl_layers: tuple[int, ...] = ()  # () = the last fast layer
@@ -69,6 +71,8 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise TrainError(f"--lr must be > 0, got {self.lr}")
+        if self.kind not in ("m2r2", "exit"):
+            raise TrainError(f"--kind must be m2r2 or exit, got {self.kind!r}")
         if self.rate not in (2, 3, 4):
             raise TrainError(f"--rate must be 2, 3 or 4, got {self.rate}")
         self.kl_layers = tuple(int(x) for x in self.kl_layers)
@@ -165,7 +169,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
 
     torch.manual_seed(cfg.seed)
     acc = M2R2Accelerator.for_model(model, lm.source.identity, rate=cfg.rate, rank=cfg.rank,
-                                         output_scale=cfg.output_scale).to(hfacc.device)
+                                         output_scale=cfg.output_scale, kind=cfg.kind).to(hfacc.device)
     F_ = acc.fast_layers
     bad = [l for l in cfg.kl_layers if not 1 <= l <= F_]
     if bad:
@@ -179,9 +183,11 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         except Exception as e:  # a checkpoint is written atomically; unreadable means damaged on disk
             raise TrainError(f"{ckpt_path} is unreadable ({e}); delete it to start over") from e
-        if ck.get("config") != cfg.identity():
-            diff = {k: (ck.get("config", {}).get(k), v) for k, v in cfg.identity().items()
-                    if ck.get("config", {}).get(k) != v}
+        # settings added after a checkpoint was written count as their defaults
+        saved = {**{k: v for k, v in TrainConfig(data=cfg.data).identity().items() if k not in ck.get("config", {})},
+                 **ck.get("config", {})}
+        if saved != cfg.identity():
+            diff = {k: (saved.get(k), v) for k, v in cfg.identity().items() if saved.get(k) != v}
             raise TrainError(f"{out} holds a run with other settings ({diff}); pass another --out or delete it")
         acc.load_state_dict(ck["adapters"])
         opt.load_state_dict(ck["optimizer"])
@@ -213,7 +219,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     t_start = time.perf_counter()
     last: dict = {}
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train R={cfg.rate}", unit="step", file=sys.stderr,
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind} R={cfg.rate}", unit="step", file=sys.stderr,
                disable=not (progress and hfacc.is_main_process), dynamic_ncols=True)
     log_f = open(out / LOG, "a", encoding="utf-8") if hfacc.is_main_process else None
     tok_window, t_window = 0, time.perf_counter()
@@ -228,6 +234,8 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
             loss, stats = module(ids, valid)
             opt.zero_grad(set_to_none=True)
             hfacc.backward(loss)
+            if cfg.max_grad_norm > 0:
+                stats["grad_norm"] = float(hfacc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
             opt.step()
             step += 1
             ntok = int(valid.sum()) * world
@@ -266,10 +274,13 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); re-run to resume")
     p.add_argument("--model", default=None, help="model directory, .gguf or hub id (default: embedded)")
     for name, typ in (("rate", int), ("rank", int), ("steps", int), ("batch_size", int), ("max_len", int),
-                      ("lr", float), ("warmup_steps", int), ("weight_decay", float), ("align_weight", float),
+                      ("lr", float), ("warmup_steps", int), ("weight_decay", float), ("max_grad_norm", float), ("align_weight", float),
                       ("kl_weight", float), ("seed", int), ("checkpoint_every", int), ("draft_vocab", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
                        help=f"(default: {getattr(d, name)})")
+    p.add_argument("--kind", choices=("m2r2", "exit"), default=d.kind,
+                   help="m2r2: accelerator adapters (default); exit: one exit adapter at depth ceil(L/R) on the "
+                        "unchanged model (the Kangaroo/DEED-style peer, same data and budget)")
     p.add_argument("--output-scale", choices=("rms", "none"), default=d.output_scale,
                    help=f"scale each adapter's output by its input's RMS (default: {d.output_scale})")
     p.add_argument("--kl-layers", type=_csv_ints, default=(), help="1-based fast layers with a KL term "

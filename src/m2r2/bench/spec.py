@@ -28,11 +28,13 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
     "m2r2-r3": ("m2r2", {"rate": 3}),
     "m2r2-r4": ("m2r2", {"rate": 4}),
     "early-exit": ("early-exit", {}),
+    "early-exit-adapter": ("early-exit-adapter", {"rate": 2}),
     "prompt-lookup": ("prompt-lookup", {}),
 }
 EXTERNAL_ARMS = ("hf-pld", "llamacpp")
 ARM_NAMES = (*M2R2_ARMS, *EXTERNAL_ARMS)
-DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-r3", "m2r2-r4", "early-exit", "prompt-lookup",
+DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-r3", "m2r2-r4", "early-exit", "early-exit-adapter",
+                "prompt-lookup",
                 "hf-pld", "llamacpp")
 
 

@@ -1,0 +1,193 @@
+"""Early-exit decoding: a token leaves the model at the first allowed depth where an exit rule clears it.
+
+One strategy, ``EarlyExit``, covers every method that decides per token how deep to go:
+
+* the stream the token runs on: the model's own (``slow``: CALM-style confidence exit) or the M2R2 fast
+  stream (``fast``: blocks plus accelerator adapters; depth d of the fast stream stands for R*d slow
+  layers). A token that no rule lets out goes the full depth of the slow stream, so with a rule that
+  never fires the output equals plain decoding;
+* the exit rule (``ExitRule``): read-out confidence (CALM), a router over the stream's states (ARLA), or
+  a fixed depth;
+* what happens to the K/V that a token owes later tokens in the layers it skipped. ``kv="propagate"``
+  (CALM): compute them from the exit state, once, at exit (the slow stream's K/V are approximated by
+  the exit state's). ``kv="recompute"`` (DEED-style, exact): the token becomes *lazy*; its missing slow
+  layers run later as extra rows batched with the next tokens' own rows, one layer at a time, exactly
+  when a later token needs that layer (a lazy token from the slow stream resumes from its exit state; one
+  from the fast stream restarts the slow stream from its embedding). Every K/V a later token attends to
+  is then the slow stream's, bit for bit up to float summation order, and a token that goes full depth
+  completes every lazy token in the same pass.
+
+Batch 1 only: exits are per token, and rows of a batch would leave at different depths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .accelerator import Accelerator
+from .generate import DecodeState
+from .errors import SamplingError
+
+
+class ExitRule(Protocol):
+    name: str
+
+    def depths(self, max_depth: int) -> tuple[int, ...]:
+        """Depths (blocks run, 1-based) at which the rule is consulted."""
+        ...
+
+    def exit(self, depth: int, hidden: torch.Tensor, logits: torch.Tensor) -> bool: ...
+
+
+@dataclass
+class ConfidenceRule:
+    """Exit when the read-out's top probability reaches ``threshold`` (CALM's softmax criterion); ``every``
+    spaces the checks (each check costs an LM-head read), starting at ``first``."""
+
+    threshold: float
+    first: int = 4
+    every: int = 2
+    name: str = "confidence"
+
+    def depths(self, max_depth: int) -> tuple[int, ...]:
+        return tuple(range(self.first, max_depth + 1, self.every)) + ((max_depth,) if (max_depth - self.first) % self.every else ())
+
+    def exit(self, depth: int, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+        return bool(torch.softmax(logits.float(), -1).max() >= self.threshold)
+
+
+@dataclass
+class FixedDepthRule:
+    """Always exit at ``depth`` (a fixed-depth model; also the test rule for "every token exits")."""
+
+    depth: int
+    name: str = "fixed"
+
+    def depths(self, max_depth: int) -> tuple[int, ...]:
+        return (min(self.depth, max_depth),)
+
+    def exit(self, depth: int, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+        return True
+
+
+@dataclass
+class _Lazy:
+    pos: int
+    next: int  # first slow layer whose K/V this token still owes
+    h: torch.Tensor  # (D,) its slow state entering layer ``next``
+
+
+class EarlyExit:
+    """Early-exit decoding over one exit rule, one stream and one K/V policy (see the module doc)."""
+
+    cache_slack = 0
+
+    def __init__(self, rule: ExitRule, stream: str = "slow", accelerator: Accelerator | None = None,
+                 kv: str = "recompute", name: str | None = None):
+        if stream not in ("slow", "fast"):
+            raise SamplingError(f"stream must be 'slow' or 'fast', got {stream!r}")
+        if stream == "fast" and accelerator is None:
+            raise SamplingError("the fast stream needs an accelerator (M2R2 adapters)")
+        if kv not in ("propagate", "recompute"):
+            raise SamplingError(f"kv must be 'propagate' or 'recompute', got {kv!r}")
+        self.rule, self.stream, self.acc, self.kv = rule, stream, accelerator, kv
+        self.name = name or f"exit-{stream}-{rule.name}-{kv}"
+
+    def setup(self, state: DecodeState) -> None:
+        if state.batch != 1:
+            raise SamplingError("early-exit strategies decode one sequence at a time (batch 1)")
+        L = state.model.cfg.num_layers
+        self.max_depth = self.acc.fast_layers if self.stream == "fast" else L - 1
+        if self.stream == "fast" and self.acc.is_exit:
+            raise SamplingError("early exit on the fast stream needs M2R2 adapters, not an exit adapter")
+        self.check = set(self.rule.depths(self.max_depth))
+        self.lazy: list[_Lazy] = []
+        self.tokens = self.exited = 0
+        self.depth_sum = 0  # blocks the current token ran (fast: fast blocks), summed
+        self.slow_equiv_sum = 0.0  # the same in slow-layer equivalents (fast depth d = R*d)
+        self.head_calls = self.extra_rows = self.full_passes = 0
+        self.exit_hist: dict[int, int] = {}
+
+    def stats(self) -> dict:
+        t = max(1, self.tokens)
+        return {"tokens": self.tokens, "exited": self.exited, "exit_rate": self.exited / t,
+                "mean_depth": self.depth_sum / t, "mean_slow_layers": self.slow_equiv_sum / t,
+                "head_calls": self.head_calls, "recomputed_rows": self.extra_rows, "full_passes": self.full_passes,
+                "exit_depths": dict(sorted(self.exit_hist.items())), "lazy_pending": len(self.lazy)}
+
+    # ---- one layer over [lazy rows due at this layer] + the current token ----
+    def _layer(self, state: DecodeState, i: int, h: torch.Tensor | None, n: int, fast: bool) -> torch.Tensor | None:
+        model = state.model
+        due = [z for z in self.lazy if z.next == i] if self.kv == "recompute" else []
+        rows = [z.h for z in due] + ([h.view(-1)] if h is not None else [])
+        if not rows:
+            return None
+        x = torch.stack(rows).unsqueeze(0)  # (1, T, D)
+        pos = torch.tensor([[z.pos for z in due] + ([n] if h is not None else [])])
+        out = model.layer(i, x, model.context(state.cache, pos))
+        if fast and h is not None:  # the adapter acts on the current token's row only
+            out[:, -1] = out[:, -1] + self.acc.adapters[i](x[:, -1])
+        self.extra_rows += len(due)
+        for j, z in enumerate(due):
+            z.h, z.next = out[0, j], i + 1
+        return out[:, -1:] if h is not None else None
+
+    def _finish_lazy(self, state: DecodeState, start: int) -> None:
+        """Run every lazy token to full depth (layers from ``start``), e.g. to leave an exact cache."""
+        for i in range(start, state.model.cfg.num_layers):
+            self._layer(state, i, None, 0, False)
+        self.lazy = [z for z in self.lazy if z.next < state.model.cfg.num_layers]
+
+    def flush(self, state: DecodeState) -> None:
+        """Complete every lazy token's slow layers now (the cache then holds the slow stream's K/V)."""
+        if self.lazy:
+            self._finish_lazy(state, min(z.next for z in self.lazy))
+
+    def step(self, state: DecodeState) -> list[list[int]]:
+        model, L = state.model, state.model.cfg.num_layers
+        n = int(state.cache.lengths[0])
+        tok = state.pending.view(1, 1)
+        fast = self.stream == "fast"
+        h = model.embed(tok)
+        exit_depth, logits = None, None
+        for i in range(self.max_depth):
+            h = self._layer(state, i, h, n, fast)
+            d = i + 1
+            if d in self.check:
+                logits = model.head(h)[0, 0]
+                self.head_calls += 1
+                if self.rule.exit(d, h, logits):
+                    exit_depth = d
+                    break
+        if exit_depth is None:  # no exit: the full slow stream (fast: restart it from the embedding)
+            start = 0 if fast else self.max_depth
+            if fast:
+                h = model.embed(tok)
+            for i in range(start, L):
+                h = self._layer(state, i, h, n, False)
+            logits = model.head(h)[0, 0]
+            self.full_passes += 1
+            self.depth_sum += L + (self.max_depth if fast else 0)
+            self.slow_equiv_sum += L
+        else:
+            self.exited += 1
+            self.exit_hist[exit_depth] = self.exit_hist.get(exit_depth, 0) + 1
+            self.depth_sum += exit_depth
+            self.slow_equiv_sum += min(L, exit_depth * (self.acc.cfg.rate if fast else 1))
+            if self.kv == "propagate":  # K/V of the skipped layers from the exit state
+                ctx = model.context(state.cache, torch.tensor([[n]]))
+                for i in range(exit_depth, L):
+                    blk = model.layers[i]
+                    _, k, v = blk.qkv_proj(blk.input_norm(h), ctx.cos, ctx.sin)
+                    state.cache.update(i, k, v, ctx.write)
+            else:
+                self.lazy.append(_Lazy(n, 0, model.embed(tok)[0, 0]) if fast else _Lazy(n, exit_depth, h[0, 0]))
+        self.lazy = [z for z in self.lazy if z.next < L]
+        self.tokens += 1
+        state.cache.advance(1)
+        nxt = state.sampling.sample(logits.view(1, -1), state.generator)
+        state.pending = nxt
+        return [[int(nxt[0])]]

@@ -1,0 +1,121 @@
+"""Early-exit decoding on tiny random models: a rule that never fires equals plain decoding, a rule that
+always fires exits at the first allowed depth, and exact lazy recomputation leaves the slow stream's cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import m2r2
+from m2r2.accelerator import Accelerator
+from m2r2.early_exit import ConfidenceRule, EarlyExit, FixedDepthRule
+from m2r2.generate import DecodeState, decode
+from m2r2.sampling import SamplingConfig
+
+from conftest import make_tiny
+
+PROMPTS = [[5, 17, 33, 99, 4], [200, 13, 13, 13, 54, 66, 71, 2, 9, 120, 33], [42]]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-exit")
+    make_tiny(d, "llama", num_hidden_layers=6, eos_token_id=None)
+    return m2r2.load(d)
+
+
+@pytest.fixture(scope="module")
+def acc(lm):
+    a = Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for ad in a.adapters:
+            ad.up.weight.copy_(torch.randn(ad.up.weight.shape, generator=g) * 0.2)
+    return a.eval()
+
+
+@pytest.mark.parametrize("stream,kv", [("slow", "recompute"), ("slow", "propagate"), ("fast", "recompute"),
+                                       ("fast", "propagate")])
+def test_an_impossible_threshold_is_plain_decoding(lm, acc, stream, kv):
+    strat = EarlyExit(ConfidenceRule(1.01, first=1, every=1), stream, acc if stream == "fast" else None, kv)
+    for p in PROMPTS[:2]:
+        plain, _ = decode(lm.model, [p], max_new_tokens=32)
+        out, st = decode(lm.model, [p], max_new_tokens=32, strategy=strat)
+        assert out == plain
+        assert st.extra["exited"] == 0 and st.extra["full_passes"] == st.extra["tokens"]
+
+
+@pytest.mark.parametrize("stream,depth", [("slow", 2), ("fast", 1)])
+def test_an_always_firing_rule_exits_every_token_at_the_first_allowed_depth(lm, acc, stream, depth):
+    strat = EarlyExit(FixedDepthRule(depth), stream, acc if stream == "fast" else None, "recompute")
+    out, st = decode(lm.model, [PROMPTS[0]], max_new_tokens=30, strategy=strat)
+    assert st.extra["exit_depths"] == {depth: st.extra["tokens"]} and st.extra["exit_rate"] == 1.0
+    # and the tokens are the read-outs at that depth: not the full model's (the test is not vacuous)
+    plain, _ = decode(lm.model, [PROMPTS[0]], max_new_tokens=30)
+    assert out != plain
+
+
+def _run(lm, strat, prompt, n):
+    state = DecodeState(lm.model, [prompt], [n], SamplingConfig(), cache_slack=0)
+    state.pending = state.prefill().argmax(-1)
+    toks = [int(state.pending[0])]
+    strat.setup(state)
+    for _ in range(n - 1):
+        toks += strat.step(state)[0]
+    return state, toks
+
+
+class ScriptedRule:
+    """Token k exits at depth script[k % len(script)] (None: goes full depth)."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script, self.k = script, -1
+
+    def depths(self, max_depth):
+        return tuple(range(1, max_depth + 1))
+
+    def exit(self, depth, hidden, logits):
+        if depth == 1:
+            self.k += 1
+        return depth == self.script[self.k % len(self.script)]
+
+
+@pytest.mark.parametrize("stream,script", [("slow", [1, 3, None, 2, 4, 1, 1, None, 5]),
+                                           ("fast", [1, 3, None, 2, 2, 1, None])])
+def test_lazy_recomputation_leaves_the_slow_streams_cache(lm, acc, stream, script):
+    """Tokens exit at mixed depths; after the lazy layers are flushed, the cache holds exactly what a
+    full-depth forward over the same tokens writes, so a later full-depth token sees the same K/V."""
+    strat = EarlyExit(ScriptedRule(script), stream, acc if stream == "fast" else None, "recompute")
+    prompt = PROMPTS[1]
+    state, toks = _run(lm, strat, prompt, 24)
+    assert strat.exited > 0 and strat.extra_rows > 0
+    strat.flush(state)
+    committed = prompt + toks[:-1]
+    T = len(committed)
+    assert int(state.cache.lengths[0]) == T
+    ref = lm.model.new_cache(1, T)
+    lm.model(torch.tensor([committed]), ref, torch.arange(T).unsqueeze(0))
+    for i in range(lm.config.num_layers):
+        torch.testing.assert_close(state.cache.k[i][:, :, :T], ref.k[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state.cache.v[i][:, :, :T], ref.v[i], rtol=1e-4, atol=1e-5)
+
+
+def test_propagation_approximates_the_skipped_layers(lm):
+    """CALM-style propagation writes K/V for the skipped layers from the exit state: not the slow stream's."""
+    strat = EarlyExit(FixedDepthRule(2), "slow", None, "propagate")
+    prompt = PROMPTS[1]
+    state, toks = _run(lm, strat, prompt, 12)
+    committed = prompt + toks[:-1]
+    T = len(committed)
+    ref = lm.model.new_cache(1, T)
+    lm.model(torch.tensor([committed]), ref, torch.arange(T).unsqueeze(0))
+    P = len(prompt)
+    torch.testing.assert_close(state.cache.k[1][:, :, :T], ref.k[1], rtol=1e-4, atol=1e-5)  # below the exit: exact
+    assert not torch.allclose(state.cache.k[4][:, :, P:T], ref.k[4][:, :, P:T], atol=1e-3)
+
+
+def test_early_exit_refuses_batches(lm):
+    with pytest.raises(m2r2.SamplingError, match="batch 1"):
+        decode(lm.model, PROMPTS[:2], max_new_tokens=4, strategy=EarlyExit(FixedDepthRule(1)))
