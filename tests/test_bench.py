@@ -257,3 +257,30 @@ def test_spec_command_end_to_end(bench_dir, bench_lm, tmp_path, capsys):
     assert doc["summary"]["speculative"]["prompt-lookup"]["draft_cost_bytes"] == 0.0
     assert 0 < doc["summary"]["speculative"]["early-exit"]["draft_cost_bytes"] < 1
     assert "Speculative decoding" in (tmp_path / "spec.md").read_text()
+
+
+def test_exit_command_end_to_end(bench_dir, bench_lm, tmp_path):
+    """Threshold sweep: an impossible threshold reproduces the plain output (Rouge-L 1, full depth); a
+    trivial one exits every token at the first checked depth."""
+    from m2r2.accelerator import Accelerator
+    from m2r2.bench.exit import add_parser as add_exit
+
+    Accelerator.for_model(bench_lm.model, bench_lm.source.identity, rate=2, rank=4).save(tmp_path / "adapter")
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("\n".join(json.dumps({"id": f"q{i}", "token_ids": t}) for i, t in
+                             enumerate([[5, 6, 7, 5, 6], [8, 9, 10, 11]])) + "\n")
+    parser = argparse.ArgumentParser()
+    add_exit(parser.add_subparsers(dest="bench_cmd", required=True))
+    args = parser.parse_args(["exit", "--model", str(bench_dir), "--prompt-ids", str(ids), "--max-new-tokens", "12",
+                              "--threads", "1", "--thresholds", "1.01,0.0001", "--adapter", str(tmp_path / "adapter"),
+                              "--out", "exit", "--out-dir", str(tmp_path), "--no-progress", "--bandwidth-mb", "8"])
+    assert args.func(args) == 0
+    doc = json.loads((tmp_path / "exit.json").read_text())
+    c = doc["summary"]["curves"]
+    for kv in ("recompute", "propagate"):
+        for m in ("calm", "m2r2-exit"):
+            never = c[f"{m}@1.01/{kv}"]
+            assert never["rouge_l"] == 1.0 and never["exit_rate"] == 0 and never["mean_slow_layers"] == 2
+        assert c[f"calm@0.0001/{kv}"]["exit_rate"] == 1.0 and c[f"calm@0.0001/{kv}"]["mean_slow_layers"] == 1
+    assert doc["summary"]["arms"]["calm@1.01/recompute"]["equality"]["identical"] == 2
+    assert (tmp_path / "exit-curve.png").is_file()

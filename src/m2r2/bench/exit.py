@@ -1,0 +1,184 @@
+"""``m2r2 bench exit``: early-exit methods as quality-speed curves, on the same prompts, in one run.
+
+Each method is swept over its threshold; every (method, threshold, K/V policy) point is an arm of the
+shared harness, next to m2r2's plain greedy decoding (the reference output and the speed baseline). Per
+point: Rouge-L of the output against the full model's own greedy output (``rouge-score``), mean slow
+layers per token, the theoretical speedup from layers saved (L / mean layers), and the measured
+wall-clock speedup over plain decoding (per prompt, geometric mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from ..cli import int_at_least as _int_at_least
+from ..errors import M2R2Error
+from .decode import build_prompts
+from .harness import (ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
+                      run_benchmark, summarize, write_results)
+
+METHODS = ("calm", "m2r2-exit")
+DEFAULT_THRESHOLDS = (0.95, 0.8, 0.6, 0.4)
+
+
+class ExitArm:
+    kind = "m2r2"
+
+    def __init__(self, lm, method: str, threshold: float | None, kv: str, adapter: str | None = None):
+        self.lm, self.method, self.threshold, self.kv, self.adapter = lm, method, threshold, kv, adapter
+        self.name = "plain" if method == "plain" else f"{method}@{threshold:g}/{kv}"
+        self.strategy = None
+
+    def setup(self) -> None:
+        try:
+            opts = {} if self.method == "plain" else {"threshold": self.threshold, "kv": self.kv,
+                                                      "adapter": self.adapter}
+            self.strategy = self.lm.strategy(self.method, **opts)
+        except M2R2Error as e:
+            raise ArmUnavailable(str(e)) from None
+
+    def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
+        t0 = time.perf_counter()
+        out = self.lm.generate(list(prompt.token_ids), max_new_tokens=max_new_tokens, strategy=self.strategy)
+        s = out.stats
+        return ArmResult(len(out.token_ids), time.perf_counter() - t0, out.token_ids, s.forward_passes,
+                         {"strategy": s.extra} if s.extra else {})
+
+    def close(self) -> None:
+        pass
+
+
+def _text(lm, ids: list[int]) -> str:
+    t = lm.decode_text(ids)
+    return t if t is not None else " ".join(map(str, ids))  # no tokenizer: token ids as words
+
+
+def curves(records: list[dict], lm, summary: dict) -> dict:
+    """Per arm: Rouge-L against the plain output (mean over prompts), mean slow layers per token,
+    theoretical and measured speedup."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    ref = {r["prompt_id"]: _text(lm, r["token_ids"]) for r in records if r["arm"] == "plain"}
+    L = lm.config.num_layers
+    out: dict = {}
+    for arm in dict.fromkeys(r["arm"] for r in records):
+        if arm == "plain":
+            continue
+        rows = [r for r in records if r["arm"] == arm]
+        rouge = [scorer.score(ref[r["prompt_id"]], _text(lm, r["token_ids"]))["rougeL"].fmeasure for r in rows]
+        st = [r["extra"].get("strategy", {}) for r in rows]
+        toks = sum(s.get("tokens", 0) for s in st)
+        layers = sum(s.get("mean_slow_layers", 0) * s.get("tokens", 0) for s in st) / toks if toks else float(L)
+        measured = summary["arms"][arm]["all"]["ratios"].get("plain", {}).get("geomean")
+        method, rest = arm.split("@")
+        thr, kv = rest.split("/")
+        out[arm] = {"method": method, "threshold": float(thr), "kv": kv, "rouge_l": statistics.fmean(rouge),
+                    "mean_slow_layers": layers, "theoretical_speedup": L / layers if layers else None,
+                    "measured_speedup": measured,
+                    "exit_rate": sum(s.get("exited", 0) for s in st) / toks if toks else 0.0}
+    return out
+
+
+def render(curve: dict, path: Path, title: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    groups: dict = {}
+    for arm, c in curve.items():
+        groups.setdefault(f"{c['method']} ({c['kv']})", []).append(c)
+    for label, pts in groups.items():
+        pts = sorted(pts, key=lambda c: c["measured_speedup"] or 0)
+        ax.plot([c["measured_speedup"] for c in pts], [c["rouge_l"] for c in pts], marker="o", label=label)
+        for c in pts:
+            ax.annotate(f"{c['threshold']:g}", (c["measured_speedup"], c["rouge_l"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.axvline(1.0, color="gray", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("measured speedup over plain decoding (geomean per prompt)")
+    ax.set_ylabel("Rouge-L vs the full model's greedy output")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    rows = ["| point | Rouge-L | mean slow layers | theoretical speedup | measured speedup | exit rate |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for arm, c in curve.items():
+        rows.append(f"| {arm} | {c['rouge_l']:.3f} | {c['mean_slow_layers']:.1f} | {c['theoretical_speedup']:.2f} | "
+                    f"{c['measured_speedup']:.2f} | {c['exit_rate']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(args: argparse.Namespace) -> int:
+    import m2r2
+
+    args.threads = pin_threads(args.threads or os.cpu_count() or 1)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise M2R2Error(f"unknown method(s) {', '.join(bad)} (available: {', '.join(METHODS)})")
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise M2R2Error(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}") from None
+    if not thresholds or any(not t > 0 for t in thresholds):
+        raise M2R2Error("--thresholds must be numbers > 0")
+    kvs = [k.strip() for k in args.kv.split(",") if k.strip()]
+    if any(k not in ("recompute", "propagate") for k in kvs) or not kvs:
+        raise M2R2Error("--kv takes recompute and/or propagate")
+    lm = m2r2.load(args.model, dtype="float32")
+    prompts, warm = build_prompts(lm, args)
+    arms = [ExitArm(lm, "plain", None, "")] + [ExitArm(lm, m, t, k, args.adapter) for m in methods
+                                                  for k in kvs for t in thresholds]
+    bandwidth = measure_bandwidth(args.bandwidth_mb)
+    roof = roofline(lm.config, bandwidth, 4.0)
+    print(f"m2r2 bench exit: {lm!r}; {len(prompts)} prompts, {len(arms)} arms, {args.threads} threads",
+          file=sys.stderr)
+    skipped: dict[str, str] = {}
+    records = run_benchmark(arms, prompts, args.max_new_tokens, warmup=args.warmup, repeats=1,
+                            progress=not args.no_progress, warmup_prompt=warm, skipped=skipped)
+    summary = summarize(records, "plain", reference_arm="plain", roofline_tokens_per_s=roof["tokens_per_s"])
+    curve = curves(records, lm, summary)
+    summary["curves"] = curve
+    meta = {"model": lm.source.name, "model_identity": lm.source.identity, "prompts": args.prompt_ids or args.prompts,
+            "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "methods": methods,
+            "thresholds": thresholds, "kv": kvs, "skipped_arms": skipped, "bandwidth_gbps": bandwidth, "roofline": roof}
+    paths = write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=True)
+    table = render(curve, Path(args.out_dir) / f"{args.out}-curve.png",
+                   f"early exit on {lm.source.name}: quality vs speed ({len(prompts)} prompts)")
+    with open(paths["md"], "a", encoding="utf-8") as f:
+        f.write(f"\n## Quality-speed points\n\n{table}\n\n![curve]({args.out}-curve.png)\n")
+    print(json.dumps({"curves": curve}), flush=True)
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "exit", help="early exit: quality (Rouge-L vs the full model) against measured speedup, per method",
+        description="Sweep each early-exit method's threshold on the same prompts in one run; writes "
+                    "benchmarks/results/<out>.json, .md, .png and <out>-curve.png.")
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompts", default="koala", help="built-in set (koala, mt-bench, spec-bench) or JSONL path")
+    p.add_argument("--prompt-ids", default=None, help="JSONL of already tokenized prompts; overrides --prompts")
+    p.add_argument("--limit", type=_int_at_least("--limit", 1), default=None)
+    p.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=64)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
+    p.add_argument("--thresholds", default=",".join(map(str, DEFAULT_THRESHOLDS)))
+    p.add_argument("--kv", default="recompute,propagate", help="K/V policies to measure (default: both)")
+    p.add_argument("--adapter", default=None, help="M2R2 adapter directory (default: the shipped rate-2 one)")
+    p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None)
+    p.add_argument("--warmup", type=_int_at_least("--warmup", 0), default=1)
+    p.add_argument("--out", default="exit")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--bandwidth-mb", type=_int_at_least("--bandwidth-mb", 1), default=256)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+    return p
