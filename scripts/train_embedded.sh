@@ -11,11 +11,11 @@ RATE=${RATE:-2}
 KIND=${KIND:-m2r2}
 STEPS=${STEPS:-500}
 THREADS=${THREADS:-2}
-if [ "$KIND" = exit ]; then NAME="smollm2-135m-instruct-exit-r$RATE"; else NAME="smollm2-135m-instruct-r$RATE"; fi
+if [ "$KIND" = exit ]; then NAME="smollm2-135m-instruct-exit-r$RATE"; RUN="runs/exit-r$RATE"
+else NAME="smollm2-135m-instruct-r$RATE"; RUN="runs/adapter-r$RATE"; fi
 pip install -e ".[train]"
 m2r2 data --n 768 --max-new-tokens 160 --batch-size 16 --out data/distill-smollm2-135m
-m2r2 train --data data/distill-smollm2-135m --out "runs/$NAME" --kind "$KIND" --rate "$RATE" --steps "$STEPS" \
+m2r2 train --data data/distill-smollm2-135m --out "$RUN" --kind "$KIND" --rate "$RATE" --steps "$STEPS" \
   --threads "$THREADS"
-mkdir -p "src/m2r2/adapters/$NAME"
-cp "runs/$NAME/adapter.json" "runs/$NAME/adapter.safetensors" "runs/$NAME/draft_vocab.json" "src/m2r2/adapters/$NAME/"
+python -c "from m2r2.accelerator import ship; ship('$RUN', 'src/m2r2/adapters/$NAME')"   # float16 copy
 if [ "$KIND" = m2r2 ]; then m2r2 analyze --rate "$RATE" --out "analyze-r$RATE"; fi

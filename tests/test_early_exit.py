@@ -119,3 +119,27 @@ def test_propagation_approximates_the_skipped_layers(lm):
 def test_early_exit_refuses_batches(lm):
     with pytest.raises(m2r2.SamplingError, match="batch 1"):
         decode(lm.model, PROMPTS[:2], max_new_tokens=4, strategy=EarlyExit(FixedDepthRule(1)))
+
+
+def test_skipdecode_without_skipping_is_plain_and_never_reads_a_skipped_key(lm):
+    from m2r2.early_exit import SkipDecode
+    p = PROMPTS[1]
+    plain, _ = decode(lm.model, [p], max_new_tokens=24)
+    out, st = decode(lm.model, [p], max_new_tokens=24, strategy=SkipDecode(min_layers=6, max_layers=6))
+    assert out == plain and st.extra["mean_slow_layers"] == 6
+    # poison every generated slot first: a token reading a K/V that an earlier token skipped would see NaN
+    strat = SkipDecode(min_layers=1, span=10)
+    state = DecodeState(lm.model, [p], [24], SamplingConfig())
+    state.pending = state.prefill().argmax(-1)
+    for i in range(lm.config.num_layers):
+        state.cache.k[i][:, :, len(p):] = float("nan")
+        state.cache.v[i][:, :, len(p):] = float("nan")
+    strat.setup(state)
+    for _ in range(20):
+        strat.step(state)
+    assert [strat.depth(t, 6) for t in (0, 5, 10, 30)] == [6, 4, 1, 1]
+    T = int(state.cache.lengths[0])
+    top = state.cache.k[-1][:, :, :T]
+    assert not torch.isnan(top).any()  # the top layer is always run
+    skipped = [len(p) + t for t in range(20) if strat.depth(t, 6) < 6]
+    assert len(skipped) > 10 and torch.isnan(state.cache.k[0][:, :, skipped]).all()  # layer 0 really skipped

@@ -183,13 +183,15 @@ class Accelerator(nn.Module):
         return states
 
     # ---- files ----
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``adapter.safetensors`` and ``adapter.json`` into directory ``path`` (atomically)."""
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write ``adapter.safetensors`` and ``adapter.json`` into directory ``path`` (atomically);
+        ``dtype`` (e.g. float16, for shipping) converts the stored weights; loading casts them back to
+        the model's dtype."""
         from safetensors.torch import save_file
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
         tmp_w, tmp_c = d / ".adapter.safetensors.tmp", d / ".adapter.json.tmp"
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(sd, str(tmp_w), metadata={"m2r2": "accelerator", "base_identity": self.cfg.base_identity})
         tmp_c.write_text(json.dumps(asdict(self.cfg), indent=1))
         os.replace(tmp_w, d / "adapter.safetensors")
@@ -222,7 +224,7 @@ class Accelerator(nn.Module):
         acc = cls(cfg)
         try:
             sd = load_file(str(w_file))
-            acc.load_state_dict(sd)
+            acc.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
         except (SafetensorError, RuntimeError, OSError) as e:
             raise AdapterError(f"{w_file} is unreadable or does not match its config: {e}") from e
         vocab_file = d / DRAFT_VOCAB
@@ -321,6 +323,18 @@ def write_draft_vocab(path: str | os.PathLike, records: list[dict], size: int = 
                                "token_ids": ids}))
     os.replace(tmp, d / DRAFT_VOCAB)
     return d / DRAFT_VOCAB
+
+
+def ship(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a trained adapter directory into the package for shipping: weights stored as float16 (half the
+    bytes; drafts and exits are verified or measured, so the precision of the adapters is a speed/quality
+    knob, not an exactness one), the config and the draft vocabulary unchanged."""
+    import shutil
+    acc = Accelerator.load(src)
+    acc.save(dst, dtype=torch.float16)
+    if (Path(src) / DRAFT_VOCAB).is_file():
+        shutil.copyfile(Path(src) / DRAFT_VOCAB, Path(dst) / DRAFT_VOCAB)
+    return Path(dst)
 
 
 def shipped_dir() -> Path:

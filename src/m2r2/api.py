@@ -67,12 +67,14 @@ class LM:
             raise AdapterError(f"{path} holds a {acc.cfg.kind} adapter, not a {kind} one")
         return acc
 
-    STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "calm", "m2r2-exit")
+    STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "calm", "m2r2-exit",
+                  "skipdecode")
 
     def strategy(self, name: str = "plain", *, rate: int = 2, adapter: str | os.PathLike | None = None,
                  gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, draft_vocab: bool = True,
                  depth: int | None = None, stop_below: float = 0.0, max_ngram: int = 3,
-                 threshold: float = 0.9, kv: str = "recompute") -> Strategy:
+                 threshold: float = 0.9, kv: str = "recompute", min_layers: int | None = None,
+                 span: int = 128) -> Strategy:
         """A decoding strategy by name, for ``generate(strategy=...)``:
 
         * ``plain``: one full forward per token;
@@ -93,11 +95,17 @@ class LM:
 
         * ``calm``: on the model's own layers (no adapters);
         * ``m2r2-exit``: on the M2R2 fast stream (the shipped adapter for ``rate``, or ``adapter``); with a
-          confidence rule until the ARLA router ships."""
+          confidence rule until the ARLA router ships;
+        * ``skipdecode``: a position-dependent depth decaying from all layers to ``min_layers`` over ``span``
+          tokens, top-aligned, so no K/V is ever missing (post hoc: the model is not fine-tuned for it)."""
         from .speculative import PromptLookupDrafter, Speculative, StreamDrafter
         if name == "plain":
             from .generate import PlainStrategy
             return PlainStrategy()
+        if name == "skipdecode":
+            from .early_exit import SkipDecode
+            L = self.config.num_layers
+            return SkipDecode(min_layers=L // 2 if min_layers is None else min_layers, span=span)
         if name in ("calm", "m2r2-exit"):
             from .early_exit import ConfidenceRule, EarlyExit
             if not 0 < threshold:

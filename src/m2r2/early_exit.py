@@ -191,3 +191,48 @@ class EarlyExit:
         nxt = state.sampling.sample(logits.view(1, -1), state.generator)
         state.pending = nxt
         return [[int(nxt[0])]]
+
+
+class SkipDecode:
+    """SkipDecode (Del Corro et al., 2023), applied post hoc: a data-independent schedule gives the token at
+    generated position t ``depth(t)`` layers, decaying linearly from ``max_layers`` to ``min_layers`` over
+    ``span`` tokens; a token runs the *top* ``depth(t)`` layers (its embedding enters layer L - depth). The
+    active layers of a token contain those of every later one, so no later token ever attends to a K/V
+    that was skipped: nothing to propagate or recompute. The paper fine-tunes the model for the schedule;
+    here it runs on the unchanged model (the point is the K/V-free mechanism and its cost)."""
+
+    cache_slack = 0
+
+    def __init__(self, min_layers: int, max_layers: int | None = None, span: int = 128, name: str = "skipdecode"):
+        if min_layers < 1:
+            raise SamplingError(f"min_layers must be >= 1, got {min_layers}")
+        self.min_layers, self.max_layers, self.span, self.name = min_layers, max_layers, span, name
+
+    def depth(self, t: int, L: int) -> int:
+        hi = min(L, self.max_layers or L)
+        lo = min(self.min_layers, hi)
+        return round(hi - (hi - lo) * min(1.0, t / max(1, self.span)))
+
+    def setup(self, state: DecodeState) -> None:
+        if state.batch != 1:
+            raise SamplingError("skipdecode here decodes one sequence at a time (batch 1)")
+        self.t = 0
+        self.layers_sum = 0
+
+    def stats(self) -> dict:
+        return {"tokens": self.t, "mean_slow_layers": self.layers_sum / max(1, self.t), "exited": self.t}
+
+    def step(self, state: DecodeState) -> list[list[int]]:
+        model, L = state.model, state.model.cfg.num_layers
+        d = self.depth(self.t, L)
+        n = state.cache.lengths.view(-1, 1)
+        ctx = model.context(state.cache, n)
+        h = model.embed(state.pending.view(1, 1))
+        for i in range(L - d, L):
+            h = model.layer(i, h, ctx)
+        state.cache.advance(1)
+        nxt = state.sampling.sample(model.head(h)[:, 0], state.generator)
+        state.pending = nxt
+        self.t += 1
+        self.layers_sum += d
+        return [[int(nxt[0])]]

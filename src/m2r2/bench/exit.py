@@ -23,22 +23,28 @@ from .decode import build_prompts
 from .harness import (ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
                       run_benchmark, summarize, write_results)
 
-METHODS = ("calm", "m2r2-exit")
+METHODS = ("calm", "m2r2-exit", "skipdecode")
 DEFAULT_THRESHOLDS = (0.95, 0.8, 0.6, 0.4)
 
 
 class ExitArm:
     kind = "m2r2"
 
-    def __init__(self, lm, method: str, threshold: float | None, kv: str, adapter: str | None = None):
+    def __init__(self, lm, method: str, threshold: float | None, kv: str, adapter: str | None = None,
+                 span: int = 64):
         self.lm, self.method, self.threshold, self.kv, self.adapter = lm, method, threshold, kv, adapter
+        self.span = span
         self.name = "plain" if method == "plain" else f"{method}@{threshold:g}/{kv}"
         self.strategy = None
 
     def setup(self) -> None:
         try:
-            opts = {} if self.method == "plain" else {"threshold": self.threshold, "kv": self.kv,
-                                                      "adapter": self.adapter}
+            if self.method == "plain":
+                opts = {}
+            elif self.method == "skipdecode":  # its sweep parameter: the depth at the end of the span
+                opts = {"min_layers": int(self.threshold), "span": self.span}
+            else:
+                opts = {"threshold": self.threshold, "kv": self.kv, "adapter": self.adapter}
             self.strategy = self.lm.strategy(self.method, **opts)
         except M2R2Error as e:
             raise ArmUnavailable(str(e)) from None
@@ -137,7 +143,9 @@ def main(args: argparse.Namespace) -> int:
     lm = m2r2.load(args.model, dtype="float32")
     prompts, warm = build_prompts(lm, args)
     arms = [ExitArm(lm, "plain", None, "")] + [ExitArm(lm, m, t, k, args.adapter) for m in methods
-                                                  for k in kvs for t in thresholds]
+                                                  if m != "skipdecode" for k in kvs for t in thresholds]
+    if "skipdecode" in methods:
+        arms += [ExitArm(lm, "skipdecode", d, "none", span=args.max_new_tokens) for d in args.skip_min_layers]
     bandwidth = measure_bandwidth(args.bandwidth_mb)
     roof = roofline(lm.config, bandwidth, 4.0)
     print(f"m2r2 bench exit: {lm!r}; {len(prompts)} prompts, {len(arms)} arms, {args.threads} threads",
@@ -150,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
     summary["curves"] = curve
     meta = {"model": lm.source.name, "model_identity": lm.source.identity, "prompts": args.prompt_ids or args.prompts,
             "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "methods": methods,
-            "thresholds": thresholds, "kv": kvs, "skipped_arms": skipped, "bandwidth_gbps": bandwidth, "roofline": roof}
+            "thresholds": thresholds, "kv": kvs, "skip_min_layers": args.skip_min_layers, "skipped_arms": skipped, "bandwidth_gbps": bandwidth, "roofline": roof}
     paths = write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=True)
     table = render(curve, Path(args.out_dir) / f"{args.out}-curve.png",
                    f"early exit on {lm.source.name}: quality vs speed ({len(prompts)} prompts)")
@@ -173,6 +181,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
     p.add_argument("--thresholds", default=",".join(map(str, DEFAULT_THRESHOLDS)))
     p.add_argument("--kv", default="recompute,propagate", help="K/V policies to measure (default: both)")
+    p.add_argument("--skip-min-layers", default=[24, 18, 12], type=lambda s: [int(x) for x in s.split(",")],
+                   help="skipdecode: depths at the end of the output to sweep (default: 24,18,12)")
     p.add_argument("--adapter", default=None, help="M2R2 adapter directory (default: the shipped rate-2 one)")
     p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None)
     p.add_argument("--warmup", type=_int_at_least("--warmup", 0), default=1)
