@@ -22,7 +22,7 @@ Batch 1 only: exits are per token, and rows of a batch would leave at different 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch

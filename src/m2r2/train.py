@@ -274,7 +274,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); re-run to resume")
     p.add_argument("--model", default=None, help="model directory, .gguf or hub id (default: embedded)")
     for name, typ in (("rate", int), ("rank", int), ("steps", int), ("batch_size", int), ("max_len", int),
-                      ("lr", float), ("warmup_steps", int), ("weight_decay", float), ("max_grad_norm", float), ("align_weight", float),
+                      ("lr", float), ("warmup_steps", int), ("weight_decay", float), ("max_grad_norm", float),
+                      ("align_weight", float),
                       ("kl_weight", float), ("seed", int), ("checkpoint_every", int), ("draft_vocab", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
                        help=f"(default: {getattr(d, name)})")

@@ -20,7 +20,7 @@ import torch
 
 from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error, PromptFileError
-from .harness import (ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
+from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
                       run_benchmark, summarize, write_results)
 
 ARM_NAMES = ("m2r2-plain", "hf-generate", "hf-pld", "llamacpp")
@@ -274,30 +274,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "decode", help="greedy decoding speed: m2r2 vs transformers generate (plain, prompt lookup) vs llama.cpp",
         description="Greedy decoding speed of every arm on the same prompts (token ids) in one process; "
                     "writes benchmarks/results/<out>.json, .md and .png.")
-    p.add_argument("--model", default=None, help="model directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", default="mt-bench", help="built-in set (mt-bench, spec-bench, koala) or JSONL path "
-                                                         "(first turn; default: mt-bench)")
-    p.add_argument("--prompt-ids", default=None, help="JSONL of already tokenized prompts "
-                                                      "({'id', 'category', 'token_ids'}); overrides --prompts")
-    p.add_argument("--limit", type=_int_at_least("--limit", 1), default=None, help="use the first N prompts")
-    p.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=256)
-    p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None, help="CPU threads for every arm "
-                                                                                       "(default: all cores)")
     p.add_argument("--arms", default=",".join(ARM_NAMES), help=f"comma-separated (default: {','.join(ARM_NAMES)})")
     p.add_argument("--baseline", default="hf-generate", help="arm the speed ratios are relative to "
                                                              "(ratios to m2r2-plain are reported too)")
     p.add_argument("--repeats", type=_int_at_least("--repeats", 1), default=1, help="runs per (prompt, arm); median")
-    p.add_argument("--warmup", type=_int_at_least("--warmup", 0), default=1, help="untimed warm-up runs per arm")
     p.add_argument("--pld-tokens", type=_int_at_least("--pld-tokens", 1), default=3,
                    help="prompt_lookup_num_tokens of the hf-pld arm (default 3, the best on a 2-core CPU)")
     p.add_argument("--llamacpp-token-ids", action="store_true",
                    help="also collect llama.cpp's token ids (via logprobs; slightly slower) to compare outputs")
-    p.add_argument("--out", default="decode", help="result name: <out-dir>/<out>.json/.md/.png (default: decode)")
-    p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--keep-token-ids", action="store_true", help="store every arm's token ids in the JSON")
-    p.add_argument("--bandwidth-mb", type=_int_at_least("--bandwidth-mb", 1), default=256,
-                   help="tensor size for the memory bandwidth measurement (default 256 MB)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_args(p, out="decode", prompts="mt-bench", max_new_tokens=256)
     p.set_defaults(func=main)
     return p
 

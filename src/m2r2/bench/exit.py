@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error
 from .decode import build_prompts
-from .harness import (ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
+from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
                       run_benchmark, summarize, write_results)
 
 METHODS = ("calm", "m2r2-exit", "skipdecode")
@@ -158,7 +157,8 @@ def main(args: argparse.Namespace) -> int:
     summary["curves"] = curve
     meta = {"model": lm.source.name, "model_identity": lm.source.identity, "prompts": args.prompt_ids or args.prompts,
             "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "methods": methods,
-            "thresholds": thresholds, "kv": kvs, "skip_min_layers": args.skip_min_layers, "skipped_arms": skipped, "bandwidth_gbps": bandwidth, "roofline": roof}
+            "thresholds": thresholds, "kv": kvs, "skip_min_layers": args.skip_min_layers, "skipped_arms": skipped,
+            "bandwidth_gbps": bandwidth, "roofline": roof}
     paths = write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=True)
     table = render(curve, Path(args.out_dir) / f"{args.out}-curve.png",
                    f"early exit on {lm.source.name}: quality vs speed ({len(prompts)} prompts)")
@@ -173,22 +173,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "exit", help="early exit: quality (Rouge-L vs the full model) against measured speedup, per method",
         description="Sweep each early-exit method's threshold on the same prompts in one run; writes "
                     "benchmarks/results/<out>.json, .md, .png and <out>-curve.png.")
-    p.add_argument("--model", default=None)
-    p.add_argument("--prompts", default="koala", help="built-in set (koala, mt-bench, spec-bench) or JSONL path")
-    p.add_argument("--prompt-ids", default=None, help="JSONL of already tokenized prompts; overrides --prompts")
-    p.add_argument("--limit", type=_int_at_least("--limit", 1), default=None)
-    p.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=64)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
     p.add_argument("--thresholds", default=",".join(map(str, DEFAULT_THRESHOLDS)))
     p.add_argument("--kv", default="recompute,propagate", help="K/V policies to measure (default: both)")
     p.add_argument("--skip-min-layers", default=[24, 18, 12], type=lambda s: [int(x) for x in s.split(",")],
                    help="skipdecode: depths at the end of the output to sweep (default: 24,18,12)")
     p.add_argument("--adapter", default=None, help="M2R2 adapter directory (default: the shipped rate-2 one)")
-    p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None)
-    p.add_argument("--warmup", type=_int_at_least("--warmup", 0), default=1)
-    p.add_argument("--out", default="exit")
-    p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--bandwidth-mb", type=_int_at_least("--bandwidth-mb", 1), default=256)
-    p.add_argument("--no-progress", action="store_true")
+    add_common_args(p, out="exit", prompts="koala", max_new_tokens=64)
     p.set_defaults(func=main)
     return p

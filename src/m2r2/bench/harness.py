@@ -69,6 +69,30 @@ class Arm(Protocol):
     def close(self) -> None: ...
 
 
+# ---------------------------------------------------------------- command-line arguments every benchmark shares
+
+def add_common_args(p, *, out: str, prompts: str = "mt-bench", max_new_tokens: int = 128) -> None:
+    """Model, prompts, threads, warm-up, output and progress options of every ``m2r2 bench`` command."""
+    from ..cli import int_at_least
+
+    p.add_argument("--model", default=None, help="model directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", default=prompts, help="built-in set (mt-bench, spec-bench, koala) or JSONL path "
+                                                      f"(first turn; default: {prompts})")
+    p.add_argument("--prompt-ids", default=None, help="JSONL of already tokenized prompts "
+                                                      "({'id', 'category', 'token_ids'}); overrides --prompts")
+    p.add_argument("--limit", type=int_at_least("--limit", 1), default=None, help="use the first N prompts")
+    p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=max_new_tokens,
+                   help=f"(default: {max_new_tokens})")
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None,
+                   help="CPU threads for every arm (default: all cores)")
+    p.add_argument("--warmup", type=int_at_least("--warmup", 0), default=1, help="untimed warm-up runs per arm")
+    p.add_argument("--out", default=out, help=f"result name: <out-dir>/<out>.json/.md/.png (default: {out})")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--bandwidth-mb", type=int_at_least("--bandwidth-mb", 1), default=256,
+                   help="tensor size for the memory bandwidth measurement (default 256 MB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 # ---------------------------------------------------------------- machine
 
 def pin_threads(n: int) -> int:

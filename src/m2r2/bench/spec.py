@@ -17,7 +17,7 @@ import time
 from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error
 from .decode import HFGenerateArm, LlamaCppArm, build_prompts
-from .harness import (ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
+from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
                       run_benchmark, summarize, write_results)
 
 # arm name -> (strategy, options); the draft vocabulary is the adapter's frequent-token subset
@@ -216,29 +216,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "spec", help="speculative decoding: M2R2 drafts vs every peer drafter, same verifier, one run",
         description="Every speculative strategy on the same prompts in one run, against m2r2's plain decoding; "
                     "writes benchmarks/results/<out>.json, .md and .png.")
-    p.add_argument("--model", default=None, help="model directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", default="mt-bench", help="built-in set (mt-bench, spec-bench, koala) or JSONL path "
-                                                         "(default: mt-bench)")
-    p.add_argument("--prompt-ids", default=None, help="JSONL of already tokenized prompts "
-                                                      "({'id', 'category', 'token_ids'}); overrides --prompts")
-    p.add_argument("--limit", type=_int_at_least("--limit", 1), default=None, help="use the first N prompts")
     p.add_argument("--adapter", default=None, help="adapter directory for the m2r2 arms (default: the shipped ones)")
     p.add_argument("--per-category", type=_int_at_least("--per-category", 1), default=None,
                    help="use the first N prompts of each category (after --limit)")
-    p.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples (seeded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gamma", type=_int_at_least("--gamma", 1), default=4, help="initial draft length (adapts)")
-    p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None)
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                    help=f"comma-separated (default: {','.join(DEFAULT_ARMS)}; also hf-generate)")
     p.add_argument("--repeats", type=_int_at_least("--repeats", 1), default=1)
-    p.add_argument("--warmup", type=_int_at_least("--warmup", 0), default=1)
     p.add_argument("--pld-tokens", type=_int_at_least("--pld-tokens", 1), default=3)
-    p.add_argument("--out", default="spec", help="result name (default: spec)")
-    p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--keep-token-ids", action="store_true")
-    p.add_argument("--bandwidth-mb", type=_int_at_least("--bandwidth-mb", 1), default=256)
-    p.add_argument("--no-progress", action="store_true")
+    add_common_args(p, out="spec", prompts="mt-bench", max_new_tokens=128)
     p.set_defaults(func=main)
     return p
