@@ -50,3 +50,23 @@ def test_cached_conversion_loads_fast(embedded_lm):
     assert time.perf_counter() - t < 30  # the dequantised weights come from the cache
     assert again.source.hf_dir == embedded_lm.source.hf_dir
     assert torch.equal(again.model.layers[3].qkv.weight, embedded_lm.model.layers[3].qkv.weight)
+
+
+def test_shipped_adapters_load_and_speculative_output_is_plain(embedded_lm):
+    """Every shipped adapter loads for the embedded model, and the lossless strategies on it give the plain
+    greedy output token for token on real prompts."""
+    from m2r2.accelerator import find_shipped, shipped_dir
+    shipped = sorted(shipped_dir().glob("*/adapter.json"))
+    assert shipped, "no adapter ships in the package"
+    assert find_shipped(embedded_lm.source.identity, 2) is not None
+    prompts = load_prompts("mt-bench")
+    names = ["m2r2", "early-exit", "prompt-lookup"]
+    if find_shipped(embedded_lm.source.identity, 2, "exit") is not None:
+        names.append("early-exit-adapter")
+    for rec in (prompts[10], prompts[70]):
+        ids = embedded_lm.encode(rec.text)
+        plain = embedded_lm.generate(ids, max_new_tokens=48).token_ids
+        for name in names:
+            out = embedded_lm.generate(ids, max_new_tokens=48, strategy=name)
+            assert out.token_ids == plain, name
+            assert out.stats.extra["drafted"] > 0

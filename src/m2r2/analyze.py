@@ -43,12 +43,20 @@ def _layer_metrics(model, states: list[torch.Tensor], final: torch.Tensor, targe
 
 
 @torch.inference_mode()
-def analyze(lm, prompts: list[str], acc: Accelerator | None, max_new_tokens: int = 64, batch_size: int = 8,
-            progress: bool = True) -> dict:
+def analyze(lm, prompts: list[str], acc: Accelerator | list[Accelerator] | None, max_new_tokens: int = 64,
+            batch_size: int = 8, progress: bool = True) -> dict:
+    """Per-layer metrics of the slow stream and of each fast stream (stream "fast" for one accelerator,
+    "fast-r<R>" for a list), on the same greedy continuations."""
     from tqdm.auto import tqdm
 
     model = lm.model
     L = model.cfg.num_layers
+    if acc is None:
+        fast_streams = {}
+    elif isinstance(acc, Accelerator):
+        fast_streams = {"fast": acc}
+    else:
+        fast_streams = {f"fast-r{a.cfg.rate}": a for a in acc}
     sums: dict[str, dict[str, list[float]]] = {}
     weights = 0
     bar = tqdm(total=len(prompts), desc="analyze", unit="prompt", file=sys.stderr, disable=not progress)
@@ -67,9 +75,9 @@ def analyze(lm, prompts: list[str], acc: Accelerator | None, max_new_tokens: int
             target = model.head(slow[L][sel]).argmax(-1)
             n = len(sel)
             res = {"slow": _layer_metrics(model, slow, slow[L], target, sel)}
-            if acc is not None:
-                fast = [f[0] for f in acc.parallel_fast_states(model, ids, cache.k, cache.v)]
-                res["fast"] = _layer_metrics(model, fast, slow[L], target, sel)
+            for name, a in fast_streams.items():
+                fast = [f[0] for f in a.parallel_fast_states(model, ids, cache.k, cache.v)]
+                res[name] = _layer_metrics(model, fast, slow[L], target, sel)
             for stream, metrics in res.items():
                 acc_s = sums.setdefault(stream, {k: [0.0] * len(v) for k, v in metrics.items()})
                 for k, v in metrics.items():
@@ -93,12 +101,10 @@ def plot(doc: dict, path: Path) -> None:
               "velocity": "residual velocity ||h_l - h_(l-1)|| / ||h_(l-1)||"}
     rate = doc["meta"].get("rate")
     for ax, key in zip(axes, ("agreement", "cos_to_final", "velocity")):
-        for stream, style in (("slow", "-o"), ("fast", "-s")):
-            m = doc["streams"].get(stream)
-            if m is None:
-                continue
-            label = "slow stream (the model)" if stream == "slow" else f"fast stream (M2R2, R={rate})"
-            ax.plot(range(len(m[key])), m[key], style, markersize=3, label=label)
+        for stream, m in doc["streams"].items():
+            r = stream.split("-r")[1] if "-r" in stream else rate
+            label = "slow stream (the model)" if stream == "slow" else f"fast stream (M2R2, R={r})"
+            ax.plot(range(len(m[key])), m[key], "-o" if stream == "slow" else "-s", markersize=3, label=label)
         ax.set_xlabel("layers computed")
         ax.set_title(titles[key], fontsize=10)
         ax.grid(alpha=0.3)
@@ -120,15 +126,21 @@ def main(args: argparse.Namespace) -> int:
     lm = m2r2.load(args.model, threads=args.threads)
     acc = None
     if not args.slow_only:
-        acc = lm.load_accelerator(args.adapter, rate=args.rate)
+        rates = [int(r) for r in str(args.rate).split(",") if r.strip()]
+        if args.adapter or len(rates) == 1:
+            acc = lm.load_accelerator(args.adapter, rate=rates[0])
+        else:
+            acc = [lm.load_accelerator(None, rate=r) for r in rates]
     recs = load_prompts(args.prompts, limit=args.limit)
     t0 = time.perf_counter()
     res = analyze(lm, [r.text for r in recs], acc, args.max_new_tokens, progress=not args.no_progress)
+    accs = [] if acc is None else ([acc] if isinstance(acc, Accelerator) else acc)
     meta = {**machine_info(), "model": lm.source.name, "model_identity": lm.source.identity,
             "prompts": args.prompts, "n_prompts": len(recs), "max_new_tokens": args.max_new_tokens,
-            "rate": acc.cfg.rate if acc else None, "fast_layers": acc.fast_layers if acc else None,
-            "adapter": str(args.adapter) if args.adapter else ("shipped" if acc else None),
-            "adapter_training": acc.cfg.training if acc else None, "seconds": time.perf_counter() - t0}
+            "rate": accs[0].cfg.rate if len(accs) == 1 else [a.cfg.rate for a in accs],
+            "fast_layers": [a.fast_layers for a in accs],
+            "adapter": str(args.adapter) if args.adapter else ("shipped" if accs else None),
+            "adapter_training": [a.cfg.training for a in accs], "seconds": time.perf_counter() - t0}
     doc = {"meta": meta, **res}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,10 +149,11 @@ def main(args: argparse.Namespace) -> int:
     s = res["streams"]
     L = lm.config.num_layers
     line = {"slow_agreement_at_L": s["slow"]["agreement"][L]}
-    if acc:
-        Fl = acc.fast_layers
-        line.update({"fast_layers": Fl, "fast_agreement_at_F": s["fast"]["agreement"][Fl],
-                     "slow_agreement_at_F": s["slow"]["agreement"][Fl]})
+    for name, m in s.items():
+        if name != "slow":
+            Fl = len(m["agreement"]) - 1
+            line[name] = {"fast_layers": Fl, "fast_agreement_at_F": m["agreement"][Fl],
+                          "slow_agreement_at_F": s["slow"]["agreement"][Fl]}
     print(json.dumps(line))
     print(f"m2r2: wrote {out / args.out}.json and .png", file=sys.stderr)
     return 0
@@ -153,7 +166,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--adapter", default=None, help="adapter directory (default: the shipped one for --rate)")
-    p.add_argument("--rate", type=int, default=2, help="rate of the shipped adapter to use (default 2)")
+    p.add_argument("--rate", default="2", help="rate(s) of the shipped adapters, e.g. 2 or 2,3,4 (default 2)")
     p.add_argument("--slow-only", action="store_true", help="only the slow stream (no adapter)")
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int, default=None)
