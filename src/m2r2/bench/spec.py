@@ -25,6 +25,7 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
     "m2r2-plain": ("plain", {}),
     "m2r2": ("m2r2", {"rate": 2}),
     "m2r2-full-vocab": ("m2r2", {"rate": 2, "draft_vocab": False}),
+    "m2r2-confstop": ("m2r2", {"rate": 2, "stop_below": 0.4}),  # stop drafting when the fast stream is unsure
     "m2r2-r3": ("m2r2", {"rate": 3}),
     "m2r2-r4": ("m2r2", {"rate": 4}),
     "early-exit": ("early-exit", {}),
@@ -33,9 +34,8 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
 }
 EXTERNAL_ARMS = ("hf-pld", "llamacpp")
 ARM_NAMES = (*M2R2_ARMS, *EXTERNAL_ARMS)
-DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-r3", "m2r2-r4", "early-exit", "early-exit-adapter",
-                "prompt-lookup",
-                "hf-pld", "llamacpp")
+DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-confstop", "m2r2-r3", "m2r2-r4", "early-exit",
+                "early-exit-adapter", "prompt-lookup", "hf-pld", "llamacpp")
 
 
 class StrategyArm:
@@ -147,7 +147,7 @@ def make_arms(names: list[str], lm, args: argparse.Namespace, n_ctx: int) -> lis
     for n in dict.fromkeys(names):
         if n in M2R2_ARMS:
             strat, opts = M2R2_ARMS[n]
-            if args.adapter and n in ("m2r2", "m2r2-full-vocab"):
+            if args.adapter and n in ("m2r2", "m2r2-full-vocab", "m2r2-confstop"):
                 opts = {**opts, "adapter": args.adapter}
             arms.append(StrategyArm(lm, n, strat, opts, args.gamma, args.temperature, args.seed))
         elif n == "hf-pld":
