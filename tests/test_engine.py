@@ -160,10 +160,15 @@ def test_packed_linear_equals_dense(parts, bias):
         if bias:
             lin.bias.copy_(b)
     assert torch.equal(lin.dense(), dense)
-    for shape in [(12,), (1, 1, 12), (3, 5, 12), (2, 40, 12)]:  # matvec, bmm and gemm paths
-        x = torch.randn(shape)
-        ref = torch.nn.functional.linear(x, dense, b if bias else None)
-        torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    for rows_layout in (False, True):  # the few-rows layout (out-chunked) once derived
+        if rows_layout:
+            lin.ROW_CHUNK = 10  # chunks of 10 output columns (the real models use ~96)
+            lin.build_row_layout()
+            assert lin.weight_rows is not None and lin.weight_rows.shape == (20 // 10, 12, 10)
+        for shape in [(12,), (1, 1, 12), (2, 12), (3, 5, 12), (2, 40, 12)]:  # matvec, bmm and gemm paths
+            x = torch.randn(shape)
+            ref = torch.nn.functional.linear(x, dense, b if bias else None)
+            torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_layout_does_not_change_outputs(tiny_dir):

@@ -183,6 +183,7 @@ class DraftHead(torch.nn.Module):
             self.sub = Linear(full.in_features, len(self.vocab), False, full.parts).to(dense.dtype)
             with torch.no_grad():
                 self.sub.weight.copy_(Linear.pack(dense, full.parts))
+            self.sub.build_row_layout()
             self.sub.requires_grad_(False)
 
     @property
