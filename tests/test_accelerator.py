@@ -207,3 +207,37 @@ def test_exit_adapter_peer(lm, tmp_path):
     assert Accelerator.load(tmp_path / "exit", lm.model, lm.source.identity).cfg.kind == "exit"
     with pytest.raises(m2r2.AdapterError, match="exit adapter, not a m2r2"):
         lm.load_accelerator(tmp_path / "exit", kind="m2r2")
+
+
+def test_arla_router_trains_ships_with_the_adapter_and_drives_exits(lm, data_dir, tmp_path):
+    """ARLA: causal over depth (layer l's decision reads layers 1..l only), trained by m2r2 train-router
+    into the adapter directory, loaded with it, and usable as the m2r2-exit rule (an impossible threshold
+    is plain decoding, a zero threshold exits every token at the first allowed layer)."""
+    from m2r2.cli import main as cli_main
+    from m2r2.router import ARLARouter, RouterConfig
+    from m2r2.generate import decode
+
+    r = ARLARouter(RouterConfig(hidden_size=64, fast_layers=3, latent=8))
+    s = torch.randn(5, 3, 64)
+    full = r(s)
+    for l in (1, 2):
+        torch.testing.assert_close(r(s[:, :l])[:, -1], full[:, l - 1])
+    acc = _perturbed(Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=4))
+    acc.save(tmp_path / "ad")
+    assert cli_main(["train-router", "--model", str(lm.source.hf_dir), "--data", str(data_dir), "--adapter",
+                     str(tmp_path / "ad"), "--sequences", "8", "--positions", "4", "--epochs", "3",
+                     "--no-progress"]) == 0
+    back = lm.load_accelerator(tmp_path / "ad")
+    assert back.router is not None and back.router.cfg.training["positions"] > 0
+    never = lm.strategy("m2r2-exit", adapter=tmp_path / "ad", threshold=1.01)
+    always = lm.strategy("m2r2-exit", adapter=tmp_path / "ad", threshold=0.0)
+    p = [5, 17, 33, 99, 4]
+    plain, _ = decode(lm.model, [p], max_new_tokens=16)
+    out, st = decode(lm.model, [p], max_new_tokens=16, strategy=never)
+    assert out == plain and st.extra["exited"] == 0
+    out, st = decode(lm.model, [p], max_new_tokens=16, strategy=always)
+    assert st.extra["exit_depths"] == {2: st.extra["tokens"]}  # ARLA's first allowed layer
+    assert st.extra["head_calls"] == st.extra["tokens"]  # one LM-head read per token, at the exit
+    with pytest.raises(m2r2.AdapterError, match="no ARLA router"):
+        acc.save(tmp_path / "bare")
+        lm.strategy("m2r2-exit", adapter=tmp_path / "bare")

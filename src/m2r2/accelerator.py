@@ -99,6 +99,7 @@ class Accelerator(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.draft_vocab: torch.Tensor | None = None  # frequent token ids for drafting (draft_vocab.json)
+        self.router = None  # ARLA exit router (router.json), if trained
         n = cfg.fast_layers if cfg.kind == "m2r2" else 1
         self.adapters = nn.ModuleList(Adapter(cfg.hidden_size, cfg.rank, rms_scaled=cfg.output_scale == "rms")
                                       for _ in range(n))
@@ -236,6 +237,12 @@ class Accelerator(nn.Module):
                 raise AdapterError(f"{vocab_file} is corrupt: {e}") from e
             if acc.draft_vocab.numel() == 0 or (model is not None and int(acc.draft_vocab.max()) >= model.cfg.vocab_size):
                 raise AdapterError(f"{vocab_file} holds token ids outside this model's vocabulary")
+        if (d / "router.json").is_file():  # ARLA, trained for these adapters (m2r2 train-router)
+            from .router import ARLARouter
+            acc.router = ARLARouter.load(d)
+            if acc.router.cfg.fast_layers != acc.fast_layers:
+                raise AdapterError(f"the router in {d} is for {acc.router.cfg.fast_layers} fast layers, "
+                                   f"the adapter has {acc.fast_layers}")
         if model is not None:
             acc = acc.to(model.embed_tokens.weight.dtype)
         return acc.eval().requires_grad_(False)
@@ -332,8 +339,9 @@ def ship(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     import shutil
     acc = Accelerator.load(src)
     acc.save(dst, dtype=torch.float16)
-    if (Path(src) / DRAFT_VOCAB).is_file():
-        shutil.copyfile(Path(src) / DRAFT_VOCAB, Path(dst) / DRAFT_VOCAB)
+    for name in (DRAFT_VOCAB, "router.json", "router.safetensors"):
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
     return Path(dst)
 
 

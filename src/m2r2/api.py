@@ -68,7 +68,7 @@ class LM:
         return acc
 
     STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "calm", "m2r2-exit",
-                  "skipdecode")
+                  "m2r2-exit-conf", "skipdecode")
 
     def strategy(self, name: str = "plain", *, rate: int = 2, adapter: str | os.PathLike | None = None,
                  gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, draft_vocab: bool = True,
@@ -94,8 +94,9 @@ class LM:
         exactly and lazily, ``"propagate"`` derives them from the exit state (CALM):
 
         * ``calm``: on the model's own layers (no adapters);
-        * ``m2r2-exit``: on the M2R2 fast stream (the shipped adapter for ``rate``, or ``adapter``); with a
-          confidence rule until the ARLA router ships;
+        * ``m2r2-exit``: on the M2R2 fast stream (the shipped adapter for ``rate``, or ``adapter``), exits
+          decided by ARLA, the router trained for that adapter (``threshold`` on its probability);
+        * ``m2r2-exit-conf``: the same stream with the read-out-confidence rule instead of ARLA;
         * ``skipdecode``: a position-dependent depth decaying from all layers to ``min_layers`` over ``span``
           tokens, top-aligned, so no K/V is ever missing (post hoc: the model is not fine-tuned for it)."""
         from .speculative import PromptLookupDrafter, Speculative, StreamDrafter
@@ -106,14 +107,21 @@ class LM:
             from .early_exit import SkipDecode
             L = self.config.num_layers
             return SkipDecode(min_layers=L // 2 if min_layers is None else min_layers, span=span)
-        if name in ("calm", "m2r2-exit"):
+        if name in ("calm", "m2r2-exit", "m2r2-exit-conf"):
             from .early_exit import ConfidenceRule, EarlyExit
-            if not 0 < threshold:
-                raise SamplingError(f"threshold must be > 0, got {threshold}")
+            if not threshold >= 0:
+                raise SamplingError(f"threshold must be >= 0, got {threshold}")
             if name == "calm":
                 return EarlyExit(ConfidenceRule(threshold, first=4, every=2), "slow", None, kv, name=name)
             acc = self._accelerator_for("m2r2", rate, adapter)
-            return EarlyExit(ConfidenceRule(threshold, first=2, every=1), "fast", acc, kv, name=name)
+            if name == "m2r2-exit-conf":
+                return EarlyExit(ConfidenceRule(threshold, first=2, every=1), "fast", acc, kv, name=name)
+            if acc.router is None:
+                from .errors import AdapterError
+                raise AdapterError("this adapter has no ARLA router (router.json); train one with "
+                                   "`m2r2 train-router`, or use strategy m2r2-exit-conf")
+            from .router import ARLARule
+            return EarlyExit(ARLARule(acc.router, threshold), "fast", acc, kv, name=name)
         if name in ("m2r2", "early-exit-adapter"):
             acc = self._accelerator_for("m2r2" if name == "m2r2" else "exit", rate, adapter)
             drafter = StreamDrafter(acc, vocab=acc.draft_vocab if draft_vocab else None, stop_below=stop_below,

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)
     g.add_argument("--strategy", default="plain", choices=["plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "calm", "m2r2-exit",
-                            "skipdecode"],
+                            "m2r2-exit-conf", "skipdecode"],
                    help="plain; m2r2 (lossless self-speculative decoding with the M2R2 fast stream; needs the "
                         "adapter for the model); early-exit, early-exit-adapter or prompt-lookup (the same "
                         "verifier, the peers' drafters); calm, m2r2-exit, skipdecode (lossy early exit)")
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")
     for modname in ("m2r2.bench.decode", "m2r2.bench.spec", "m2r2.bench.exit"):
         _add_optional(modname, bsub)
-    for modname in ("m2r2.distill_data", "m2r2.train", "m2r2.analyze"):
+    for modname in ("m2r2.distill_data", "m2r2.train", "m2r2.router", "m2r2.analyze"):
         _add_optional(modname, sub)
     return parser
 

@@ -39,7 +39,10 @@ class ExitRule(Protocol):
         """Depths (blocks run, 1-based) at which the rule is consulted."""
         ...
 
-    def exit(self, depth: int, hidden: torch.Tensor, logits: torch.Tensor) -> bool: ...
+    def exit(self, depth: int, trajectory: list[torch.Tensor], logits: torch.Tensor | None) -> bool:
+        """``trajectory``: the token's states after 0..depth blocks; ``logits``: the read-out at ``depth``
+        (None for rules with ``needs_logits = False``, which save the LM head at every check)."""
+        ...
 
 
 @dataclass
@@ -51,11 +54,12 @@ class ConfidenceRule:
     first: int = 4
     every: int = 2
     name: str = "confidence"
+    needs_logits: bool = True
 
     def depths(self, max_depth: int) -> tuple[int, ...]:
         return tuple(range(self.first, max_depth + 1, self.every)) + ((max_depth,) if (max_depth - self.first) % self.every else ())
 
-    def exit(self, depth: int, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+    def exit(self, depth: int, trajectory: list[torch.Tensor], logits: torch.Tensor | None) -> bool:
         return bool(torch.softmax(logits.float(), -1).max() >= self.threshold)
 
 
@@ -65,11 +69,12 @@ class FixedDepthRule:
 
     depth: int
     name: str = "fixed"
+    needs_logits: bool = False
 
     def depths(self, max_depth: int) -> tuple[int, ...]:
         return (min(self.depth, max_depth),)
 
-    def exit(self, depth: int, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+    def exit(self, depth: int, trajectory: list[torch.Tensor], logits: torch.Tensor | None) -> bool:
         return True
 
 
@@ -152,15 +157,23 @@ class EarlyExit:
         tok = state.pending.view(1, 1)
         fast = self.stream == "fast"
         h = model.embed(tok)
+        trajectory = [h]
         exit_depth, logits = None, None
+        needs_logits = getattr(self.rule, "needs_logits", True)
         for i in range(self.max_depth):
             h = self._layer(state, i, h, n, fast)
+            trajectory.append(h)
             d = i + 1
             if d in self.check:
-                logits = model.head(h)[0, 0]
-                self.head_calls += 1
-                if self.rule.exit(d, h, logits):
+                logits = None
+                if needs_logits:
+                    logits = model.head(h)[0, 0]
+                    self.head_calls += 1
+                if self.rule.exit(d, trajectory, logits):
                     exit_depth = d
+                    if logits is None:
+                        logits = model.head(h)[0, 0]
+                        self.head_calls += 1
                     break
         if exit_depth is None:  # no exit: the full slow stream (fast: restart it from the embedding)
             start = 0 if fast else self.max_depth
