@@ -272,16 +272,18 @@ def test_exit_command_end_to_end(bench_dir, bench_lm, tmp_path):
     parser = argparse.ArgumentParser()
     add_exit(parser.add_subparsers(dest="bench_cmd", required=True))
     args = parser.parse_args(["exit", "--model", str(bench_dir), "--prompt-ids", str(ids), "--max-new-tokens", "12",
-                              "--threads", "1", "--thresholds", "1.01,0.0001", "--skip-min-layers", "2,1", "--adapter", str(tmp_path / "adapter"),
+                              "--threads", "1", "--thresholds", "1.01,0.0001", "--skip-min-layers", "2,1",
+                              "--methods", "calm,m2r2-exit,m2r2-exit-conf,skipdecode", "--adapter", str(tmp_path / "adapter"),
                               "--out", "exit", "--out-dir", str(tmp_path), "--no-progress", "--bandwidth-mb", "8"])
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "exit.json").read_text())
     c = doc["summary"]["curves"]
     for kv in ("recompute", "propagate"):
-        for m in ("calm", "m2r2-exit"):
+        for m in ("calm", "m2r2-exit-conf"):
             never = c[f"{m}@1.01/{kv}"]
             assert never["rouge_l"] == 1.0 and never["exit_rate"] == 0 and never["mean_slow_layers"] == 2
         assert c[f"calm@0.0001/{kv}"]["exit_rate"] == 1.0 and c[f"calm@0.0001/{kv}"]["mean_slow_layers"] == 1
     assert doc["summary"]["arms"]["calm@1.01/recompute"]["equality"]["identical"] == 2
     assert c["skipdecode@2/none"]["rouge_l"] == 1.0 and c["skipdecode@1/none"]["mean_slow_layers"] < 2
     assert (tmp_path / "exit-curve.png").is_file()
+    assert "no ARLA router" in doc["meta"]["skipped_arms"]["m2r2-exit@1.01/recompute"]
