@@ -69,6 +69,11 @@ class WriteSpec:
         self.span = int(positions.max()) + 1
         if self.span > max_len:
             raise ValueError(f"position {self.span - 1} is past the cache's {max_len} slots")
+        if T == 1 and self.start is not None and valid is None:
+            # one token per row at the same position: every key slot up to it is visible, no mask needed
+            # (attention without a mask skips the mask's conversion and add in every layer)
+            self.mask = None
+            return
         keys = torch.arange(self.span, device=positions.device)
         # (B, 1, T, S): causal over absolute positions, per row
         mask = keys.view(1, 1, 1, -1) <= positions.view(B, 1, T, 1)
