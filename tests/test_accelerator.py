@@ -229,6 +229,9 @@ def test_arla_router_trains_ships_with_the_adapter_and_drives_exits(lm, data_dir
                      "--no-progress"]) == 0
     back = lm.load_accelerator(tmp_path / "ad")
     assert back.router is not None and back.router.cfg.training["positions"] > 0
+    assert not any(k.startswith("router") for k in back.state_dict())  # never saved into the adapter weights
+    back.save(tmp_path / "again")
+    Accelerator.load(tmp_path / "again")
     never = lm.strategy("m2r2-exit", adapter=tmp_path / "ad", threshold=1.01)
     always = lm.strategy("m2r2-exit", adapter=tmp_path / "ad", threshold=0.0)
     p = [5, 17, 33, 99, 4]

@@ -99,7 +99,9 @@ class Accelerator(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.draft_vocab: torch.Tensor | None = None  # frequent token ids for drafting (draft_vocab.json)
-        self.router = None  # ARLA exit router (router.json), if trained
+        # ARLA exit router (router.json), if trained; kept out of the module tree so that the adapter's
+        # own weights file never includes it
+        object.__setattr__(self, "router", None)
         n = cfg.fast_layers if cfg.kind == "m2r2" else 1
         self.adapters = nn.ModuleList(Adapter(cfg.hidden_size, cfg.rank, rms_scaled=cfg.output_scale == "rms")
                                       for _ in range(n))
@@ -239,7 +241,7 @@ class Accelerator(nn.Module):
                 raise AdapterError(f"{vocab_file} holds token ids outside this model's vocabulary")
         if (d / "router.json").is_file():  # ARLA, trained for these adapters (m2r2 train-router)
             from .router import ARLARouter
-            acc.router = ARLARouter.load(d)
+            object.__setattr__(acc, "router", ARLARouter.load(d))
             if acc.router.cfg.fast_layers != acc.fast_layers:
                 raise AdapterError(f"the router in {d} is for {acc.router.cfg.fast_layers} fast layers, "
                                    f"the adapter has {acc.fast_layers}")
