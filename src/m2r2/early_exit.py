@@ -130,9 +130,12 @@ class EarlyExit:
         rows = [z.h for z in due] + ([h.view(-1)] if h is not None else [])
         if not rows:
             return None
-        x = torch.stack(rows).unsqueeze(0)  # (1, T, D)
-        pos = torch.tensor([[z.pos for z in due] + ([n] if h is not None else [])])
-        out = model.layer(i, x, model.context(state.cache, pos))
+        if due:
+            x = torch.stack(rows).unsqueeze(0)  # (1, T, D)
+            ctx = model.context(state.cache, torch.tensor([[z.pos for z in due] + ([n] if h is not None else [])]))
+        else:  # the current token alone: the step's one context (RoPE rows, write slot), built once
+            x, ctx = h, self._ctx
+        out = model.layer(i, x, ctx)
         if fast and h is not None:  # the adapter acts on the current token's row only
             out[:, -1] = out[:, -1] + self.acc.adapters[i](x[:, -1])
         self.extra_rows += len(due)
@@ -156,6 +159,7 @@ class EarlyExit:
         n = int(state.cache.lengths[0])
         tok = state.pending.view(1, 1)
         fast = self.stream == "fast"
+        self._ctx = model.context(state.cache, torch.tensor([[n]]))
         h = model.embed(tok)
         trajectory = [h]
         exit_depth, logits = None, None
@@ -191,7 +195,7 @@ class EarlyExit:
             self.depth_sum += exit_depth
             self.slow_equiv_sum += min(L, exit_depth * (self.acc.cfg.rate if fast else 1))
             if self.kv == "propagate":  # K/V of the skipped layers from the exit state
-                ctx = model.context(state.cache, torch.tensor([[n]]))
+                ctx = self._ctx
                 for i in range(exit_depth, L):
                     blk = model.layers[i]
                     _, k, v = blk.qkv_proj(blk.input_norm(h), ctx.cos, ctx.sin)

@@ -213,9 +213,9 @@ class StreamDrafter:
     ``ceil(L/R)`` blocks with adapters) or the slow stream cut at ``depth`` (early-exit drafting without
     adapters). ``stop_below``: stop drafting when every row's top draft probability is below it."""
 
-    def __init__(self, model_or_acc: Accelerator | None = None, depth: int | None = None,
+    def __init__(self, accelerator: Accelerator | None = None, depth: int | None = None,
                  vocab: torch.Tensor | None = None, stop_below: float = 0.0, name: str | None = None):
-        self.acc = model_or_acc
+        self.acc = accelerator
         if self.acc is None and depth is None:
             raise ValueError("early-exit drafting needs a depth (the layer to read out)")
         self.depth = depth if depth is not None else self.acc.fast_layers
@@ -320,4 +320,3 @@ class SelfSpeculative(Speculative):
                  adaptive: bool = True, vocab: torch.Tensor | None = None):
         super().__init__(StreamDrafter(accelerator, vocab=vocab, stop_below=stop_below), gamma, max_gamma,
                          adaptive)
-        self.acc = accelerator
