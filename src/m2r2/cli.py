@@ -135,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (every arm on the same prompts, in one run)",
                            description="Benchmarks: every arm on the same prompts in one process.")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")
-    for modname in ("m2r2.bench.decode", "m2r2.bench.spec", "m2r2.bench.exit"):
+    for modname in ("m2r2.bench.decode", "m2r2.bench.spec", "m2r2.bench.exit", "m2r2.bench.moe",
+                    "m2r2.bench.family"):
         _add_optional(modname, bsub)
-    for modname in ("m2r2.distill_data", "m2r2.train", "m2r2.router", "m2r2.analyze"):
+    for modname in ("m2r2.distill_data", "m2r2.train", "m2r2.router", "m2r2.analyze", "m2r2.moe.cli",
+                    "m2r2.family.cli"):
         _add_optional(modname, sub)
     return parser
 
