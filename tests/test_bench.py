@@ -266,6 +266,10 @@ def test_exit_command_end_to_end(bench_dir, bench_lm, tmp_path):
     from m2r2.bench.exit import add_parser as add_exit
 
     Accelerator.for_model(bench_lm.model, bench_lm.source.identity, rate=2, rank=4).save(tmp_path / "adapter")
+    from m2r2.mod import MoDConfig, MoDRouters
+    mod = MoDRouters(MoDConfig(bench_lm.config.hidden_size, 2, [1], bench_lm.source.identity))
+    mod.quantiles.fill_(1.0)  # every score (0) is below: any skip > 0 skips block 1 for every token
+    mod.save(tmp_path / "mod")
     ids = tmp_path / "ids.jsonl"
     ids.write_text("\n".join(json.dumps({"id": f"q{i}", "token_ids": t}) for i, t in
                              enumerate([[5, 6, 7, 5, 6], [8, 9, 10, 11]])) + "\n")
@@ -273,7 +277,8 @@ def test_exit_command_end_to_end(bench_dir, bench_lm, tmp_path):
     add_exit(parser.add_subparsers(dest="bench_cmd", required=True))
     args = parser.parse_args(["exit", "--model", str(bench_dir), "--prompt-ids", str(ids), "--max-new-tokens", "12",
                               "--threads", "1", "--thresholds", "1.01,0.0001", "--skip-min-layers", "2,1",
-                              "--methods", "calm,m2r2-exit,m2r2-exit-conf,skipdecode", "--adapter", str(tmp_path / "adapter"),
+                              "--methods", "calm,m2r2-exit,m2r2-exit-conf,skipdecode,mod", "--adapter", str(tmp_path / "adapter"),
+                              "--mod-skip", "0,0.5", "--mod-routers", str(tmp_path / "mod"),
                               "--out", "exit", "--out-dir", str(tmp_path), "--no-progress", "--bandwidth-mb", "8"])
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "exit.json").read_text())
@@ -285,5 +290,7 @@ def test_exit_command_end_to_end(bench_dir, bench_lm, tmp_path):
         assert c[f"calm@0.0001/{kv}"]["exit_rate"] == 1.0 and c[f"calm@0.0001/{kv}"]["mean_slow_layers"] == 1
     assert doc["summary"]["arms"]["calm@1.01/recompute"]["equality"]["identical"] == 2
     assert c["skipdecode@2/none"]["rouge_l"] == 1.0 and c["skipdecode@1/none"]["mean_slow_layers"] < 2
+    assert c["mod@0/kvproj"]["rouge_l"] == 1.0 and c["mod@0/kvproj"]["mean_slow_layers"] == 2
+    assert c["mod@0.5/kvproj"]["mean_slow_layers"] == 1
     assert (tmp_path / "exit-curve.png").is_file()
     assert "no ARLA router" in doc["meta"]["skipped_arms"]["m2r2-exit@1.01/recompute"]

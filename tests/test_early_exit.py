@@ -143,3 +143,77 @@ def test_skipdecode_without_skipping_is_plain_and_never_reads_a_skipped_key(lm):
     assert not torch.isnan(top).any()  # the top layer is always run
     skipped = [len(p) + t for t in range(20) if strat.depth(t, 6) < 6]
     assert len(skipped) > 10 and torch.isnan(state.cache.k[0][:, :, skipped]).all()  # layer 0 really skipped
+
+
+# ---- Mixture-of-Depths routing, post hoc ----
+
+def _routers(lm, scores_below: bool):
+    """Hand-set routers: every score is 0; thresholds from quantiles all 1 (skip) or all -1 (never)."""
+    from m2r2.mod import MoDConfig, MoDRouters
+    L = lm.config.num_layers
+    r = MoDRouters(MoDConfig(lm.config.hidden_size, L, list(range(1, L - 1)), lm.source.identity))
+    r.quantiles.fill_(1.0 if scores_below else -1.0)
+    return r
+
+
+def test_mod_that_skips_nothing_is_plain_decoding(lm):
+    from m2r2.early_exit import MoDSkip
+    for routers, skip in ((_routers(lm, False), 0.5), (_routers(lm, True), 0.0)):
+        for p in PROMPTS[:2]:
+            plain, _ = decode(lm.model, [p], max_new_tokens=24)
+            out, st = decode(lm.model, [p], max_new_tokens=24, strategy=MoDSkip(routers, skip))
+            assert out == plain and st.extra["skipped_blocks"] == 0
+
+
+def test_mod_skipping_every_routed_block_runs_first_and_last_and_writes_their_kv(lm):
+    """Every routed block skipped: the token's state passes blocks 1..L-2 unchanged, and each skipped
+    block's K/V are the ones that block computes from the state entering it (so a later token finds them)."""
+    from m2r2.early_exit import MoDSkip
+    L = lm.config.num_layers
+    strat = MoDSkip(_routers(lm, True), 0.5)
+    prompt = PROMPTS[1]
+    state, toks = _run(lm, strat, prompt, 6)
+    assert strat.skipped == (L - 2) * 5 and strat.stats()["mean_slow_layers"] == 2
+    # the first generated token (position P) by hand: block 0, then K/V of 1..L-2 from that same state
+    model, P = lm.model, len(prompt)
+    cache = model.new_cache(1, P + 1)
+    model(torch.tensor([prompt]), cache, torch.arange(P).unsqueeze(0))
+    cache.advance(P)
+    ctx = model.context(cache, torch.tensor([[P]]))
+    h = model.layer(0, model.embed(torch.tensor([[toks[0]]])), ctx)
+    for i in range(1, L - 1):
+        blk = model.layers[i]
+        _, k, v = blk.qkv_proj(blk.input_norm(h), ctx.cos, ctx.sin)
+        torch.testing.assert_close(state.cache.k[i][:, :, P:P + 1], k, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state.cache.v[i][:, :, P:P + 1], v, rtol=1e-5, atol=1e-6)
+    h = model.layer(L - 1, h, ctx)
+    assert int(model.head(h)[0, 0].argmax()) == toks[1]
+
+
+def test_mod_fit_calibrates_capacity_and_files_round_trip(lm, tmp_path):
+    """Fitted on a few sequences, the per-block thresholds skip about the asked fraction of held-out
+    positions; save/load keeps them; another model's routers are refused; a corrupt file is an error."""
+    from m2r2.errors import AdapterError
+    from m2r2.mod import MoDRouters, block_updates, fit
+    from m2r2.train import make_batch
+    g = torch.Generator().manual_seed(0)
+    recs = [{"prompt_ids": torch.randint(3, 250, (6,), generator=g).tolist(),
+             "response_ids": torch.randint(3, 250, (40,), generator=g).tolist()} for _ in range(12)]
+    routed = list(range(1, lm.config.num_layers - 1))
+    routers, report = fit(lm, recs[:8], recs[8:], routed, ridge=1.0, progress=False)
+    assert report["train_positions"] > 0 and set(report["per_layer"]) == set(routed)
+    thr = routers.thresholds(0.3)
+    frac = []
+    for r in recs[8:]:
+        ids, mask = make_batch([r], [0], 320)
+        for i, (x, _) in block_updates(lm.model, ids, mask, routed).items():
+            frac.append((routers.score(i, x) < thr[i]).float().mean())
+    assert abs(float(torch.stack(frac).mean()) - 0.3) < 0.05  # calibrated on exactly these positions
+    routers.save(tmp_path / "mod")
+    back = MoDRouters.load(tmp_path / "mod", lm.source.identity, lm.config.num_layers)
+    assert back.thresholds(0.3) == thr
+    with pytest.raises(AdapterError, match="another model"):
+        MoDRouters.load(tmp_path / "mod", "gguf:someone-else")
+    (tmp_path / "mod" / "mod.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="corrupt"):
+        MoDRouters.load(tmp_path / "mod")

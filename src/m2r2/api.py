@@ -68,13 +68,13 @@ class LM:
         return acc
 
     STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "calm", "m2r2-exit",
-                  "m2r2-exit-conf", "skipdecode")
+                  "m2r2-exit-conf", "skipdecode", "mod")
 
     def strategy(self, name: str = "plain", *, rate: int = 2, adapter: str | os.PathLike | None = None,
                  gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, draft_vocab: bool = True,
                  depth: int | None = None, stop_below: float = 0.0, max_ngram: int = 3,
                  threshold: float = 0.9, kv: str = "recompute", min_layers: int | None = None,
-                 span: int = 128) -> Strategy:
+                 span: int = 128, skip: float = 0.25, routers: str | os.PathLike | None = None) -> Strategy:
         """A decoding strategy by name, for ``generate(strategy=...)``:
 
         * ``plain``: one full forward per token;
@@ -98,7 +98,9 @@ class LM:
           decided by ARLA, the router trained for that adapter (``threshold`` on its probability);
         * ``m2r2-exit-conf``: the same stream with the read-out-confidence rule instead of ARLA;
         * ``skipdecode``: a position-dependent depth decaying from all layers to ``min_layers`` over ``span``
-          tokens, top-aligned, so no K/V is ever missing (post hoc: the model is not fine-tuned for it)."""
+          tokens, top-aligned, so no K/V is ever missing (post hoc: the model is not fine-tuned for it);
+        * ``mod``: Mixture-of-Depths routing post hoc (``m2r2.mod``): per-block routers fitted on the frozen
+          model skip a fraction ``skip`` of tokens at each routed block (the shipped routers, or ``routers``)."""
         from .speculative import PromptLookupDrafter, Speculative, StreamDrafter
         if name == "plain":
             from .generate import PlainStrategy
@@ -107,6 +109,15 @@ class LM:
             from .early_exit import SkipDecode
             L = self.config.num_layers
             return SkipDecode(min_layers=L // 2 if min_layers is None else min_layers, span=span)
+        if name == "mod":
+            from .early_exit import MoDSkip
+            from .mod import MoDRouters, find_shipped as find_mod
+            path = routers or find_mod(self.source.identity)
+            if path is None:
+                from .errors import AdapterError
+                raise AdapterError(f"no MoD routers ship for {self.source.name}; fit them with `m2r2 train-mod` "
+                                   "and pass the directory as routers=")
+            return MoDSkip(MoDRouters.load(path, self.source.identity, self.config.num_layers), skip)
         if name in ("calm", "m2r2-exit", "m2r2-exit-conf"):
             from .early_exit import ConfidenceRule, EarlyExit
             if not threshold >= 0:

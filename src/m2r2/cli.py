@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     for modname in ("m2r2.bench.decode", "m2r2.bench.spec", "m2r2.bench.exit", "m2r2.bench.moe",
                     "m2r2.bench.family"):
         _add_optional(modname, bsub)
-    for modname in ("m2r2.distill_data", "m2r2.train", "m2r2.router", "m2r2.analyze", "m2r2.moe.cli",
+    for modname in ("m2r2.distill_data", "m2r2.train", "m2r2.router", "m2r2.mod", "m2r2.analyze", "m2r2.moe.cli",
                     "m2r2.family.cli"):
         _add_optional(modname, sub)
     return parser

@@ -253,3 +253,52 @@ class SkipDecode:
         self.t += 1
         self.layers_sum += d
         return [[int(nxt[0])]]
+
+
+class MoDSkip:
+    """Mixture-of-Depths routing applied post hoc (``m2r2.mod``): at every routed block a token whose
+    router score is below the block's threshold (set by the capacity ``skip``, the fraction of tokens to
+    skip each block) rides the residual connection past it. The skipped block still writes the token's
+    K/V from the state entering it, which is what that block computes from the state, so no K/V is ever
+    missing and nothing is recomputed; a token whose scores never fall below threshold runs every block
+    (``skip=0`` is plain decoding)."""
+
+    cache_slack = 0
+
+    def __init__(self, routers, skip: float, name: str = "mod"):
+        self.routers, self.skip, self.name = routers, skip, name
+        self.threshold = routers.thresholds(skip)
+
+    def setup(self, state: DecodeState) -> None:
+        if state.batch != 1:
+            raise SamplingError("mod decodes one sequence at a time (batch 1): rows would skip different blocks")
+        if self.routers.cfg.num_layers != state.model.cfg.num_layers:
+            raise SamplingError("these MoD routers were fitted for a model with another number of layers")
+        self.t = self.skipped = 0
+        self.hist: dict[int, int] = {}
+
+    def stats(self) -> dict:
+        L = self.routers.cfg.num_layers
+        t = max(1, self.t)
+        return {"tokens": self.t, "mean_slow_layers": L - self.skipped / t, "skipped_blocks": self.skipped,
+                "skip_by_layer": dict(sorted(self.hist.items()))}
+
+    def step(self, state: DecodeState) -> list[list[int]]:
+        model = state.model
+        ctx = model.context(state.cache, state.cache.lengths.view(-1, 1))
+        h = model.embed(state.pending.view(1, 1))
+        for i in range(model.cfg.num_layers):
+            thr = self.threshold.get(i)
+            if thr is not None and float(self.routers.score(i, h.view(-1))) < thr:
+                blk = model.layers[i]
+                _, k, v = blk.qkv_proj(blk.input_norm(h), ctx.cos, ctx.sin)
+                state.cache.update(i, k, v, ctx.write)
+                self.skipped += 1
+                self.hist[i] = self.hist.get(i, 0) + 1
+            else:
+                h = model.layer(i, h, ctx)
+        state.cache.advance(1)
+        nxt = state.sampling.sample(model.head(h)[:, 0], state.generator)
+        state.pending = nxt
+        self.t += 1
+        return [[int(nxt[0])]]

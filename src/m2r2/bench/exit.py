@@ -22,7 +22,7 @@ from .decode import build_prompts
 from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
                       run_benchmark, summarize, write_results)
 
-METHODS = ("calm", "m2r2-exit", "m2r2-exit-conf", "skipdecode")
+METHODS = ("calm", "m2r2-exit", "m2r2-exit-conf", "skipdecode", "mod")
 DEFAULT_THRESHOLDS = (0.95, 0.8, 0.6, 0.4)
 
 
@@ -30,8 +30,9 @@ class ExitArm:
     kind = "m2r2"
 
     def __init__(self, lm, method: str, threshold: float | None, kv: str, adapter: str | None = None,
-                 span: int = 64):
+                 span: int = 64, routers: str | None = None):
         self.lm, self.method, self.threshold, self.kv, self.adapter = lm, method, threshold, kv, adapter
+        self.routers = routers
         self.span = span
         self.name = "plain" if method == "plain" else f"{method}@{threshold:g}/{kv}"
         self.strategy = None
@@ -42,6 +43,8 @@ class ExitArm:
                 opts = {}
             elif self.method == "skipdecode":  # its sweep parameter: the depth at the end of the span
                 opts = {"min_layers": int(self.threshold), "span": self.span}
+            elif self.method == "mod":  # its sweep parameter: the fraction of tokens each routed block skips
+                opts = {"skip": self.threshold, "routers": self.routers}
             else:
                 opts = {"threshold": self.threshold, "kv": self.kv, "adapter": self.adapter}
             self.strategy = self.lm.strategy(self.method, **opts)
@@ -142,9 +145,11 @@ def main(args: argparse.Namespace) -> int:
     lm = m2r2.load(args.model, dtype="float32")
     prompts, warm = build_prompts(lm, args)
     arms = [ExitArm(lm, "plain", None, "")] + [ExitArm(lm, m, t, k, args.adapter) for m in methods
-                                                  if m != "skipdecode" for k in kvs for t in thresholds]
+                                                  if m not in ("skipdecode", "mod") for k in kvs for t in thresholds]
     if "skipdecode" in methods:
         arms += [ExitArm(lm, "skipdecode", d, "none", span=args.max_new_tokens) for d in args.skip_min_layers]
+    if "mod" in methods:  # skipped blocks still write K/V from their input state: "kvproj"
+        arms += [ExitArm(lm, "mod", s, "kvproj", routers=args.mod_routers) for s in args.mod_skip]
     bandwidth = measure_bandwidth(args.bandwidth_mb)
     roof = roofline(lm.config, bandwidth, 4.0)
     print(f"m2r2 bench exit: {lm!r}; {len(prompts)} prompts, {len(arms)} arms, {args.threads} threads",
@@ -157,7 +162,8 @@ def main(args: argparse.Namespace) -> int:
     summary["curves"] = curve
     meta = {"model": lm.source.name, "model_identity": lm.source.identity, "prompts": args.prompt_ids or args.prompts,
             "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "methods": methods,
-            "thresholds": thresholds, "kv": kvs, "skip_min_layers": args.skip_min_layers, "skipped_arms": skipped,
+            "thresholds": thresholds, "kv": kvs, "skip_min_layers": args.skip_min_layers,
+            "mod_skip": args.mod_skip, "skipped_arms": skipped,
             "bandwidth_gbps": bandwidth, "roofline": roof}
     paths = write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=True)
     table = render(curve, Path(args.out_dir) / f"{args.out}-curve.png",
@@ -178,6 +184,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv", default="recompute,propagate", help="K/V policies to measure (default: both)")
     p.add_argument("--skip-min-layers", default=[24, 18, 12], type=lambda s: [int(x) for x in s.split(",")],
                    help="skipdecode: depths at the end of the output to sweep (default: 24,18,12)")
+    p.add_argument("--mod-skip", default=[0.1, 0.2, 0.35], type=lambda s: [float(x) for x in s.split(",")],
+                   help="mod: fractions of tokens each routed block skips, to sweep (default: 0.1,0.2,0.35)")
+    p.add_argument("--mod-routers", default=None, help="mod: routers directory (default: the shipped ones)")
     p.add_argument("--adapter", default=None, help="M2R2 adapter directory (default: the shipped rate-2 one)")
     add_common_args(p, out="exit", prompts="koala", max_new_tokens=64)
     p.set_defaults(func=main)
