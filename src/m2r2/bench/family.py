@@ -240,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
         rec = records_meta[arch]
         rows.append({"arch": arch, "params": rec["params"], "train_flops": rec.get("train_flops"),
                      "train_tokens": rec.get("tokens"), "train_steps": rec.get("steps"),
-                     "train_wall_seconds": rec.get("wall_seconds"),
+                     "train_wall_seconds": rec.get("wall_seconds"), "train_command": rec.get("command"),
                      "ppl": th["ppl"], "ppl_answer": th["ppl_answer"], "ppl_topk": e.get("topk", {}).get("ppl"),
                      "ppl_answer_topk": e.get("topk", {}).get("ppl_answer"),
                      "flops_per_token": th["flops_per_token"], "kv_bytes_per_token": th["kv_bytes_per_token"],

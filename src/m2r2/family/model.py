@@ -69,7 +69,7 @@ class FamilyConfig:
     recursions: int = 3  # Nr for the recursive / MoR archs
     mor_capacity: tuple[float, ...] = (1.0, 2 / 3, 1 / 3)  # expert-choice fraction per recursion
     mod_capacity: float = 0.125
-    prd_floor: float = 0.1  # p-MoD: the shift of the cosine ratio schedule (ratio at the deepest layer ~ floor)
+    prd_floor: float = 0.0  # p-MoD: the shift of the cosine ratio schedule (0: mean ratio 0.56 at L=8, the paper's ~55%)
     vmod_ratio: float = 0.2
     vmod_chunk: int = 32
     aux_weight: float = 0.1  # router BCE (expert-choice, MoD)
