@@ -170,10 +170,11 @@ def test_mod_skipping_every_routed_block_runs_first_and_last_and_writes_their_kv
     block's K/V are the ones that block computes from the state entering it (so a later token finds them)."""
     from m2r2.early_exit import MoDSkip
     L = lm.config.num_layers
-    strat = MoDSkip(_routers(lm, True), 0.5)
+    strat = MoDSkip(_routers(lm, True), 0.5, first=1)
     prompt = PROMPTS[1]
     state, toks = _run(lm, strat, prompt, 6)
     assert strat.skipped == (L - 2) * 5 and strat.stats()["mean_slow_layers"] == 2
+    assert MoDSkip(_routers(lm, True), 0.5).first == L // 3  # by default the first third is never routed
     # the first generated token (position P) by hand: block 0, then K/V of 1..L-2 from that same state
     model, P = lm.model, len(prompt)
     cache = model.new_cache(1, P + 1)
@@ -217,3 +218,40 @@ def test_mod_fit_calibrates_capacity_and_files_round_trip(lm, tmp_path):
     (tmp_path / "mod" / "mod.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="corrupt"):
         MoDRouters.load(tmp_path / "mod")
+
+
+# ---- riding: the slow row advances in the same calls as the fast row ----
+
+def test_riding_with_an_impossible_threshold_is_plain_decoding(lm, acc):
+    for kv in ("recompute", "propagate"):
+        strat = EarlyExit(ConfidenceRule(1.01, first=1, every=1), "fast", acc, kv, ride=True)
+        for p in PROMPTS[:2]:
+            plain, _ = decode(lm.model, [p], max_new_tokens=32)
+            out, st = decode(lm.model, [p], max_new_tokens=32, strategy=strat)
+            assert out == plain and st.extra["exited"] == 0
+
+
+@pytest.mark.parametrize("script", [[1, 3, None, 2, 2, 1, None], [1, 1, 2, 3]])
+def test_riding_exits_like_the_fast_stream_alone_and_leaves_the_slow_cache(lm, acc, script):
+    """The fast row computes exactly what it computes alone (same tokens, same exits), and after a flush
+    the cache holds the slow stream's K/V: the slow row resumed where the fast stream stopped."""
+    alone = EarlyExit(ScriptedRule(script), "fast", acc, "recompute")
+    riding = EarlyExit(ScriptedRule(script), "fast", acc, "recompute", ride=True)
+    prompt = PROMPTS[1]
+    _, toks_alone = _run(lm, alone, prompt, 24)
+    state, toks = _run(lm, riding, prompt, 24)
+    assert toks == toks_alone and riding.exit_hist == alone.exit_hist and riding.exited > 0
+    assert riding.extra_rows < alone.extra_rows + riding.tokens * acc.fast_layers  # resumed, not restarted
+    riding.flush(state)
+    committed = prompt + toks[:-1]
+    T = len(committed)
+    ref = lm.model.new_cache(1, T)
+    lm.model(torch.tensor([committed]), ref, torch.arange(T).unsqueeze(0))
+    for i in range(lm.config.num_layers):
+        torch.testing.assert_close(state.cache.k[i][:, :, :T], ref.k[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state.cache.v[i][:, :, :T], ref.v[i], rtol=1e-4, atol=1e-5)
+
+
+def test_riding_needs_the_fast_stream(acc):
+    with pytest.raises(m2r2.SamplingError, match="ride"):
+        EarlyExit(FixedDepthRule(1), "slow", None, "recompute", ride=True)

@@ -74,7 +74,8 @@ class LM:
                  gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, draft_vocab: bool = True,
                  depth: int | None = None, stop_below: float = 0.0, max_ngram: int = 3,
                  threshold: float = 0.9, kv: str = "recompute", min_layers: int | None = None,
-                 span: int = 128, skip: float = 0.25, routers: str | os.PathLike | None = None) -> Strategy:
+                 span: int = 128, skip: float = 0.25, routers: str | os.PathLike | None = None,
+                 ride: bool = True) -> Strategy:
         """A decoding strategy by name, for ``generate(strategy=...)``:
 
         * ``plain``: one full forward per token;
@@ -97,6 +98,8 @@ class LM:
         * ``m2r2-exit``: on the M2R2 fast stream (the shipped adapter for ``rate``, or ``adapter``), exits
           decided by ARLA, the router trained for that adapter (``threshold`` on its probability);
         * ``m2r2-exit-conf``: the same stream with the read-out-confidence rule instead of ARLA;
+          with ``ride`` (default) the token's slow row advances in the same layer calls as its fast row, so
+          a token that does not exit continues from there instead of restarting, and a lazy one resumes;
         * ``skipdecode``: a position-dependent depth decaying from all layers to ``min_layers`` over ``span``
           tokens, top-aligned, so no K/V is ever missing (post hoc: the model is not fine-tuned for it);
         * ``mod``: Mixture-of-Depths routing post hoc (``m2r2.mod``): per-block routers fitted on the frozen
@@ -126,13 +129,13 @@ class LM:
                 return EarlyExit(ConfidenceRule(threshold, first=4, every=2), "slow", None, kv, name=name)
             acc = self._accelerator_for("m2r2", rate, adapter)
             if name == "m2r2-exit-conf":
-                return EarlyExit(ConfidenceRule(threshold, first=2, every=1), "fast", acc, kv, name=name)
+                return EarlyExit(ConfidenceRule(threshold, first=2, every=1), "fast", acc, kv, name=name, ride=ride)
             if acc.router is None:
                 from .errors import AdapterError
                 raise AdapterError("this adapter has no ARLA router (router.json); train one with "
                                    "`m2r2 train-router`, or use strategy m2r2-exit-conf")
             from .router import ARLARule
-            return EarlyExit(ARLARule(acc.router, threshold), "fast", acc, kv, name=name)
+            return EarlyExit(ARLARule(acc.router, threshold), "fast", acc, kv, name=name, ride=ride)
         if name in ("m2r2", "early-exit-adapter"):
             acc = self._accelerator_for("m2r2" if name == "m2r2" else "exit", rate, adapter)
             drafter = StreamDrafter(acc, vocab=acc.draft_vocab if draft_vocab else None, stop_below=stop_below,

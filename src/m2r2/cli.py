@@ -83,7 +83,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = lm.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       strategy=lm.strategy(args.strategy, rate=args.rate, adapter=args.adapter, gamma=args.gamma,
-                                           max_gamma=max(8, args.gamma), threshold=args.threshold),
+                                           max_gamma=max(8, args.gamma), threshold=args.threshold,
+                                           skip=args.skip),
                       chat=not args.no_chat, system=args.system, stream=None if args.json else stream)
     s = out.stats
     if args.json:
@@ -116,12 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)
     g.add_argument("--strategy", default="plain", choices=["plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "calm", "m2r2-exit",
-                            "m2r2-exit-conf", "skipdecode"],
+                            "m2r2-exit-conf", "skipdecode", "mod"],
                    help="plain; m2r2 (lossless self-speculative decoding with the M2R2 fast stream; needs the "
                         "adapter for the model); early-exit, early-exit-adapter or prompt-lookup (the same "
-                        "verifier, the peers' drafters); calm, m2r2-exit, skipdecode (lossy early exit)")
+                        "verifier, the peers' drafters); calm, m2r2-exit, skipdecode, mod (lossy: early exit / layer skipping)")
     g.add_argument("--threshold", type=_float("--threshold"), default=0.9,
                    help="calm / m2r2-exit: read-out confidence needed to exit (default 0.9)")
+    g.add_argument("--skip", type=_float("--skip"), default=0.25,
+                   help="mod: fraction of tokens each routed block skips (default 0.25)")
     g.add_argument("--rate", type=int, choices=[2, 3, 4], default=2, help="m2r2: rate of the shipped adapter")
     g.add_argument("--adapter", default=None, help="m2r2 / early-exit-adapter: adapter directory (default: the shipped one)")
     g.add_argument("--gamma", type=_positive_int("--gamma"), default=4, help="initial draft length (adapts)")

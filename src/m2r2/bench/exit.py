@@ -23,6 +23,7 @@ from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, m
                       run_benchmark, summarize, write_results)
 
 METHODS = ("calm", "m2r2-exit", "m2r2-exit-conf", "skipdecode", "mod")
+EXTRA_METHODS = ("m2r2-exit-alone",)  # m2r2-exit without the slow row riding along (an ablation)
 DEFAULT_THRESHOLDS = (0.95, 0.8, 0.6, 0.4)
 
 
@@ -47,7 +48,10 @@ class ExitArm:
                 opts = {"skip": self.threshold, "routers": self.routers}
             else:
                 opts = {"threshold": self.threshold, "kv": self.kv, "adapter": self.adapter}
-            self.strategy = self.lm.strategy(self.method, **opts)
+            if self.method == "m2r2-exit-alone":
+                self.strategy = self.lm.strategy("m2r2-exit", ride=False, **opts)
+            else:
+                self.strategy = self.lm.strategy(self.method, **opts)
         except M2R2Error as e:
             raise ArmUnavailable(str(e)) from None
 
@@ -130,9 +134,9 @@ def main(args: argparse.Namespace) -> int:
 
     args.threads = pin_threads(args.threads or os.cpu_count() or 1)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHODS + EXTRA_METHODS]
     if bad:
-        raise M2R2Error(f"unknown method(s) {', '.join(bad)} (available: {', '.join(METHODS)})")
+        raise M2R2Error(f"unknown method(s) {', '.join(bad)} (available: {', '.join(METHODS + EXTRA_METHODS)})")
     try:
         thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     except ValueError:
@@ -179,7 +183,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "exit", help="early exit: quality (Rouge-L vs the full model) against measured speedup, per method",
         description="Sweep each early-exit method's threshold on the same prompts in one run; writes "
                     "benchmarks/results/<out>.json, .md, .png and <out>-curve.png.")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)}; also: {','.join(EXTRA_METHODS)})")
     p.add_argument("--thresholds", default=",".join(map(str, DEFAULT_THRESHOLDS)))
     p.add_argument("--kv", default="recompute,propagate", help="K/V policies to measure (default: both)")
     p.add_argument("--skip-min-layers", default=[24, 18, 12], type=lambda s: [int(x) for x in s.split(",")],
