@@ -104,28 +104,24 @@ class FamilyArm:
 def evaluate(model, windows: torch.Tensor, batch: int, prompts: list[tuple[BenchPrompt, list[bool]]]) -> dict:
     """Validation perplexities, FLOPs and K/V per token, and (token-type archs) designated-token stats."""
     from ..family.model import Counter
-    from ..family.train import lm_loss
+    from ..family.train import designated_mask, lm_loss
     res: dict = {}
     modes = ["threshold"] + (["topk"] if model.cfg.arch in ("mor-ec", "mor-kv", "mod") else [])
     for mode in modes:
         c = Counter()
-        nll_all, nll_ans, n_all, n_ans, kv = 0.0, 0.0, 0, 0, 0
+        nll_all, nll_ans, n_all, n_ans = 0.0, 0.0, 0, 0
         for i in range(0, windows.shape[0], batch):
-            w = windows[i:i + batch]
-            before = c.flops
-            ce, _ = lm_loss(model, w, mode, c)
+            ce, _ = lm_loss(model, windows[i:i + batch], mode, c)
             half = ce.shape[1] // 2
             nll_all += float(ce.sum())
             nll_ans += float(ce[:, half:].sum())
             n_all += ce.numel()
             n_ans += ce[:, half:].numel()
-            del before
         res[mode] = {"ppl": math.exp(nll_all / n_all), "ppl_answer": math.exp(nll_ans / n_ans),
                      "flops_per_token": c.flops / c.tokens,
                      "processed_fraction": {int(k): v / c.tokens for k, v in sorted(c.processed.items())}}
         if mode == "threshold":  # K/V per token: one full window's cache (what a 256-token context holds)
             cache = model.new_cache(1)
-            from ..family.train import designated_mask
             model(windows[:1, :-1], designated_mask(1, windows.shape[1] - 1), cache)
             res[mode]["kv_bytes_per_token"] = cache.nbytes() / (windows.shape[1] - 1)
     # prefill of the Spec-Bench prompts: FLOPs, K/V, designated tokens processed per layer
