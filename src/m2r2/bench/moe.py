@@ -1,0 +1,316 @@
+"""``m2r2 bench moe``: ahead-of-time expert loading under a fast-memory budget, every strategy on one engine.
+
+The model is the embedded SmolLM2 MoEfied (``m2r2 moefy``; shipped artifacts), its experts in slow memory
+and a budget of B expert slots in fast memory (``m2r2.moe.memory``). Per prompt, the all-resident run
+comes first: it is the output every other run must reproduce token for token, and its expert trace is
+the oracle's knowledge. Then, for each slow memory (a modelled link per ``--bandwidth`` x ``--latency-us``,
+and with ``--storage`` real per-expert file reads with the page cache bypassed) and each budget, every
+strategy decodes the same prompt:
+
+* ``on-demand-lru`` / ``on-demand-lfu``: load on a miss, evict least recently / frequently used;
+* ``slow-prefetch``: the slow state through the next layer's router (Pre-gated MoE / AdapMoE-style);
+* ``m2r2-prefetch``: the M2R2 fast stream (shipped R=2 adapter) predicts layers ahead, top-k' experts;
+* ``oracle``: the true trace, prefetched in order of need, Belady eviction; ``all-resident``: no loads.
+
+Reported per (memory, budget, strategy): decode tokens/s, stall ms per token, hit rate (expert needs
+served from fast memory without waiting), loads per token, prediction precision/recall, speedup over
+``on-demand-lru`` (per prompt, geometric mean), the fraction of the LRU-to-oracle gap closed, and whether
+every output equals the all-resident one. JSON, markdown table and a PNG of speedup against budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from ..cli import int_at_least
+from ..errors import M2R2Error
+from .harness import _md_table, geomean, machine_info, pin_threads
+
+STRATEGIES = ("on-demand-lru", "on-demand-lfu", "slow-prefetch", "m2r2-prefetch", "oracle")
+BASELINE = "on-demand-lru"
+
+
+def _floats(s: str, name: str) -> list[float]:
+    try:
+        vals = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise M2R2Error(f"{name} must be comma-separated numbers, got {s!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise M2R2Error(f"{name} needs positive values, got {s!r}")
+    return vals
+
+
+def run_one(lm, moe, acc, prompt, max_new: int, strategy: str, budget: int | None, store, trace,
+            prefetch_k: int) -> dict:
+    """One decode of ``prompt`` under ``strategy``; returns tokens, timing and cache statistics."""
+    from ..moe.layers import Resident
+    from ..moe.memory import ExpertCache
+    from ..moe.prefetch import M2R2Prefetch, MoEDecode, OnDemand, Oracle, SlowPrefetch, Tracing
+
+    cache = None
+    if strategy == "all-resident":
+        prov = Tracing(moe.bank, moe.num_layers)
+        strat = MoEDecode(moe, prov, name=strategy)
+    else:
+        cache = ExpertCache(moe, budget, store, evict="lfu" if strategy == "on-demand-lfu" else "lru")
+        policy = {"on-demand-lru": OnDemand, "on-demand-lfu": OnDemand}.get(strategy)
+        policy = policy() if policy else (SlowPrefetch(moe, prefetch_k) if strategy == "slow-prefetch" else
+                                          M2R2Prefetch(moe, prefetch_k) if strategy == "m2r2-prefetch" else
+                                          Oracle(trace))
+        cache.policy = policy
+        fast = strategy == "m2r2-prefetch"
+        strat = MoEDecode(moe, cache, acc if fast else None, policy if fast else None, name=strategy)
+    try:
+        out = lm.generate(list(prompt.token_ids), max_new_tokens=max_new, strategy=strat)
+    finally:
+        if cache is not None:
+            cache.close()
+    s = out.stats
+    dec_s = s.seconds - s.prefill_seconds
+    dec_tok = max(0, len(out.token_ids) - 1)
+    rec = {"strategy": strategy, "prompt_id": prompt.id, "new_tokens": len(out.token_ids),
+           "decode_tokens": dec_tok, "decode_seconds": dec_s, "prefill_seconds": s.prefill_seconds,
+           "tokens_per_s": dec_tok / dec_s if dec_s > 0 else 0.0, "token_ids": out.token_ids,
+           "fast_seconds": s.extra.get("fast_seconds", 0.0)}
+    if cache is not None:
+        rec["cache"] = cache.stats.to_dict()
+        rec["loader_busy_seconds"] = cache.loader.busy_seconds
+    else:
+        rec["trace"] = prov.trace
+    return rec
+
+
+def aggregate(rows: list[dict], base: dict[str, dict], oracle: dict[str, dict], ref: dict[str, list]) -> dict:
+    tok = sum(r["decode_tokens"] for r in rows)
+    sec = sum(r["decode_seconds"] for r in rows)
+    out = {"prompts": len(rows), "decode_tokens": tok, "tokens_per_s": tok / sec if sec else 0.0,
+           "identical_to_resident": sum(r["token_ids"] == ref[r["prompt_id"]] for r in rows)}
+    ratios = [r["tokens_per_s"] / base[r["prompt_id"]]["tokens_per_s"] for r in rows
+              if r["prompt_id"] in base and base[r["prompt_id"]]["tokens_per_s"] > 0 and r["tokens_per_s"] > 0]
+    out["speedup_vs_lru"] = geomean(ratios) if ratios else None
+    # fraction of the LRU -> oracle gap in seconds per token that this strategy closes (pooled)
+    spt = lambda rs: sum(r["decode_seconds"] for r in rs) / max(1, sum(r["decode_tokens"] for r in rs))  # noqa: E731
+    if base and oracle:
+        b = spt([base[r["prompt_id"]] for r in rows if r["prompt_id"] in base])
+        o = spt([oracle[r["prompt_id"]] for r in rows if r["prompt_id"] in oracle])
+        out["gap_closed"] = (b - spt(rows)) / (b - o) if b - o > 1e-9 else None
+    caches = [r["cache"] for r in rows if "cache" in r]
+    if caches:
+        keys = ("lookups", "hits", "late", "misses", "loads", "prefetch_loads", "prefetch_used", "stall_seconds",
+                "tokens", "pred_tp", "pred_fp", "pred_fn", "bytes_loaded")
+        c = {k: sum(x[k] for x in caches) for k in keys}
+        out["hit_rate"] = c["hits"] / c["lookups"] if c["lookups"] else None
+        out["late_rate"] = c["late"] / c["lookups"] if c["lookups"] else None
+        out["stall_ms_per_token"] = 1e3 * c["stall_seconds"] / c["tokens"] if c["tokens"] else None
+        out["loads_per_token"] = c["loads"] / c["tokens"] if c["tokens"] else None
+        out["precision"] = c["pred_tp"] / (c["pred_tp"] + c["pred_fp"]) if c["pred_tp"] + c["pred_fp"] else None
+        out["recall"] = c["pred_tp"] / (c["pred_tp"] + c["pred_fn"]) if c["pred_tp"] + c["pred_fn"] else None
+        out["prefetch_useful"] = c["prefetch_used"] / c["prefetch_loads"] if c["prefetch_loads"] else None
+    fs = sum(r.get("fast_seconds", 0.0) for r in rows)
+    out["fast_ms_per_token"] = 1e3 * fs / tok if tok and fs else None
+    return out
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else f"{x:{spec}}"
+
+
+def render_markdown(doc: dict) -> str:
+    m = doc["meta"]
+    lines = [f"# Benchmark: {doc['benchmark']}", "",
+             f"- machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}; "
+             f"loadavg at start {m.get('loadavg_start')}",
+             f"- date: {m['date']}; command: `{m['command']}`",
+             f"- model: {m['model']} MoEfied, {m['experts_per_layer']} experts/layer x {m['layers']} layers = "
+             f"{m['total_experts']} experts of {m['expert_mb']:.2f} MB; top-k {m['top_k']}, prefetch top-k' "
+             f"{m['prefetch_k']}; M2R2 adapter R={m['rate']}",
+             f"- prompts: {m['n_prompts']} ({m['prompts']}), {m['max_new_tokens']} new tokens, greedy, batch 1",
+             f"- all-resident decode: {m['resident_tokens_per_s']:.1f} tokens/s"]
+    if m.get("storage"):
+        st = m["storage"]
+        lines.append(f"- storage: {st['ms_per_expert']:.2f} ms per expert read, {st['gbps']:.2f} GB/s "
+                     f"({st['page_cache_bypass']})")
+    lines += ["", "Decode tokens/s (prefill excluded); speedup = per-prompt ratio to on-demand LRU, geometric mean; "
+              "gap closed = (LRU - s) / (LRU - oracle) in seconds per token; hit = needed expert already loaded; "
+              "precision/recall of the expert predictions for each (token, layer).", ""]
+    header = ["memory", "budget", "strategy", "tok/s", "x LRU", "gap closed", "stall ms/tok", "hit rate",
+              "loads/tok", "precision", "recall", "same as resident"]
+    rows = []
+    for mem, by_b in doc["summary"].items():
+        for b, by_s in by_b.items():
+            for s, a in by_s.items():
+                rows.append([mem, b, s, _fmt(a["tokens_per_s"], ".1f"), _fmt(a.get("speedup_vs_lru")),
+                             _fmt(a.get("gap_closed")), _fmt(a.get("stall_ms_per_token"), ".1f"),
+                             _fmt(a.get("hit_rate")), _fmt(a.get("loads_per_token"), ".1f"),
+                             _fmt(a.get("precision")), _fmt(a.get("recall")),
+                             f"{a['identical_to_resident']}/{a['prompts']}"])
+    lines.append(_md_table(header, rows))
+    return "\n".join(lines) + "\n"
+
+
+def render_chart(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mems = list(doc["summary"])
+    fig, axes = plt.subplots(1, len(mems), figsize=(5 * len(mems), 4), squeeze=False)
+    for ax, mem in zip(axes[0], mems):
+        by_b = doc["summary"][mem]
+        budgets = list(by_b)
+        xs = [float(b.rstrip("%")) for b in budgets]
+        for s in [*STRATEGIES]:
+            ys = [by_b[b].get(s, {}).get("speedup_vs_lru") for b in budgets]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o", label=s)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xlabel("fast-memory budget (% of experts)")
+        ax.set_ylabel("decode speedup over on-demand LRU")
+        ax.set_title(mem, fontsize=9)
+        ax.set_xticks(xs)
+        ax.legend(fontsize=7)
+    m = doc["meta"]
+    fig.suptitle(f"m2r2 bench moe: {m['total_experts']} experts, top-{m['top_k']} · {m['cpu']} · "
+                 f"{m['threads']} thread(s) · {m['date']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    import m2r2
+    from ..moe.memory import FileStore, LinkStore, measure_storage
+    from ..moe.moefy import load_moefied
+    from ..loading import cache_root
+    from .decode import build_prompts
+
+    args.threads = pin_threads(args.threads or 1)
+    # the loader thread needs the GIL for a moment after each transfer; Python's default 5 ms switch interval
+    # would add up to 5 ms to every load the compute thread waits for
+    sys.setswitchinterval(args.switch_interval_us * 1e-6)
+    budgets = _floats(args.budget, "--budget")
+    if any(b > 1 for b in budgets):
+        raise M2R2Error("--budget values are fractions of all experts, in (0, 1]")
+    bandwidths = _floats(args.bandwidth, "--bandwidth")
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad:
+        raise M2R2Error(f"unknown strategies {bad} (available: {', '.join(STRATEGIES)})")
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
+    load_avg = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    lm = m2r2.load(args.model, dtype="float32", threads=args.threads)
+    prompts, warm = build_prompts(lm, args)
+    acc = lm.load_accelerator(args.adapter, rate=args.rate) if "m2r2-prefetch" in names else None
+    moe = load_moefied(lm, args.moe, top_k=args.top_k)
+    k = moe.top_k
+    pk = args.prefetch_k or k
+    if pk < k:
+        raise M2R2Error(f"--prefetch-k ({pk}) must be >= the top-k ({k})")
+    total = moe.total_experts
+    mems: list[tuple[str, object]] = [(f"link {bw:g} GB/s {args.latency_us:g} us",
+                                       LinkStore(moe.bank, bw, args.latency_us * 1e-6)) for bw in bandwidths]
+    storage = None
+    if args.storage:
+        d = Path(args.storage_dir) if args.storage_dir else cache_root() / "moe" / lm.source.identity[:16] / (
+            f"e{moe.spec.num_experts}")
+        fs = FileStore(d, moe.bank)
+        storage = measure_storage(fs, list(moe.bank)[: min(48, total)], moe.expert_bytes())
+        mems.append((f"storage ({storage['page_cache_bypass']})", fs))
+    print(f"m2r2 bench moe: {total} experts of {moe.expert_bytes() / 1e6:.2f} MB, top-{k}, prefetch k'={pk}; "
+          f"{len(prompts)} prompts; budgets {budgets}; memories {[m for m, _ in mems]}; strategies {names}",
+          file=sys.stderr)
+    from tqdm.auto import tqdm
+    # warm-up (untimed): resident and one budgeted run
+    run_one(lm, moe, acc, warm, 8, "all-resident", None, None, None, pk)
+    records, ref, traces = [], {}, {}
+    n_runs = len(prompts) * (1 + sum(len(budgets) * len(names) for _ in mems))
+    bar = tqdm(total=n_runs, desc="bench moe", unit="run", disable=args.no_progress)
+    for i, p in enumerate(prompts):
+        r = run_one(lm, moe, acc, p, args.max_new_tokens, "all-resident", None, None, None, pk)
+        ref[p.id], traces[p.id] = r["token_ids"], r.pop("trace")
+        records.append({**r, "memory": "resident", "budget": "100%"})
+        bar.update(1)
+        for mem, store in mems:
+            for b in budgets:
+                n = max(k, round(b * total))
+                order = names[i % len(names):] + names[: i % len(names)]  # no strategy always runs first
+                for s in order:
+                    bar.set_postfix_str(f"{p.id} {mem} {b:.1%} {s}", refresh=False)
+                    r = run_one(lm, moe, acc, p, args.max_new_tokens, s, n, store, traces[p.id], pk)
+                    records.append({**r, "memory": mem, "budget": f"{100 * b:g}%", "budget_experts": n})
+                    bar.update(1)
+    bar.close()
+    for _, store in mems:
+        store.close()
+    summary: dict = {}
+    for mem, _ in mems:
+        summary[mem] = {}
+        for b in budgets:
+            bk = f"{100 * b:g}%"
+            rows = [r for r in records if r["memory"] == mem and r["budget"] == bk]
+            base = {r["prompt_id"]: r for r in rows if r["strategy"] == BASELINE}
+            orc = {r["prompt_id"]: r for r in rows if r["strategy"] == "oracle"}
+            summary[mem][bk] = {s: aggregate([r for r in rows if r["strategy"] == s], base, orc, ref)
+                                for s in names}
+    res = [r for r in records if r["strategy"] == "all-resident"]
+    resident_tps = sum(r["decode_tokens"] for r in res) / sum(r["decode_seconds"] for r in res)
+    meta = {**machine_info(), "schema_version": 1, "loadavg_start": load_avg, "model": lm.source.name,
+            "moe": moe.info.get("kind"), "experts_per_layer": moe.spec.num_experts, "layers": moe.num_layers,
+            "total_experts": total, "expert_mb": moe.expert_bytes() / 1e6, "top_k": k, "prefetch_k": pk,
+            "rate": args.rate, "budgets": budgets, "bandwidths_gbps": bandwidths, "latency_us": args.latency_us,
+            "storage": storage, "prompts": args.prompt_ids or args.prompts, "n_prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens, "resident_tokens_per_s": resident_tps,
+            "strategies": names, "switch_interval_us": args.switch_interval_us}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = [{k_: v for k_, v in r.items() if k_ != "token_ids"} for r in records]
+    doc = {"benchmark": args.out, "meta": meta, "records": recs, "summary": summary}
+    (out / f"{args.out}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"{args.out}.md").write_text(render_markdown(doc))
+    render_chart(doc, out / f"{args.out}.png")
+    print(render_markdown(doc), file=sys.stderr)
+    print(json.dumps({"benchmark": args.out, "json": str(out / f"{args.out}.json"),
+                      "summary": {m_: {b_: {s: round(a["speedup_vs_lru"] or 0, 3) for s, a in v.items()}
+                                       for b_, v in by.items()} for m_, by in summary.items()}}), flush=True)
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("moe", help="MoE expert offloading: on-demand LRU/LFU vs slow-state, M2R2 and oracle "
+                                         "prefetch under a fast-memory budget",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="dense model to MoEfy (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--moe", default=None, help="MoEfication directory (default: the shipped one)")
+    p.add_argument("--adapter", default=None, help="M2R2 adapter directory (default: the shipped one for --rate)")
+    p.add_argument("--rate", type=int, default=2)
+    p.add_argument("--top-k", type=int_at_least("--top-k", 1), default=None, help="experts per token and layer "
+                                                                                   "(default: the MoEfication's)")
+    p.add_argument("--prefetch-k", type=int_at_least("--prefetch-k", 1), default=None,
+                   help="k' experts prefetched per predicted layer (default: top-k)")
+    p.add_argument("--budget", default="0.125,0.25,0.5", help="fast-memory budgets, fractions of all experts")
+    p.add_argument("--bandwidth", default="2", help="modelled link bandwidths in GB/s (comma-separated)")
+    p.add_argument("--latency-us", type=float, default=50.0, help="modelled link latency per transfer (µs)")
+    p.add_argument("--storage", action="store_true", help="also real per-expert file reads (page cache bypassed)")
+    p.add_argument("--storage-dir", default=None, help="where the expert files go (default: the m2r2 cache)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--prompts", default="mt-bench")
+    p.add_argument("--prompt-ids", default=None)
+    p.add_argument("--limit", type=int_at_least("--limit", 1), default=4)
+    p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 2), default=32)
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=1)
+    p.add_argument("--switch-interval-us", type=float, default=100.0,
+                   help="Python's GIL switch interval during the run (default 100 µs; Python's own is 5000)")
+    p.add_argument("--out", default="moe")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+    return p

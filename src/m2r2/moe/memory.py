@@ -1,0 +1,487 @@
+"""The memory hierarchy: experts live in slow memory, a budget of B expert slots fits in fast memory.
+
+``ExpertCache`` is the ``ExpertProvider`` the MoE FFN asks for expert buffers. It owns B slots of fast memory
+(one page-aligned anonymous mapping, so storage reads can land in a slot directly with O_DIRECT), the
+map of which expert sits in which slot, the eviction rule, and a background ``Loader`` thread that moves
+experts from slow memory into slots. Two kinds of slow memory:
+
+* ``LinkStore``: experts in host RAM behind a *modelled link* with a bandwidth and a per-transfer latency
+  (flash to DRAM on a phone, host to HBM over PCIe). The loader copies the expert into its slot and then
+  sleeps until ``latency + bytes / bandwidth`` has passed since the transfer started; ``time.sleep`` and
+  the copy release the GIL, so transfers truly overlap the compute thread.
+* ``FileStore``: one file per expert on real storage, read with ``O_DIRECT`` into the page-aligned slot
+  (the page cache is bypassed, so every load is a real device read); where O_DIRECT is refused, the
+  file's cached pages are dropped with ``posix_fadvise(POSIX_FADV_DONTNEED)`` before each read.
+
+Requests are served one at a time in priority order: demand loads (the compute thread is waiting) first,
+then prefetches by the step at which they are predicted to be needed; a prefetch whose step has passed
+before it started is cancelled. A slot is reserved (its old expert evicted) when a request is issued, on
+the compute thread, so the loader only ever writes into slots nobody reads. The compute thread's waits
+are the *stall* time.
+
+Eviction (``victim``): free slots first; then, among experts not pinned by the layer being computed and not
+in flight, the one with the farthest known next use (a prefetcher's prediction, or for the oracle the
+true trace), ties and unknowns broken by least recently used (``lru``) or least frequently used (``lfu``).
+A prefetch never evicts an expert that is needed no later than the one it brings in.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .layers import MoEModel
+
+PAGE = 4096
+
+
+def padded_bytes(nbytes: int) -> int:
+    return -(-nbytes // PAGE) * PAGE
+
+
+# ---------------------------------------------------------------- slow memory
+
+class LinkStore:
+    """Experts in host RAM behind a modelled link: ``bandwidth`` GB/s (1e9 B/s) and ``latency`` seconds per
+    transfer."""
+
+    kind = "link"
+
+    def __init__(self, bank: dict[tuple[int, int], torch.Tensor], bandwidth_gbps: float, latency_s: float = 0.0):
+        if bandwidth_gbps <= 0 or latency_s < 0:
+            raise ValueError(f"need bandwidth > 0 and latency >= 0, got {bandwidth_gbps}, {latency_s}")
+        self.bank, self.bandwidth, self.latency = bank, bandwidth_gbps * 1e9, latency_s
+        self.free_at = 0.0
+
+    def describe(self) -> dict:
+        return {"kind": "link", "bandwidth_gbps": self.bandwidth / 1e9, "latency_us": self.latency * 1e6}
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+    def load(self, key: tuple[int, int], dst: torch.Tensor, issued: float | None = None) -> None:
+        """Copy the expert into ``dst`` and return when the modelled transfer is over. The link keeps its own
+        timeline: a transfer starts when the link is free and the request exists (``issued``), not when the
+        loader thread happens to be scheduled, so a late wake-up on a busy CPU delays one completion instead
+        of slowing the modelled link down."""
+        src = self.bank[key]
+        now = time.perf_counter()
+        start = max(self.free_at, issued if issued is not None else now)
+        end = start + self.transfer_seconds(src.numel() * src.element_size())
+        self.free_at = end
+        dst[: src.numel()].copy_(src)
+        left = end - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+
+    def close(self) -> None:
+        pass
+
+
+class FileStore:
+    """One file per expert (``L{layer}-E{expert}.bin``, padded to whole pages) on real storage, read with
+    the page cache bypassed."""
+
+    kind = "file"
+
+    def __init__(self, directory: str | os.PathLike, bank: dict[tuple[int, int], torch.Tensor] | None = None):
+        self.dir = Path(directory)
+        if bank is not None:
+            self.write(bank)
+        self.nbytes = None
+        self.direct = hasattr(os, "O_DIRECT")
+        self.fds: dict[tuple[int, int], int] = {}
+
+    @staticmethod
+    def path_for(d: Path, key: tuple[int, int]) -> Path:
+        return d / f"L{key[0]:03d}-E{key[1]:04d}.bin"
+
+    def write(self, bank: dict[tuple[int, int], torch.Tensor]) -> None:
+        """Write every expert once (skipped when a file of the right size exists)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for key, t in bank.items():
+            p = self.path_for(self.dir, key)
+            raw = t.contiguous().numpy().tobytes()
+            size = padded_bytes(len(raw))
+            if p.is_file() and p.stat().st_size == size:
+                continue
+            tmp = p.with_suffix(".tmp")
+            tmp.write_bytes(raw + b"\0" * (size - len(raw)))
+            os.replace(tmp, p)
+
+    def describe(self) -> dict:
+        return {"kind": "file", "dir": str(self.dir),
+                "page_cache_bypass": "O_DIRECT" if self.direct else "posix_fadvise(DONTNEED)"}
+
+    def _fd(self, key) -> int:
+        fd = self.fds.get(key)
+        if fd is None:
+            p = str(self.path_for(self.dir, key))
+            if self.direct:
+                try:
+                    fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+                except OSError:  # e.g. tmpfs: no O_DIRECT
+                    self.direct = False
+            if fd is None:
+                fd = os.open(p, os.O_RDONLY)
+            self.fds[key] = fd
+        return fd
+
+    def load(self, key: tuple[int, int], dst_view: memoryview) -> None:
+        fd = self._fd(key)
+        if not self.direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        n = os.preadv(fd, [dst_view], 0)
+        if n != len(dst_view):
+            raise OSError(f"short read of expert {key}: {n} of {len(dst_view)} bytes")
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def measure_storage(store: FileStore, keys: list[tuple[int, int]], nbytes: int) -> dict:
+    """Read ``keys`` once each through the store (page cache bypassed): GB/s and milliseconds per expert."""
+    buf = mmap.mmap(-1, padded_bytes(nbytes))
+    mv = memoryview(buf)
+    t0 = time.perf_counter()
+    for k in keys:
+        store.load(k, mv)
+    dt = time.perf_counter() - t0
+    mv.release()
+    buf.close()
+    return {"experts": len(keys), "gbps": len(keys) * padded_bytes(nbytes) / dt / 1e9,
+            "ms_per_expert": 1e3 * dt / len(keys), "page_cache_bypass": store.describe()["page_cache_bypass"]}
+
+
+# ---------------------------------------------------------------- the loader
+
+@dataclass(order=True)
+class Request:
+    priority: float
+    seq: int
+    key: tuple = field(compare=False)
+    slot: int = field(compare=False)
+    need: float = field(compare=False)  # the step at which it is (predicted to be) needed
+    demand: bool = field(compare=False, default=False)
+    issued: float = field(compare=False, default_factory=time.perf_counter)
+    started: bool = field(compare=False, default=False)
+    cancelled: bool = field(compare=False, default=False)
+    done: threading.Event = field(compare=False, default_factory=threading.Event)
+
+
+class Loader(threading.Thread):
+    """One background thread serving load requests in priority order (a heap)."""
+
+    def __init__(self, do_load):
+        super().__init__(daemon=True, name="m2r2-expert-loader")
+        self.do_load = do_load
+        self.heap: list[Request] = []
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.busy_seconds = 0.0
+
+    def submit(self, req: Request) -> None:
+        with self.cv:
+            heapq.heappush(self.heap, req)
+            self.cv.notify()
+
+    def promote(self, req: Request) -> None:
+        """Make a queued prefetch a demand load (the compute thread now waits for it)."""
+        with self.cv:
+            if not req.started and not req.cancelled:
+                req.priority, req.demand = -1.0, True
+                heapq.heapify(self.heap)
+
+    def cancel_if_queued(self, req: Request) -> bool:
+        with self.cv:
+            if req.started:
+                return False
+            req.cancelled = True
+            return True
+
+    def run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.heap and not self.stopping:
+                    self.cv.wait()
+                if self.stopping:
+                    return
+                req = heapq.heappop(self.heap)
+                if req.cancelled:
+                    continue
+                req.started = True
+            t0 = time.perf_counter()
+            try:
+                self.do_load(req)
+            except BaseException as e:  # surfaced on the compute thread
+                self.error = e
+            self.busy_seconds += time.perf_counter() - t0
+            req.done.set()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+
+
+# ---------------------------------------------------------------- fast memory
+
+@dataclass
+class Entry:
+    slot: int
+    req: Request | None = None  # the load that fills it (None once consumed)
+    last_use: float = -1.0
+    freq: int = 0
+    prefetched: bool = False  # loaded by a prefetch and not used since
+
+
+@dataclass
+class CacheStats:
+    lookups: int = 0  # (token, layer, expert) needs in decode
+    hits: int = 0  # resident and loaded when needed
+    late: int = 0  # a prefetch was in flight or queued when needed (partial stall)
+    misses: int = 0  # not requested before it was needed: an on-demand load
+    loads: int = 0
+    prefetch_loads: int = 0
+    prefetch_used: int = 0
+    prefetch_cancelled: int = 0
+    stall_seconds: float = 0.0
+    bytes_loaded: int = 0
+    tokens: int = 0
+    pred_tp: int = 0  # predicted-and-needed experts, over (token, layer) steps with a prediction
+    pred_fp: int = 0
+    pred_fn: int = 0
+    pred_steps: int = 0
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["hit_rate"] = self.hits / self.lookups if self.lookups else None
+        d["stall_ms_per_token"] = 1e3 * self.stall_seconds / self.tokens if self.tokens else None
+        d["loads_per_token"] = self.loads / self.tokens if self.tokens else None
+        d["precision"] = self.pred_tp / (self.pred_tp + self.pred_fp) if self.pred_tp + self.pred_fp else None
+        d["recall"] = self.pred_tp / (self.pred_tp + self.pred_fn) if self.pred_tp + self.pred_fn else None
+        return d
+
+
+class ExpertCache:
+    """B slots of fast memory, fed by a background loader; the ``ExpertProvider`` of a budgeted run.
+
+    Time is counted in *steps*: step = token * L + layer (decode tokens only; prefill is step -1). A
+    strategy's policy (``m2r2.moe.prefetch``) sees every fetch and may issue prefetches with
+    ``prefetch(key, need_step)``; ``next_use`` holds the earliest predicted future step of each expert, used
+    by eviction."""
+
+    def __init__(self, moe: MoEModel, budget: int, store, evict: str = "lru"):
+        if budget < moe.spec.top_k:
+            raise ValueError(f"the budget ({budget} experts) must hold at least one layer's top-k "
+                             f"({moe.spec.top_k})")
+        if evict not in ("lru", "lfu"):
+            raise ValueError(f"evict must be 'lru' or 'lfu', got {evict!r}")
+        self.moe, self.budget, self.store, self.evict = moe, budget, store, evict
+        self.L = moe.num_layers
+        self.numel = moe.spec.expert_numel
+        dtype = next(iter(moe.bank.values())).dtype
+        self.item_bytes = self.numel * torch.empty((), dtype=dtype).element_size()
+        self.slot_bytes = padded_bytes(self.item_bytes)
+        self.mem = mmap.mmap(-1, self.slot_bytes * budget)  # page-aligned: O_DIRECT reads land in place
+        flat = torch.frombuffer(self.mem, dtype=torch.uint8)
+        self.slots = [flat[i * self.slot_bytes:(i + 1) * self.slot_bytes].view(dtype)[: self.numel]
+                      for i in range(budget)]
+        self.free = list(range(budget - 1, -1, -1))
+        self.map: dict[tuple[int, int], Entry] = {}
+        self.pinned: set = set()
+        self.next_use: dict[tuple[int, int], float] = {}
+        self.policy = None
+        self.loader = Loader(self._do_load)
+        self.loader.start()
+        self.seq = 0
+        self.token = -1  # decode token index (-1: prefill)
+        self.now = -1.0
+        self.recording = False
+        self.stats = CacheStats()
+        self.predictions: dict[int, set] = {}  # step -> predicted experts of that step's layer
+
+    # ---- the loader's side
+    def _do_load(self, req: Request) -> None:
+        if isinstance(self.store, FileStore):
+            s = req.slot
+            mv = memoryview(self.mem)[s * self.slot_bytes:(s + 1) * self.slot_bytes]
+            try:
+                self.store.load(req.key, mv)
+            finally:
+                mv.release()
+        else:
+            self.store.load(req.key, self.slots[req.slot], req.issued)
+
+    # ---- bookkeeping
+    def begin_token(self) -> None:
+        """Called by the decode strategy before each decode token (after prefill)."""
+        self.token += 1
+        self.recording = True
+        self.stats.tokens += 1
+
+    def step_of(self, layer: int, token: int | None = None) -> int:
+        return (self.token if token is None else token) * self.L + layer
+
+    def _key_rank(self, key, e: Entry) -> tuple:
+        """Eviction order: larger = evicted first."""
+        nu = self.next_use.get(key, math.inf)
+        if nu < self.now:
+            nu = math.inf
+        if self.evict == "lfu":
+            return (nu, -e.freq, -e.last_use)
+        return (nu, -e.last_use)
+
+    def victim(self, need: float | None = None) -> int | None:
+        """A slot for a new expert; None if a prefetch (``need`` given) would evict something needed no later."""
+        if self.free:
+            return self.free.pop()
+        best, best_rank = None, None
+        for key, e in self.map.items():
+            if key in self.pinned or (e.req is not None and not e.req.done.is_set()):
+                continue
+            r = self._key_rank(key, e)
+            if best_rank is None or r > best_rank:
+                best, best_rank = key, r
+        if best is None:
+            return None
+        if need is not None and best_rank[0] <= need:
+            return None
+        e = self.map.pop(best)
+        return e.slot
+
+    def _request(self, key, need: float, demand: bool) -> Request | None:
+        slot = self.victim(None if demand else need)
+        while slot is None and demand:
+            slot = self._reclaim()
+        if slot is None:
+            return None
+        self.seq += 1
+        req = Request(-1.0 if demand else need, self.seq, key, slot, need, demand)
+        self.map[key] = Entry(slot, req, last_use=self.now, prefetched=not demand)
+        if self.recording:
+            self.stats.loads += 1
+            self.stats.bytes_loaded += self.item_bytes
+            if not demand:
+                self.stats.prefetch_loads += 1
+        self.loader.submit(req)
+        return req
+
+    def _reclaim(self) -> int | None:
+        """Every unpinned slot holds a prefetch in flight: cancel the queued one needed last, or wait for the
+        running one to land (then it can be evicted)."""
+        queued = [(e.req.need, k) for k, e in self.map.items()
+                  if k not in self.pinned and e.req is not None and not e.req.done.is_set() and not e.req.started]
+        for _, k in sorted(queued, reverse=True):
+            e = self.map[k]
+            if self.loader.cancel_if_queued(e.req):
+                del self.map[k]
+                if self.recording:
+                    self.stats.prefetch_cancelled += 1
+                return e.slot
+        running = [e.req for k, e in self.map.items() if k not in self.pinned and e.req is not None
+                   and not e.req.done.is_set()]
+        if not running:
+            raise RuntimeError("no evictable slot: the budget cannot hold one layer's experts")
+        running[0].done.wait()
+        return self.victim(None)
+
+    def prefetch(self, key: tuple[int, int], need: float) -> bool:
+        """Ask for ``key`` to be loaded before step ``need``. Returns whether a load was issued."""
+        prev = self.next_use.get(key)
+        if prev is None or prev < self.now or need < prev:
+            self.next_use[key] = need
+        if key in self.map:
+            return False
+        return self._request(key, need, demand=False) is not None
+
+    def predict(self, step: int, experts) -> None:
+        """Record a prediction of the experts of ``step`` (for precision/recall; the latest one counts)."""
+        self.predictions[step] = set(experts)
+
+    def _drop_stale(self) -> None:
+        for key, e in list(self.map.items()):
+            r = e.req
+            if r is not None and not r.demand and r.need < self.now and not r.done.is_set():
+                if self.loader.cancel_if_queued(r):
+                    del self.map[key]
+                    self.free.append(e.slot)
+                    if self.recording:
+                        self.stats.prefetch_cancelled += 1
+
+    # ---- the provider
+    def fetch(self, layer: int, experts: list[int], state: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        if self.loader.error is not None:
+            raise self.loader.error
+        self.now = float(self.step_of(layer)) if self.recording else -1.0
+        rec = self.recording
+        st = self.stats
+        if rec:
+            self._drop_stale()
+            pred = self.predictions.pop(int(self.now), None)
+            if pred is not None:
+                need = set(experts)
+                st.pred_steps += 1
+                st.pred_tp += len(pred & need)
+                st.pred_fp += len(pred - need)
+                st.pred_fn += len(need - pred)
+        keys = [(layer, e) for e in experts]
+        self.pinned = set(keys)
+        waits = []
+        for key in keys:
+            e = self.map.get(key)
+            if e is None:
+                if rec:
+                    st.misses += 1
+                waits.append(self._request(key, self.now, demand=True))
+            else:
+                if e.req is not None and not e.req.done.is_set():
+                    if rec:
+                        st.late += 1
+                    self.loader.promote(e.req)
+                    waits.append(e.req)
+                elif rec:
+                    st.hits += 1
+                if e.prefetched and rec:
+                    st.prefetch_used += 1
+            if rec:
+                st.lookups += 1
+        if self.policy is not None:  # prefetches for later layers queue behind this layer's demand loads
+            self.policy.on_fetch(self, layer, experts, state)
+        if waits:
+            t0 = time.perf_counter()
+            for r in waits:
+                r.done.wait()
+            if rec:
+                st.stall_seconds += time.perf_counter() - t0
+            if self.loader.error is not None:
+                raise self.loader.error
+        out = {}
+        for key in keys:
+            e = self.map[key]
+            e.req, e.prefetched = None, False
+            e.last_use = self.now if rec else e.last_use
+            e.freq += 1
+            out[key[1]] = self.slots[e.slot]
+        return out
+
+    def peek(self, layer: int, experts: list[int]) -> dict[int, torch.Tensor]:
+        """Buffers of experts that are resident and loaded (the fast row reuses the slow row's set)."""
+        return {e: self.slots[self.map[(layer, e)].slot] for e in experts}
+
+    def close(self) -> None:
+        self.loader.stop()
+        self.loader.join(timeout=5)
+        if hasattr(self.store, "close"):
+            self.store.close()

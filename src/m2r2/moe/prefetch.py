@@ -1,0 +1,211 @@
+"""Expert-loading strategies on one engine: the decode strategy and the prefetch policies.
+
+``MoEDecode`` is a decode-loop strategy (``m2r2.generate``) for an ``MoEModel``: one token per step through
+the model's own layers, exactly like plain decoding, so every policy computes the same thing (the
+provider only decides *when* an expert's weights arrive). With an M2R2 accelerator it also runs the fast
+stream in lockstep, one fast layer after each of the first F slow layers:
+
+* the fast row attends to the slow stream's K/V before its position and to its own K/V, without
+  writing the shared cache (the slow token owns that slot);
+* it rides through the slow row's experts of that layer (already in fast memory: no extra loads);
+* its state after fast layer i approximates the slow state at layer R*(i+1), so the routers of slow
+  layers R*i+1 .. R*(i+1) applied to it predict their experts while the slow stream is still at layer i:
+  the look-ahead grows with depth, and once the fast stream is done every later layer has a prediction.
+
+Policies (``policy.on_fetch`` runs inside each layer's fetch, after that layer's demand loads are queued):
+
+* ``OnDemand``: nothing ahead of time; the cache's LRU or LFU eviction is the whole strategy;
+* ``SlowPrefetch``: Pre-gated-MoE/AdapMoE-style: the current slow state through the *next* layer's norm and
+  router predicts its top-k' experts, prefetched while this layer computes;
+* ``M2R2Prefetch``: the fast stream's predictions (made by ``MoEDecode``); top-k' >= k for recall;
+* ``Oracle``: the true expert trace of the sequence (recorded from the all-resident run, which every
+  policy reproduces token for token): prefetch in order of need and evict by true next use (Belady).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SamplingError
+from .layers import MoEModel, Resident
+
+
+class OnDemand:
+    name = "on-demand"
+
+    def on_fetch(self, cache, layer, experts, state) -> None:
+        pass
+
+
+class SlowPrefetch:
+    """Predict layer i+1's experts from the slow state at layer i (through layer i+1's norm and router)."""
+
+    name = "slow-prefetch"
+
+    def __init__(self, moe: MoEModel, top_k: int):
+        self.moe, self.top_k = moe, top_k
+
+    def on_fetch(self, cache, layer, experts, state) -> None:
+        j = layer + 1
+        if not cache.recording or state is None or j >= self.moe.num_layers:
+            return
+        blk = self.moe.model.layers[j]
+        ids = blk.ffn.route(blk.post_norm(state), self.top_k)[0][0].tolist()
+        step = cache.step_of(j)
+        cache.predict(step, ids)
+        for e in ids:
+            cache.prefetch((j, e), step)
+
+
+class M2R2Prefetch:
+    """Prefetch from the fast stream's predictions; the predictions themselves come from ``MoEDecode``."""
+
+    name = "m2r2-prefetch"
+
+    def __init__(self, moe: MoEModel, top_k: int):
+        self.moe, self.top_k = moe, top_k
+
+    def on_fetch(self, cache, layer, experts, state) -> None:
+        pass
+
+    def after_fast(self, cache, targets: list[int], f: torch.Tensor) -> None:
+        """f: the fast state (1, 1, D) approximating the slow state at the end of ``targets[-1] - 1``."""
+        if not cache.recording:
+            return
+        for j in targets:
+            blk = self.moe.model.layers[j]
+            ids = blk.ffn.route(blk.post_norm(f).reshape(1, -1), self.top_k)[0][0].tolist()
+            step = cache.step_of(j)
+            cache.predict(step, ids)
+            for e in ids:
+                cache.prefetch((j, e), step)
+
+
+class Oracle:
+    """Perfect knowledge: the recorded expert trace of this prompt's decode (token -> layer -> experts)."""
+
+    name = "oracle"
+
+    def __init__(self, trace: list[list[list[int]]], horizon_tokens: int = 2):
+        self.trace, self.horizon = trace, horizon_tokens
+
+    def on_fetch(self, cache, layer, experts, state) -> None:
+        if not cache.recording:
+            return
+        L = cache.L
+        now = cache.step_of(layer)
+        # true next use of everything in the horizon (eviction), then prefetch in order of need
+        future = []
+        for s in range(now + 1, now + 1 + self.horizon * L):
+            t, l = divmod(s, L)
+            if t >= len(self.trace):
+                break
+            for e in self.trace[t][l]:
+                future.append(((l, e), s))
+        seen = set()
+        for key, s in future:
+            if key not in seen:
+                seen.add(key)
+                prev = cache.next_use.get(key)
+                if prev is None or prev < now or s < prev:
+                    cache.next_use[key] = s
+        if cache.token < len(self.trace) and layer + 1 < L:
+            cache.predict(now + 1, self.trace[cache.token][layer + 1])
+        elif cache.token + 1 < len(self.trace) and layer + 1 == L:
+            cache.predict(now + 1, self.trace[cache.token + 1][0])
+        done = set()
+        for key, s in future:
+            if key in done:
+                continue
+            done.add(key)
+            if key in cache.map:
+                continue
+            if not cache.prefetch(key, s):
+                break  # everything resident is needed sooner: later needs cannot be served either
+
+
+class Tracing(Resident):
+    """All experts resident, recording the decode trace (token -> layer -> experts) for the oracle."""
+
+    def __init__(self, bank, num_layers: int):
+        super().__init__(bank)
+        self.L = num_layers
+        self.trace: list[list[list[int]]] = []
+
+    def begin_token(self) -> None:
+        self.trace.append([[] for _ in range(self.L)])
+
+    def fetch(self, layer, experts, state=None):
+        if self.trace:
+            self.trace[-1][layer] = list(experts)
+        return super().fetch(layer, experts, state)
+
+    def peek(self, layer, experts):
+        return {e: self.bank[(layer, e)] for e in experts}
+
+
+class MoEDecode:
+    """Plain one-token-per-step decoding of an ``MoEModel`` through a provider, optionally with the M2R2 fast
+    stream in lockstep feeding ``M2R2Prefetch``. Batch 1 (expert sets are per token)."""
+
+    cache_slack = 0
+
+    def __init__(self, moe: MoEModel, provider=None, accelerator=None, policy: M2R2Prefetch | None = None,
+                 name: str = "moe"):
+        if (accelerator is None) != (policy is None):
+            raise SamplingError("the fast stream needs both an accelerator and an M2R2Prefetch policy")
+        self.moe, self.provider, self.acc, self.policy, self.name = moe, provider, accelerator, policy, name
+        if accelerator is not None and moe.spec.routing != "moefy":
+            raise SamplingError("the M2R2 fast row rides through the slow row's experts: moefy routing only")
+        if provider is not None:  # now, not in setup: the decode loop prefills before it calls setup
+            moe.set_provider(provider)
+
+    def setup(self, state) -> None:
+        if state.batch != 1:
+            raise SamplingError("MoE expert offloading decodes one sequence at a time (batch 1)")
+        if self.provider is not None:
+            self.moe.set_provider(self.provider)
+        self.fast_seconds = 0.0
+
+    def stats(self) -> dict:
+        return {"fast_seconds": self.fast_seconds}
+
+    def _fast_layer(self, model, i: int, f: torch.Tensor, ctx, kv, t: int) -> torch.Tensor:
+        blk = model.layers[i]
+        q, k, v = blk.qkv_proj(blk.input_norm(f), ctx.cos, ctx.sin)
+        keys = torch.cat([kv.k[i][:, :, :t], k], 2)
+        vals = torch.cat([kv.v[i][:, :, :t], v], 2)
+        a = f + blk.attend(q, keys, vals, None)
+        experts = blk.ffn.last_experts
+        provider = blk.ffn.provider
+        y = a + blk.ffn(blk.post_norm(a), experts=experts, bufs=provider.peek(i, experts))
+        return y + self.acc.adapters[i](f)
+
+    def step(self, state) -> list[list[int]]:
+        import time
+        m = state.model
+        prov = self.moe.ffns[0].provider
+        if hasattr(prov, "begin_token"):
+            prov.begin_token()
+        n = state.cache.lengths
+        t = int(n[0])
+        ctx = m.context(state.cache, n.view(-1, 1))
+        x = m.embed(state.pending.view(-1, 1))
+        f = x
+        L = m.cfg.num_layers
+        F_ = self.acc.fast_layers if self.acc is not None else 0
+        R = self.acc.cfg.rate if self.acc is not None else 1
+        for i in range(L):
+            x = m.layer(i, x, ctx)
+            if i < F_:
+                t0 = time.perf_counter()
+                f = self._fast_layer(m, i, f, ctx, state.cache, t)
+                targets = [j for j in range(R * i + 1, R * (i + 1) + 1) if i < j < L]
+                self.policy.after_fast(prov, targets, f)
+                self.fast_seconds += time.perf_counter() - t0
+        m.forward_passes += 1
+        logits = m.head(x)[:, 0]
+        state.cache.advance(1)
+        nxt = state.sampling.sample(logits, state.generator)
+        state.pending = nxt
+        return [[tok] for tok in nxt.tolist()]
