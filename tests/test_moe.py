@@ -1,0 +1,221 @@
+"""MoE offloading: cache hit/miss accounting on scripted routing, outputs identical across strategies and
+memories, MoEfication pieces, and Hugging Face MoE classes (tiny random configs) against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_same_tokens, greedy_reference, make_tiny
+
+from m2r2.generate import decode
+from m2r2.moe.layers import MoESpec, Resident
+from m2r2.moe.memory import ExpertCache, FileStore, LinkStore
+from m2r2.moe.moefy import MoEfyArtifacts, apply, balanced_kmeans, fit_router
+from m2r2.moe.prefetch import M2R2Prefetch, MoEDecode, OnDemand, Oracle, SlowPrefetch, Tracing
+
+E, K = 4, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """The tiny random Llama MoEfied with random neuron groups and random routers (4 layers, 4 experts)."""
+    import m2r2
+    d = tmp_path_factory.mktemp("tiny-moe")
+    make_tiny(d, "llama", num_hidden_layers=4)
+    lm = m2r2.load(d)
+    c = lm.model.cfg
+    g = torch.Generator().manual_seed(0)
+    perm = torch.stack([torch.randperm(c.intermediate_size, generator=g).view(E, -1) for _ in range(c.num_layers)])
+    art = MoEfyArtifacts(MoESpec(E, K, c.intermediate_size // E, c.hidden_size, router_bias=True), perm,
+                         torch.randn(c.num_layers, E, c.hidden_size, generator=g), torch.zeros(c.num_layers, E),
+                         lm.source.identity)
+    return lm, apply(lm.model, art)
+
+
+def script_routing(moe, sets: list[list[int]]):
+    """Make layer l always pick ``sets[l]`` (zero router weights, a bias that ranks those experts first)."""
+    saved = [(f.router.weight.clone(), f.router.bias.clone()) for f in moe.ffns]
+    for f, s in zip(moe.ffns, sets):
+        f.router.weight.zero_()
+        f.router.bias.copy_(torch.tensor([10.0 - s.index(e) if e in s else 0.0 for e in range(E)]))
+    return saved
+
+
+def restore(moe, saved):
+    for f, (w, b) in zip(moe.ffns, saved):
+        f.router.weight.copy_(w)
+        f.router.bias.copy_(b)
+
+
+def run(moe, provider, tokens=6, strategy=None):
+    strat = strategy or MoEDecode(moe, provider)
+    out, _ = decode(moe.model, [[3, 4, 5, 6]], max_new_tokens=tokens, strategy=strat)
+    return out[0]
+
+
+def test_scripted_routing_hit_miss_accounting(tiny_moe):
+    _, moe = tiny_moe
+    sets = [[0, 1], [1, 2], [2, 3], [3, 0]]  # 8 distinct experts, 2 per layer
+    saved = script_routing(moe, sets)
+    try:
+        steps = 5 * 4  # 5 decode tokens (the first of 6 comes from prefill) x 4 layers
+        # the whole working set fits: prefill loads it, every decode lookup hits, nothing is loaded again
+        c = ExpertCache(moe, 8, LinkStore(moe.bank, 100.0))
+        run(moe, c)
+        c.close()
+        s = c.stats
+        assert (s.lookups, s.hits, s.misses, s.loads, s.late) == (2 * steps, 2 * steps, 0, 0, 0)
+        # 6 slots for a cyclic scan over 8 experts: LRU always evicts the one needed next -> every lookup misses
+        c = ExpertCache(moe, 6, LinkStore(moe.bank, 100.0), evict="lru")
+        run(moe, c)
+        c.close()
+        assert (c.stats.hits, c.stats.misses, c.stats.loads) == (0, 2 * steps, 2 * steps)
+        # the oracle knows the trace: every later need is requested ahead, predictions exact
+        tr = Tracing(moe.bank, moe.num_layers)
+        run(moe, tr)
+        c = ExpertCache(moe, 6, LinkStore(moe.bank, 100.0))
+        c.policy = Oracle(tr.trace)
+        run(moe, c)
+        c.close()
+        # only the first decode token's layer 0 misses (prefill left the end of the scan in the cache)
+        assert c.stats.misses == 2 and c.stats.hits + c.stats.late == 2 * steps - 2
+        assert c.stats.pred_fp == 0 and c.stats.pred_fn == 0 and c.stats.pred_steps == steps - 1
+    finally:
+        restore(moe, saved)
+
+
+def test_lru_and_lfu_eviction_order(tiny_moe):
+    _, moe = tiny_moe
+    script = [[(0, 0), (1, 1)], [(0, 0), (1, 1), (2, 2)], [(0, 0), (3, 3)]]  # per token: (layer, expert) needs
+    for evict, expect in (("lru", {(0, 0), (2, 2), (3, 3)}), ("lfu", {(0, 0), (1, 1), (3, 3)})):
+        c = ExpertCache(moe, 3, LinkStore(moe.bank, 100.0), evict=evict)
+        for token in script:
+            c.begin_token()
+            for layer, e in token:
+                c.fetch(layer, [e])
+        c.close()
+        # when (3, 3) arrives, lru evicts (1, 1) (used longest ago), lfu evicts (2, 2) (used once)
+        assert set(c.map) == expect, evict
+        assert (c.stats.hits, c.stats.misses, c.stats.loads) == (3, 4, 4)
+
+
+def test_prefetch_counts_and_precision(tiny_moe):
+    _, moe = tiny_moe
+    c = ExpertCache(moe, 4, LinkStore(moe.bank, 100.0))
+    c.begin_token()
+    c.fetch(0, [0, 1])
+    c.predict(c.step_of(1), [2, 3])
+    assert c.prefetch((1, 2), c.step_of(1)) and c.prefetch((1, 3), c.step_of(1))
+    assert not c.prefetch((1, 2), c.step_of(1))  # already requested
+    c.fetch(1, [2, 0])  # one predicted expert used, one not
+    c.close()
+    s = c.stats
+    assert (s.prefetch_loads, s.prefetch_used, s.pred_tp, s.pred_fp, s.pred_fn) == (2, 1, 1, 1, 1)
+    assert s.hits + s.late == 1 and s.misses == 3
+
+
+def test_outputs_identical_across_strategies_and_memories(tiny_moe, tmp_path):
+    lm, moe = tiny_moe
+    from m2r2.accelerator import Accelerator
+    acc = Accelerator.for_model(moe.model, lm.source.identity, rate=2)
+    torch.manual_seed(1)
+    for a in acc.adapters:  # a fast stream that differs from the slow one
+        torch.nn.init.normal_(a.up.weight, std=0.05)
+    acc.eval().requires_grad_(False)
+    tr = Tracing(moe.bank, moe.num_layers)
+    ref = run(moe, tr, tokens=10)
+    assert run(moe, Resident(moe.bank), tokens=10) == ref
+    stores = [LinkStore(moe.bank, 5.0, 20e-6), FileStore(tmp_path / "experts", moe.bank)]
+    for store in stores:
+        for name in ("lru", "lfu", "slow", "m2r2", "oracle"):
+            c = ExpertCache(moe, 5, store, evict="lfu" if name == "lfu" else "lru")
+            pol = {"slow": SlowPrefetch(moe, 3), "m2r2": M2R2Prefetch(moe, 3), "oracle": Oracle(tr.trace)}.get(name, OnDemand())
+            c.policy = pol
+            strat = MoEDecode(moe, c, acc if name == "m2r2" else None, pol if name == "m2r2" else None)
+            try:
+                assert run(moe, c, tokens=10, strategy=strat) == ref, (store.kind, name)
+            finally:
+                c.close()
+            assert c.stats.lookups == 9 * 4 * K
+            if name in ("slow", "m2r2"):
+                assert c.stats.pred_steps > 0
+        store.close()
+
+
+def test_all_experts_is_the_dense_ffn(tmp_path):
+    import m2r2
+    make_tiny(tmp_path, "llama", num_hidden_layers=2)
+    lm = m2r2.load(tmp_path)
+    ids = torch.tensor([[5, 9, 11, 3, 7]])
+    dense = lm.model(ids, lm.model.new_cache(1, 5), torch.arange(5).view(1, -1))
+    c = lm.model.cfg
+    perm = torch.stack([torch.randperm(c.intermediate_size).view(E, -1) for _ in range(c.num_layers)])
+    art = MoEfyArtifacts(MoESpec(E, E, c.intermediate_size // E, c.hidden_size, router_bias=True), perm,
+                         torch.randn(c.num_layers, E, c.hidden_size), torch.zeros(c.num_layers, E))
+    art.save(tmp_path / "moe")
+    art = MoEfyArtifacts.load(tmp_path / "moe")
+    moe = apply(lm.model, art)
+    moe_out = moe.model(ids, moe.model.new_cache(1, 5), torch.arange(5).view(1, -1))
+    torch.testing.assert_close(moe_out, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_balanced_kmeans_and_router_fit():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g)
+    feat = centers.repeat_interleave(8, 0) + 0.05 * torch.randn(32, 16, generator=g)
+    feat = feat / feat.norm(dim=1, keepdim=True)
+    assign = balanced_kmeans(feat, 4, 10, seed=0)
+    assert torch.bincount(assign, minlength=4).tolist() == [8, 8, 8, 8]
+    for c in range(4):  # the planted groups are recovered
+        assert len(set(assign[c * 8:(c + 1) * 8].tolist())) == 1
+    X = torch.randn(200, 6, generator=g)
+    W = torch.randn(3, 6, generator=g)
+    w, b = fit_router(X, X @ W.t() + 0.5, ridge=1e-6)
+    torch.testing.assert_close(w, W, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(b, torch.full((3,), 0.5), rtol=1e-3, atol=1e-3)
+
+
+def _tiny_hf_moe(path, arch):
+    import transformers
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, initializer_range=0.2, eos_token_id=1, bos_token_id=0, pad_token_id=0)
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **common)
+        m = transformers.MixtralForCausalLM(cfg)
+    elif arch == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                                          num_experts_per_tok=2, shared_expert_intermediate_size=48,
+                                          decoder_sparse_step=1, mlp_only_layers=[], **common)
+        m = transformers.Qwen2MoeForCausalLM(cfg)
+    else:
+        cfg = transformers.OlmoeConfig(intermediate_size=48, num_experts=4, num_experts_per_tok=2, **common)
+        m = transformers.OlmoeForCausalLM(cfg)
+    m.eval()
+    m.save_pretrained(path)
+    return m
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
+def test_hf_moe_matches_transformers(arch, tmp_path):
+    from m2r2.moe.hf import is_hf_moe, load_hf_moe
+    hf = _tiny_hf_moe(tmp_path, arch)
+    assert is_hf_moe(tmp_path)
+    moe = load_hf_moe(tmp_path)
+    prompt = [5, 17, 42, 99, 3]
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([prompt])).logits
+    ours = moe.model(torch.tensor([prompt]), moe.model.new_cache(1, 8), torch.arange(5).view(1, -1))
+    torch.testing.assert_close(ours, ref_logits, rtol=1e-4, atol=1e-4)
+    ref = greedy_reference(hf, prompt, 12)
+    out, _ = decode(moe.model, [prompt], max_new_tokens=12, strategy=MoEDecode(moe, Resident(moe.bank)))
+    assert_same_tokens(out[0], ref, hf, prompt)
+    # a budget of a quarter of the experts, slow-state prefetch: the same tokens
+    c = ExpertCache(moe, 2, LinkStore(moe.bank, 10.0))
+    c.policy = SlowPrefetch(moe, 2)
+    try:
+        out2, _ = decode(moe.model, [prompt], max_new_tokens=12, strategy=MoEDecode(moe, c))
+    finally:
+        c.close()
+    assert out2 == out and c.stats.loads > 0
