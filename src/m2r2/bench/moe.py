@@ -199,7 +199,9 @@ def main(args: argparse.Namespace) -> int:
     budgets = _floats(args.budget, "--budget")
     if any(b > 1 for b in budgets):
         raise M2R2Error("--budget values are fractions of all experts, in (0, 1]")
-    bandwidths = _floats(args.bandwidth, "--bandwidth")
+    bandwidths = [] if args.bandwidth.strip().lower() in ("", "none") else _floats(args.bandwidth, "--bandwidth")
+    if not bandwidths and not args.storage:
+        raise M2R2Error("nothing to measure: give --bandwidth values or --storage")
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     bad = [s for s in names if s not in STRATEGIES]
     if bad:
@@ -297,7 +299,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prefetch-k", type=int_at_least("--prefetch-k", 1), default=None,
                    help="k' experts prefetched per predicted layer (default: top-k)")
     p.add_argument("--budget", default="0.125,0.25,0.5", help="fast-memory budgets, fractions of all experts")
-    p.add_argument("--bandwidth", default="2", help="modelled link bandwidths in GB/s (comma-separated)")
+    p.add_argument("--bandwidth", default="2", help="modelled link bandwidths in GB/s (comma-separated; 'none' for storage only)")
     p.add_argument("--latency-us", type=float, default=50.0, help="modelled link latency per transfer (µs)")
     p.add_argument("--storage", action="store_true", help="also real per-expert file reads (page cache bypassed)")
     p.add_argument("--storage-dir", default=None, help="where the expert files go (default: the m2r2 cache)")
