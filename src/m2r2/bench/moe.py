@@ -10,6 +10,7 @@ strategy decodes the same prompt:
 * ``on-demand-lru`` / ``on-demand-lfu``: load on a miss, evict least recently / frequently used;
 * ``slow-prefetch``: the slow state through the next layer's router (Pre-gated MoE / AdapMoE-style);
 * ``m2r2-prefetch``: the M2R2 fast stream (shipped R=2 adapter) predicts layers ahead, top-k' experts;
+* ``m2r2-hybrid``: the same, plus the slow-state prediction of the next layer added to it (more recall);
 * ``oracle``: the true trace, prefetched in order of need, Belady eviction; ``all-resident``: no loads.
 
 Reported per (memory, budget, strategy): decode tokens/s, stall ms per token, hit rate (expert needs
@@ -32,7 +33,7 @@ from ..cli import int_at_least
 from ..errors import M2R2Error
 from .harness import _md_table, geomean, machine_info, pin_threads
 
-STRATEGIES = ("on-demand-lru", "on-demand-lfu", "slow-prefetch", "m2r2-prefetch", "oracle")
+STRATEGIES = ("on-demand-lru", "on-demand-lfu", "slow-prefetch", "m2r2-prefetch", "m2r2-hybrid", "oracle")
 BASELINE = "on-demand-lru"
 
 
@@ -62,9 +63,10 @@ def run_one(lm, moe, acc, prompt, max_new: int, strategy: str, budget: int | Non
         policy = {"on-demand-lru": OnDemand, "on-demand-lfu": OnDemand}.get(strategy)
         policy = policy() if policy else (SlowPrefetch(moe, prefetch_k) if strategy == "slow-prefetch" else
                                           M2R2Prefetch(moe, prefetch_k) if strategy == "m2r2-prefetch" else
-                                          Oracle(trace))
+                                          M2R2Prefetch(moe, prefetch_k, refine=True) if strategy == "m2r2-hybrid"
+                                          else Oracle(trace))
         cache.policy = policy
-        fast = strategy == "m2r2-prefetch"
+        fast = strategy in ("m2r2-prefetch", "m2r2-hybrid")
         strat = MoEDecode(moe, cache, acc if fast else None, policy if fast else None, name=strategy)
     try:
         out = lm.generate(list(prompt.token_ids), max_new_tokens=max_new, strategy=strat)
@@ -112,6 +114,14 @@ def aggregate(rows: list[dict], base: dict[str, dict], oracle: dict[str, dict], 
         out["precision"] = c["pred_tp"] / (c["pred_tp"] + c["pred_fp"]) if c["pred_tp"] + c["pred_fp"] else None
         out["recall"] = c["pred_tp"] / (c["pred_tp"] + c["pred_fn"]) if c["pred_tp"] + c["pred_fn"] else None
         out["prefetch_useful"] = c["prefetch_used"] / c["prefetch_loads"] if c["prefetch_loads"] else None
+        ahead: dict = {}
+        for x in caches:
+            for a, (tp, fp, fn) in x.get("by_lookahead_counts", {}).items():
+                t = ahead.setdefault(int(a), [0, 0, 0])
+                t[0], t[1], t[2] = t[0] + tp, t[1] + fp, t[2] + fn
+        out["by_lookahead"] = {a: {"precision": tp / (tp + fp) if tp + fp else None,
+                                   "recall": tp / (tp + fn) if tp + fn else None, "n": tp + fn}
+                               for a, (tp, fp, fn) in sorted(ahead.items())}
     fs = sum(r.get("fast_seconds", 0.0) for r in rows)
     out["fast_ms_per_token"] = 1e3 * fs / tok if tok and fs else None
     return out
@@ -151,6 +161,18 @@ def render_markdown(doc: dict) -> str:
                              _fmt(a.get("precision")), _fmt(a.get("recall")),
                              f"{a['identical_to_resident']}/{a['prompts']}"])
     lines.append(_md_table(header, rows))
+    # prediction quality by look-ahead (layers between the slow stream and the predicted layer)
+    mem0 = next(iter(doc["summary"]), None)
+    if mem0:
+        b0 = "25%" if "25%" in doc["summary"][mem0] else next(iter(doc["summary"][mem0]))
+        arows = [[s, str(a), _fmt(v["precision"]), _fmt(v["recall"]), str(v["n"])]
+                 for s, agg in doc["summary"][mem0][b0].items() for a, v in (agg.get("by_lookahead") or {}).items()
+                 if s != "oracle"]
+        if arows:
+            lines += ["", f"## Expert prediction by look-ahead ({mem0}, budget {b0})", "",
+                      "Look-ahead = layers between the slow stream's position when the prediction was made and the "
+                      "predicted layer; n = needed experts at that look-ahead.", "",
+                      _md_table(["strategy", "look-ahead", "precision", "recall", "n"], arows)]
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +233,8 @@ def main(args: argparse.Namespace) -> int:
     load_avg = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     lm = m2r2.load(args.model, dtype="float32", threads=args.threads)
     prompts, warm = build_prompts(lm, args)
-    acc = lm.load_accelerator(args.adapter, rate=args.rate) if "m2r2-prefetch" in names else None
+    acc = (lm.load_accelerator(args.adapter, rate=args.rate)
+           if {"m2r2-prefetch", "m2r2-hybrid"} & set(names) else None)
     moe = load_moefied(lm, args.moe, top_k=args.top_k)
     k = moe.top_k
     pk = args.prefetch_k or k

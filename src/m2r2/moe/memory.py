@@ -263,9 +263,14 @@ class CacheStats:
     pred_fp: int = 0
     pred_fn: int = 0
     pred_steps: int = 0
+    by_lookahead: dict = field(default_factory=dict)  # layers ahead -> [tp, fp, fn]
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
+        d["by_lookahead_counts"] = {a: list(v) for a, v in sorted(self.by_lookahead.items())}
+        d["by_lookahead"] = {a: {"precision": tp / (tp + fp) if tp + fp else None,
+                                 "recall": tp / (tp + fn) if tp + fn else None, "n": tp + fn}
+                             for a, (tp, fp, fn) in sorted(self.by_lookahead.items())}
         d["hit_rate"] = self.hits / self.lookups if self.lookups else None
         d["stall_ms_per_token"] = 1e3 * self.stall_seconds / self.tokens if self.tokens else None
         d["loads_per_token"] = self.loads / self.tokens if self.tokens else None
@@ -406,9 +411,10 @@ class ExpertCache:
             return False
         return self._request(key, need, demand=False) is not None
 
-    def predict(self, step: int, experts) -> None:
-        """Record a prediction of the experts of ``step`` (for precision/recall; the latest one counts)."""
-        self.predictions[step] = set(experts)
+    def predict(self, step: int, experts, lookahead: int = 1) -> None:
+        """Record a prediction of the experts of ``step``, made ``lookahead`` layers ahead of the slow stream
+        (for precision/recall; the latest one counts)."""
+        self.predictions[step] = (set(experts), lookahead)
 
     def _drop_stale(self) -> None:
         for key, e in list(self.map.items()):
@@ -431,11 +437,17 @@ class ExpertCache:
             self._drop_stale()
             pred = self.predictions.pop(int(self.now), None)
             if pred is not None:
+                pred, ahead = pred
                 need = set(experts)
                 st.pred_steps += 1
-                st.pred_tp += len(pred & need)
-                st.pred_fp += len(pred - need)
-                st.pred_fn += len(need - pred)
+                tp, fp, fn = len(pred & need), len(pred - need), len(need - pred)
+                st.pred_tp += tp
+                st.pred_fp += fp
+                st.pred_fn += fn
+                c = st.by_lookahead.setdefault(ahead, [0, 0, 0])
+                c[0] += tp
+                c[1] += fp
+                c[2] += fn
         keys = [(layer, e) for e in experts]
         self.pinned = set(keys)
         waits = []

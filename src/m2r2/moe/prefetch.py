@@ -30,6 +30,19 @@ from ..errors import SamplingError
 from .layers import MoEModel, Resident
 
 
+def predict_and_prefetch(cache, moe: MoEModel, j: int, x: torch.Tensor, top_k: int, lookahead: int,
+                         merge: bool = False) -> None:
+    """Layer j's norm and router on a residual state x (1, D): its top-k experts are the prediction for layer j
+    of the current token (made ``lookahead`` layers ahead of the slow stream), prefetched with that step as
+    their need. ``merge``: add to an earlier prediction of the same step instead of replacing it."""
+    blk = moe.model.layers[j]
+    ids = blk.ffn.route(blk.post_norm(x), top_k)[0][0].tolist()
+    step = cache.step_of(j)
+    cache.predict(step, set(ids) | (cache.predictions.get(step, (set(), 0))[0] if merge else set()), lookahead)
+    for e in ids:
+        cache.prefetch((j, e), step)
+
+
 class OnDemand:
     name = "on-demand"
 
@@ -49,12 +62,7 @@ class SlowPrefetch:
         j = layer + 1
         if not cache.recording or state is None or j >= self.moe.num_layers:
             return
-        blk = self.moe.model.layers[j]
-        ids = blk.ffn.route(blk.post_norm(state), self.top_k)[0][0].tolist()
-        step = cache.step_of(j)
-        cache.predict(step, ids)
-        for e in ids:
-            cache.prefetch((j, e), step)
+        predict_and_prefetch(cache, self.moe, j, state, self.top_k, 1)
 
 
 class M2R2Prefetch:
@@ -62,23 +70,25 @@ class M2R2Prefetch:
 
     name = "m2r2-prefetch"
 
-    def __init__(self, moe: MoEModel, top_k: int):
-        self.moe, self.top_k = moe, top_k
+    def __init__(self, moe: MoEModel, top_k: int, refine: bool = False):
+        self.moe, self.top_k, self.refine = moe, top_k, refine
+        if refine:
+            self.name = "m2r2-hybrid"
 
     def on_fetch(self, cache, layer, experts, state) -> None:
-        pass
+        """``refine`` (m2r2-hybrid): the slow state also predicts the next layer, added to the fast stream's
+        earlier prediction (more recall for the nearest layer, at the price of extra loads)."""
+        j = layer + 1
+        if self.refine and cache.recording and state is not None and j < self.moe.num_layers:
+            predict_and_prefetch(cache, self.moe, j, state, self.top_k, 1, merge=True)
 
-    def after_fast(self, cache, targets: list[int], f: torch.Tensor) -> None:
-        """f: the fast state (1, 1, D) approximating the slow state at the end of ``targets[-1] - 1``."""
+    def after_fast(self, cache, layer: int, targets: list[int], f: torch.Tensor) -> None:
+        """f: the fast state (1, 1, D) after fast layer ``layer`` (the slow stream has just finished it),
+        approximating the slow state at depth R * (layer + 1): it predicts ``targets``."""
         if not cache.recording:
             return
         for j in targets:
-            blk = self.moe.model.layers[j]
-            ids = blk.ffn.route(blk.post_norm(f).reshape(1, -1), self.top_k)[0][0].tolist()
-            step = cache.step_of(j)
-            cache.predict(step, ids)
-            for e in ids:
-                cache.prefetch((j, e), step)
+            predict_and_prefetch(cache, self.moe, j, f.reshape(1, -1), self.top_k, j - layer)
 
 
 class Oracle:
@@ -110,9 +120,9 @@ class Oracle:
                 if prev is None or prev < now or s < prev:
                     cache.next_use[key] = s
         if cache.token < len(self.trace) and layer + 1 < L:
-            cache.predict(now + 1, self.trace[cache.token][layer + 1])
+            cache.predict(now + 1, self.trace[cache.token][layer + 1], 1)
         elif cache.token + 1 < len(self.trace) and layer + 1 == L:
-            cache.predict(now + 1, self.trace[cache.token + 1][0])
+            cache.predict(now + 1, self.trace[cache.token + 1][0], 1)
         done = set()
         for key, s in future:
             if key in done:
@@ -201,7 +211,7 @@ class MoEDecode:
                 t0 = time.perf_counter()
                 f = self._fast_layer(m, i, f, ctx, state.cache, t)
                 targets = [j for j in range(R * i + 1, R * (i + 1) + 1) if i < j < L]
-                self.policy.after_fast(prov, targets, f)
+                self.policy.after_fast(prov, i, targets, f)
                 self.fast_seconds += time.perf_counter() - t0
         m.forward_passes += 1
         logits = m.head(x)[:, 0]
