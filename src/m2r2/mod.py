@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError, SamplingError
+from .files import load_pair, save_pair
 
 MOD_FORMAT = 1
 N_QUANTILES = 101
@@ -83,28 +84,13 @@ class MoDRouters(nn.Module):
 
     # ---- files ----
     def save(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-        d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp_w, tmp_c = d / ".mod.safetensors.tmp", d / ".mod.json.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp_w))
-        tmp_c.write_text(json.dumps(asdict(self.cfg), indent=1))
-        os.replace(tmp_w, d / "mod.safetensors")
-        os.replace(tmp_c, d / "mod.json")
-        return d
+        return save_pair(path, "mod", self.state_dict(), asdict(self.cfg))
 
     @classmethod
     def load(cls, path: str | os.PathLike, identity: str | None = None,
              num_layers: int | None = None) -> "MoDRouters":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        d = Path(path)
-        try:
-            cfg = MoDConfig(**json.loads((d / "mod.json").read_text()))
-            r = cls(cfg)
-            r.load_state_dict(load_file(str(d / "mod.safetensors")))
-        except (OSError, json.JSONDecodeError, TypeError, SafetensorError, RuntimeError) as e:
-            raise AdapterError(f"the MoD routers in {d} are missing or corrupt: {e}") from e
+        r = load_pair(path, "mod", "MoD routers", lambda raw: cls(MoDConfig(**raw)))
+        cfg, d = r.cfg, Path(path)
         if identity is not None and cfg.base_identity and cfg.base_identity != identity:
             raise AdapterError(f"the MoD routers in {d} were trained for another model ({cfg.base_identity}), "
                                f"not {identity}")

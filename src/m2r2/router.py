@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterError
+from .files import load_pair, save_pair
 
 ROUTER_FORMAT = 1
 
@@ -78,27 +78,11 @@ class ARLARouter(nn.Module):
 
     # ---- files ----
     def save(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-        d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp_w, tmp_c = d / ".router.safetensors.tmp", d / ".router.json.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp_w))
-        tmp_c.write_text(json.dumps(asdict(self.cfg), indent=1))
-        os.replace(tmp_w, d / "router.safetensors")
-        os.replace(tmp_c, d / "router.json")
-        return d
+        return save_pair(path, "router", self.state_dict(), asdict(self.cfg))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ARLARouter":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        d = Path(path)
-        try:
-            cfg = RouterConfig(**json.loads((d / "router.json").read_text()))
-            r = cls(cfg)
-            r.load_state_dict(load_file(str(d / "router.safetensors")))
-        except (OSError, json.JSONDecodeError, TypeError, SafetensorError, RuntimeError) as e:
-            raise AdapterError(f"the router in {d} is missing or corrupt: {e}") from e
+        r = load_pair(path, "router", "ARLA router", lambda raw: cls(RouterConfig(**raw)))
         return r.eval().requires_grad_(False)
 
 
