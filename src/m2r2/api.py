@@ -67,15 +67,15 @@ class LM:
             raise AdapterError(f"{path} holds a {acc.cfg.kind} adapter, not a {kind} one")
         return acc
 
-    STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "calm", "m2r2-exit",
-                  "m2r2-exit-conf", "skipdecode", "mod")
+    STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "lookahead", "medusa",
+                  "draft-model", "calm", "m2r2-exit", "m2r2-exit-conf", "skipdecode", "mod")
 
     def strategy(self, name: str = "plain", *, rate: int = 2, adapter: str | os.PathLike | None = None,
                  gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, draft_vocab: bool = True,
                  depth: int | None = None, stop_below: float = 0.0, max_ngram: int = 3,
                  threshold: float = 0.9, kv: str = "recompute", min_layers: int | None = None,
                  span: int = 128, skip: float = 0.25, routers: str | os.PathLike | None = None,
-                 ride: bool = True) -> Strategy:
+                 ride: bool = True, window: int = 4, ngram: int = 4) -> Strategy:
         """A decoding strategy by name, for ``generate(strategy=...)``:
 
         * ``plain``: one full forward per token;
@@ -86,7 +86,12 @@ class LM:
           (default: as deep as the R=2 fast stream);
         * ``early-exit-adapter``: early-exit drafting through one trained exit adapter (the shipped
           ``kind="exit"`` adapter for ``rate``, or ``adapter``);
-        * ``prompt-lookup``: the same, drafting by n-gram lookup in the context (up to ``max_ngram``).
+        * ``prompt-lookup``: the same, drafting by n-gram lookup in the context (up to ``max_ngram``);
+        * ``lookahead``: Lookahead decoding, drafting from an n-gram pool filled by Jacobi iterations over a
+          ``window`` x (``ngram`` - 1) window of guesses that rides in the verification forward;
+        * ``medusa``: Medusa heads on the model's final hidden state (the shipped ones, or ``adapter``);
+        * ``draft-model``: 2-model speculative decoding with a small draft model distilled from this one
+          (the shipped one, or ``adapter``), run with its own KV cache.
 
         Every speculative strategy verifies with the full model, so greedy output equals ``plain``.
 
@@ -148,12 +153,39 @@ class LM:
             drafter = StreamDrafter(None, depth=depth, stop_below=stop_below)
         elif name == "prompt-lookup":
             drafter = PromptLookupDrafter(max_ngram=max_ngram)
+        elif name == "lookahead":
+            from .lookahead import LookaheadDrafter
+            try:
+                drafter = LookaheadDrafter(window=window, ngram=ngram)
+            except ValueError as e:
+                raise SamplingError(str(e)) from None
+            max_gamma = max(max_gamma, ngram - 1)
+        elif name in ("medusa", "draft-model"):
+            drafter = self._peer_drafter(name, adapter, draft_vocab)
         else:
             raise SamplingError(f"unknown strategy {name!r} (available: {', '.join(self.STRATEGIES)})")
         try:
             return Speculative(drafter, gamma=gamma, max_gamma=max_gamma, adaptive=adaptive)
         except ValueError as e:
             raise SamplingError(str(e)) from None
+
+    def _peer_drafter(self, kind: str, path, draft_vocab: bool):
+        """The Medusa or draft-model drafter from ``path`` or the artifact shipped for this model."""
+        from .draft_model import DraftModel, DraftModelDrafter
+        from .errors import AdapterError
+        from .medusa import MedusaDrafter, MedusaHeads, find_shipped as find_peer, read_draft_vocab
+        key = (kind, None if path is None else str(path))
+        if key not in self._accelerators:
+            where = path or find_peer(self.source.identity, kind)
+            if where is None:
+                raise AdapterError(f"no {kind} artifact ships for {self.source.name}; train one with "
+                                   "`python -m m2r2.peer_train` and pass its directory as adapter=")
+            obj = (MedusaHeads.load(where, self.source.identity) if kind == "medusa"
+                   else DraftModel.build(where, self.model, self.source.identity))
+            self._accelerators[key] = (obj, read_draft_vocab(where, self.config.vocab_size))
+        obj, vocab = self._accelerators[key]
+        vocab = vocab if draft_vocab else None
+        return MedusaDrafter(obj, vocab) if kind == "medusa" else DraftModelDrafter(obj, vocab)
 
     def _accelerator_for(self, kind: str, rate: int, adapter):
         key = (kind, rate, None if adapter is None else str(adapter))

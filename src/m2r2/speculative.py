@@ -116,7 +116,8 @@ class Speculative:
         self.drafter = drafter
         self.name = drafter.name
         self.gamma0, self.max_gamma, self.adaptive = gamma, max_gamma, adaptive
-        self.cache_slack = max_gamma + 1  # verification writes the pending token and up to max_gamma drafts
+        # verification writes the pending token and up to max_gamma drafts (and any rows the drafter adds)
+        self.cache_slack = max_gamma + 1 + getattr(drafter, "extra_slots", 0)
 
     def setup(self, state: DecodeState) -> None:
         self.gamma = self.gamma0
@@ -143,7 +144,10 @@ class Speculative:
         n = state.cache.lengths
         ids = torch.cat([state.pending.view(-1, 1), drafts], 1)  # (B, g+1)
         positions = n.view(-1, 1) + torch.arange(g + 1)
-        logits = state.model(ids, state.cache, positions)  # (B, g+1, V): slow K/V overwrite the drafts' slots
+        # (B, g+1, V): slow K/V overwrite the drafts' slots. A drafter may run this forward itself
+        # (``verify_forward``) to keep states it drafts from (Medusa) or to add rows of its own (Lookahead)
+        fwd = getattr(self.drafter, "verify_forward", None)
+        logits = fwd(state, ids, positions) if fwd is not None else state.model(ids, state.cache, positions)
         accepted, nxt = verify(logits, draft, state.sampling, state.generator)
         self.draft_seconds += t1 - t0
         self.verify_seconds += time.perf_counter() - t1

@@ -31,11 +31,15 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
     "early-exit": ("early-exit", {}),
     "early-exit-adapter": ("early-exit-adapter", {"rate": 2}),
     "prompt-lookup": ("prompt-lookup", {}),
+    "lookahead": ("lookahead", {}),  # W=4, N=4: 12 window rows in every verification forward
+    "medusa": ("medusa", {}),  # 3 heads, chain drafting over the draft vocabulary
+    "draft-model": ("draft-model", {}),  # 4 layers of the target, LoRA-distilled, its own KV cache
 }
-EXTERNAL_ARMS = ("hf-pld", "llamacpp")
+EXTERNAL_ARMS = ("hf-pld", "hf-assist", "llamacpp")
 ARM_NAMES = (*M2R2_ARMS, *EXTERNAL_ARMS)
 DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-confstop", "m2r2-r3", "m2r2-r4", "early-exit",
-                "early-exit-adapter", "prompt-lookup", "hf-pld", "llamacpp")
+                "early-exit-adapter", "prompt-lookup", "lookahead", "medusa", "draft-model", "hf-pld", "hf-assist",
+                "llamacpp")
 
 
 class StrategyArm:
@@ -73,6 +77,29 @@ class StrategyArm:
         pass  # the strategy stays for the summary (its drafter's depth and vocabulary)
 
 
+class HFAssistArm(HFGenerateArm):
+    """transformers' assisted generation with ``assistant_model=`` the distilled draft model (the one the
+    ``draft-model`` arm runs, converted to a transformers model: same weights, same tokenizer)."""
+
+    def __init__(self, lm, name: str = "hf-assist"):
+        super().__init__(lm, name)
+
+    def setup(self) -> None:
+        import functools
+
+        from ..draft_model import to_hf
+        from ..errors import AdapterError
+        try:
+            drafter = self.lm.strategy("draft-model").drafter
+        except AdapterError as e:
+            raise ArmUnavailable(str(e)) from None
+        if self.lm.source.hf_dir is None:
+            raise ArmUnavailable("the model has no transformers directory")
+        super().setup()
+        assistant = to_hf(drafter.model, self.lm.source.hf_dir)
+        self.model.generate = functools.partial(self.model.generate, assistant_model=assistant)
+
+
 class GreedyOnly:
     """Wraps an external arm that this benchmark can only run greedily."""
 
@@ -94,17 +121,22 @@ class GreedyOnly:
 
 def draft_bytes(lm, name: str, strategy) -> float | None:
     """Weight bytes one draft token reads, relative to a full forward (float32): the layers it runs, its
-    adapters and its read-out rows."""
+    adapters or Medusa head and its read-out rows. Prompt lookup and Lookahead read nothing to draft
+    (Lookahead pays in its verification forward instead: see the verify cost)."""
     drafter = getattr(strategy, "drafter", None)
-    depth = getattr(drafter, "depth", None)
-    if depth is None:
-        return 0.0 if drafter is not None else None  # prompt lookup: no model compute
+    if drafter is None:
+        return None
+    depth, head = getattr(drafter, "depth", None), getattr(drafter, "_head", None)
+    if depth is None or head is None:
+        return 0.0
     m = lm.model
     per_layer = sum(p.numel() for p in m.layers[0].parameters()) * 4
-    head_rows = drafter._head.size if drafter._head is not None else m.cfg.vocab_size
-    adapters = drafter.acc.param_bytes() if drafter.acc is not None else 0
+    acc, heads = getattr(drafter, "acc", None), getattr(drafter, "heads", None)
+    extra = acc.param_bytes() if acc is not None else 0
+    if heads is not None:  # one Medusa block per draft token
+        extra += heads.param_bytes() // heads.num_heads
     full = per_layer * m.cfg.num_layers + m.cfg.vocab_size * m.cfg.hidden_size * 4
-    return (per_layer * depth + adapters + head_rows * m.cfg.hidden_size * 4) / full
+    return (per_layer * depth + extra + head.size * m.cfg.hidden_size * 4) / full
 
 
 def speculative_summary(records: list[dict], arms: dict[str, object], lm, categories: list[str]) -> dict:
@@ -153,6 +185,8 @@ def make_arms(names: list[str], lm, args: argparse.Namespace, n_ctx: int) -> lis
         elif n == "hf-pld":
             arms.append(GreedyOnly(HFGenerateArm(lm, "hf-pld", prompt_lookup_num_tokens=args.pld_tokens),
                                    args.temperature))
+        elif n == "hf-assist":
+            arms.append(GreedyOnly(HFAssistArm(lm), args.temperature))
         elif n == "hf-generate":
             arms.append(GreedyOnly(HFGenerateArm(lm), args.temperature))
         elif n == "llamacpp":

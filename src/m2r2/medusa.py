@@ -1,0 +1,193 @@
+"""Medusa heads (Cai et al. 2024): K extra heads on the model's final hidden state guess the tokens after
+the next one, a drafter for the shared speculative loop.
+
+Head k (k = 1..K) maps the final hidden state h_t of position t (the one whose LM-head read-out is the
+model's own next token t+1) to a guess of token t+1+k: a residual block ``h + SiLU(W_k h + b_k)`` read out
+by the model's frozen final norm and (tied) LM head, optionally over a reduced draft vocabulary. W_k starts
+at zero, so an untrained head reads out the model's own next-token distribution (shifted by k).
+
+Drafting needs h at the position that produced the pending token, which only the full model computes: the
+drafter therefore runs the verification forward itself (``verify_forward``, the hook ``Speculative``
+offers) and keeps the last layer's states; after verification the pending token came from row
+``accepted`` of that forward. The first step after prefill has no such state and drafts nothing. Chain
+drafting, top-1 (or sampled) per head, through the one verifier; tree attention over several candidates
+per head is not done (the engine's mask is causal over positions, and on CPU every extra verification row
+costs). Under sampling each head's distribution is the proposal of its draft token; it ignores the earlier
+drafts, which keeps rejection sampling exact (a proposal may be any function of the context).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AdapterError
+from .generate import DecodeState
+from .model import Transformer
+
+if TYPE_CHECKING:
+    from .speculative import Draft
+
+WEIGHTS, CONFIG = "medusa.safetensors", "medusa.json"
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, hidden: int, heads: int = 3, base_identity: str | None = None):
+        super().__init__()
+        if heads < 1:
+            raise ValueError(f"need at least one Medusa head, got {heads}")
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(heads))
+        for b in self.blocks:
+            nn.init.zeros_(b.weight)
+            nn.init.zeros_(b.bias)
+        self.base_identity = base_identity
+        self.training_info: dict = {}
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.blocks)
+
+    def states(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """h (..., D) final hidden states -> K residual states (..., D), read out by the model's head."""
+        return [h + F.silu(b(h.to(b.weight.dtype))).to(h.dtype) for b in self.blocks]
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        from safetensors.torch import save_file
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in self.state_dict().items()}
+        save_file(sd, str(out / WEIGHTS))
+        cfg = {"kind": "medusa", "format": 1, "heads": self.num_heads, "hidden_size": self.blocks[0].in_features,
+               "base_identity": self.base_identity, "training": self.training_info}
+        (out / CONFIG).write_text(json.dumps(cfg, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, identity: str | None = None) -> "MedusaHeads":
+        from safetensors.torch import load_file
+        p = Path(path)
+        if not (p / CONFIG).is_file():
+            raise AdapterError(f"{p} holds no Medusa heads ({CONFIG} missing)")
+        cfg = json.loads((p / CONFIG).read_text())
+        if identity is not None and cfg.get("base_identity") != identity:
+            raise AdapterError(f"{p}: Medusa heads trained for {cfg.get('base_identity')}, not {identity}")
+        m = cls(cfg["hidden_size"], cfg["heads"], cfg.get("base_identity"))
+        m.load_state_dict({k: v.float() for k, v in load_file(str(p / WEIGHTS)).items()})
+        m.training_info = cfg.get("training", {})
+        return m.eval().requires_grad_(False)
+
+
+def medusa_loss(heads: MedusaHeads, model: Transformer, h: torch.Tensor, teacher_logp: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Self-distillation loss of the heads on one batch: ``h`` (B, T, D) the frozen model's final hidden
+    states, ``teacher_logp`` (B, T, V) its log-probabilities, ``mask`` (B, T) the scored positions. Head k at
+    position t is trained towards the model's own distribution at t+k, i.e. over token t+k+1 (KL, like the
+    M2R2 adapters' objective); positions whose t+k falls past the scored span are skipped."""
+    terms, agree = [], {}
+    T = h.shape[1]
+    for k, z in enumerate(heads.states(h), start=1):
+        if T <= k:
+            break
+        valid = mask[:, :-k] & mask[:, k:]  # position t and its target t+k both scored
+        sel = valid.nonzero(as_tuple=True)
+        if sel[0].numel() == 0:
+            continue
+        tgt = teacher_logp[:, k:][sel]  # (N, V)
+        logp = torch.log_softmax(model.head(z[:, :-k][sel]), -1)
+        terms.append((tgt.exp() * (tgt - logp)).sum(-1).mean())
+        agree[k] = float((logp.detach().argmax(-1) == tgt.argmax(-1)).float().mean())
+    loss = torch.stack(terms).mean()
+    return loss, {"loss": float(loss.detach()), "agree": agree}
+
+
+class MedusaDrafter:
+    """Drafts up to K tokens per step from the Medusa heads on the last verified final hidden state."""
+
+    name = "medusa"
+
+    def __init__(self, heads: MedusaHeads, vocab: torch.Tensor | None = None):
+        self.heads, self.vocab = heads, vocab
+        self._head = None
+        self.depth = 0  # no layer runs to draft: only the heads' blocks and the read-out (bench accounting)
+
+    def setup(self, state: DecodeState) -> None:
+        from .speculative import DraftHead
+        if self._head is None or self._head.model is not state.model:
+            self._head = DraftHead(state.model, self.vocab)
+        self.h = None  # (B, g+1, D) final states of the last verification forward
+        self.n_before = None
+        self.calls = 0
+
+    def stats(self) -> dict:
+        return {"draft_calls": self.calls, "draft_vocab": self._head.size, "medusa_heads": self.heads.num_heads}
+
+    def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The verification forward, keeping the last layer's states for the next draft."""
+        m = state.model
+        ctx = m.context(state.cache, positions)
+        x = m.embed(ids)
+        for i in range(m.cfg.num_layers):
+            x = m.layer(i, x, ctx)
+        m.forward_passes += 1
+        self.h, self.n_before = x, state.cache.lengths.clone()
+        return m.head(x)
+
+    def draft(self, state: DecodeState, gamma: int) -> Draft:
+        from .speculative import Draft
+        B = state.batch
+        if self.h is None:  # first step after prefill: no final state yet
+            return Draft(torch.zeros(B, 0, dtype=torch.long))
+        # the pending token came out of verification row (tokens committed by that step) - 1
+        row = (state.cache.lengths - self.n_before - 1).clamp_min(0)
+        h = self.h[torch.arange(B), row]  # (B, D)
+        g = min(gamma, self.heads.num_heads)
+        s, head = state.sampling, self._head
+        drafts, qs = [], []
+        for z in self.heads.states(h)[:g]:
+            logits = head.logits(z)
+            self.calls += 1
+            if s.greedy:
+                idx = logits.argmax(-1)
+            else:
+                q = s.probs(logits)
+                idx = torch.multinomial(q, 1, generator=state.generator)[:, 0]
+                qs.append(head.scatter_full(q))
+            drafts.append(head.to_full(idx))
+        return Draft(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None)
+
+
+def find_shipped(identity: str, kind: str) -> Path | None:
+    """A shipped peer artifact (``kind``: "medusa" or "draft-model") for this base model, if any."""
+    from .accelerator import shipped_dir
+    root = shipped_dir()
+    for cfg_file in sorted(root.glob("*/*.json")) if root.is_dir() else []:
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(raw, dict) and raw.get("kind") == kind and raw.get("base_identity") == identity:
+            return cfg_file.parent
+    return None
+
+
+def read_draft_vocab(path: str | os.PathLike, vocab_size: int) -> torch.Tensor | None:
+    """The frequent-token draft vocabulary written beside a peer artifact (``draft_vocab.json``), if any."""
+    f = Path(path) / "draft_vocab.json"
+    if not f.is_file():
+        return None
+    try:
+        ids = torch.tensor(json.loads(f.read_text())["token_ids"], dtype=torch.long)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{f} is corrupt: {e}") from e
+    if ids.numel() == 0 or int(ids.max()) >= vocab_size or int(ids.min()) < 0:
+        raise AdapterError(f"{f} holds token ids outside this model's vocabulary")
+    return ids

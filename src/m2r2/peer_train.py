@@ -1,0 +1,168 @@
+"""Train the speculative peers that need training: Medusa heads and a distilled 2-model draft.
+
+    python -m m2r2.peer_train --data data/distill-smollm2-135m --out runs/peers --steps 40 --warmup-steps 8 --threads 1
+
+Same data, batches and number of scored tokens as ``m2r2 train`` with the same ``--steps/--batch-size/
+--max-len/--seed`` (``m2r2.train.batch_indices`` and ``make_batch``: the scored positions are the last prompt
+position and the response). Both peers learn from the frozen full model (KL to its distribution), so one
+teacher forward per batch serves both; each has its own AdamW optimiser and the schedule of ``m2r2 train``.
+Writes ``<out>/medusa`` and ``<out>/draft`` (each with the frequent-token draft vocabulary and a json
+recording the command, tokens and wall time: the shared teacher time and each peer's own time).
+Checkpoints atomically every ``--checkpoint-every`` steps; re-run the same command to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import M2R2Error
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
+    p.add_argument("--out", default="runs/peers")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=320)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--medusa-heads", type=int, default=3)
+    p.add_argument("--draft-layers", default="0,1,2,3", help="layers of the target kept in the draft model")
+    p.add_argument("--draft-rank", type=int, default=32)
+    p.add_argument("--draft-vocab", type=int, default=4096)
+    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .accelerator import slow_trace, write_draft_vocab
+    from .api import load
+    from .bench.harness import _command_line
+    from .distill_data import load_dataset
+    from .draft_model import DraftModel, draft_loss
+    from .medusa import MedusaHeads, medusa_loss
+    from .train import TrainConfig, _atomic_save, batch_indices, lr_at, make_batch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sched = TrainConfig(data=args.data, steps=args.steps, warmup_steps=args.warmup_steps, lr=args.lr,
+                        batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
+    lm = load(threads=args.threads)
+    model = lm.model.requires_grad_(False)
+    records = load_dataset(args.data, model_identity=lm.source.identity)
+    layers = [int(x) for x in args.draft_layers.split(",") if x.strip()]
+    torch.manual_seed(args.seed)
+    medusa = MedusaHeads(model.cfg.hidden_size, args.medusa_heads, lm.source.identity)
+    draft = DraftModel(model, layers, args.draft_rank, lm.source.identity)
+    opts = {"medusa": torch.optim.AdamW(medusa.parameters(), lr=args.lr),
+            "draft": torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)}
+    identity = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "no_progress", "checkpoint_every")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.pt"
+    step, tokens, secs = 0, 0, {"teacher": 0.0, "medusa": 0.0, "draft": 0.0, "wall": 0.0}
+    if ckpt.is_file():
+        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if ck["identity"] != identity:
+            raise M2R2Error(f"{out} holds a run with other settings; pass another --out or delete it")
+        medusa.load_state_dict(ck["medusa"])
+        draft.load_state_dict(ck["draft"], strict=False)
+        for k, o in opts.items():
+            o.load_state_dict(ck["opt_" + k])
+        step, tokens, secs = ck["step"], ck["tokens"], ck["seconds"]
+        print(f"m2r2: resuming {out} at step {step}", file=sys.stderr)
+    trained = {k for k, v in draft.named_parameters() if v.requires_grad}
+
+    def checkpoint() -> None:
+        _atomic_save({"identity": identity, "medusa": medusa.state_dict(),
+                      "draft": {k: v for k, v in draft.state_dict().items() if k in trained},
+                      **{"opt_" + k: o.state_dict() for k, o in opts.items()},
+                      "step": step, "tokens": tokens, "seconds": secs}, ckpt)
+
+    bar = tqdm(total=args.steps, initial=step, desc="train medusa + draft", unit="step", file=sys.stderr,
+               disable=args.no_progress, dynamic_ncols=True)
+    log = open(out / "train_log.jsonl", "a", encoding="utf-8")
+    last: dict = {}
+    t_wall = time.perf_counter()
+    wall0 = secs["wall"]
+    while step < args.steps:
+        ids, valid = make_batch(records, batch_indices(len(records), step, args.batch_size, args.seed), args.max_len)
+        lr = lr_at(step, sched)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            states, _ = slow_trace(model, ids)
+            h = states[-1]
+            teacher_logp = torch.log_softmax(model.head(h), -1)
+            del states
+        t1 = time.perf_counter()
+        stats = {}
+        for name, run in (("medusa", lambda: medusa_loss(medusa, model, h, teacher_logp, valid)),
+                          ("draft", lambda: draft_loss(draft, ids, teacher_logp, valid))):
+            ts = time.perf_counter()
+            o = opts[name]
+            for g in o.param_groups:
+                g["lr"] = lr
+            loss, st = run()
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for g in o.param_groups for p in g["params"]]
+            st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            o.step()
+            stats[name] = st
+            secs[name] += time.perf_counter() - ts
+        secs["teacher"] += t1 - t0
+        step += 1
+        ntok = int(valid.sum())
+        tokens += ntok
+        secs["wall"] = wall0 + time.perf_counter() - t_wall
+        last = {"step": step, "lr": lr, "tokens": ntok, **stats}
+        log.write(json.dumps(last) + "\n")
+        log.flush()
+        bar.set_postfix(medusa=f"{stats['medusa']['loss']:.2f}", draft=f"{stats['draft']['loss']:.2f}",
+                        draft_agree=f"{stats['draft']['agree']:.2f}", refresh=False)
+        bar.update(1)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            checkpoint()
+    bar.close()
+    log.close()
+    common = {"command": _command_line(), "config": identity, "examples": len(records), "steps": step,
+              "tokens_seen": tokens, "shared_teacher_seconds": round(secs["teacher"], 1),
+              "wall_seconds_both": round(secs["wall"], 1), "threads": args.threads}
+    medusa.training_info = {**common, "own_seconds": round(secs["medusa"], 1), "last_log": last.get("medusa")}
+    draft.training_info = {**common, "own_seconds": round(secs["draft"], 1), "last_log": last.get("draft")}
+    for name, obj in (("medusa", medusa), ("draft", draft)):
+        d = out / name
+        obj.save(d, dtype=torch.float32)
+        write_draft_vocab(d, records, args.draft_vocab, always=tuple(model.cfg.eos_token_ids))
+    print(json.dumps(last), flush=True)
+    return 0
+
+
+def ship(src: str, dst: str) -> Path:
+    """Copy a trained peer directory (medusa or draft) into the package as float16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    s, d = Path(src), Path(dst)
+    d.mkdir(parents=True, exist_ok=True)
+    for f in s.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.half().contiguous() for k, v in load_file(str(f)).items()}, str(d / f.name))
+        elif f.suffix == ".json":
+            shutil.copyfile(f, d / f.name)
+    return d
+
+
+if __name__ == "__main__":
+    from .cli import run_standalone
+    run_standalone("python -m m2r2.peer_train", __doc__.split("\n\n")[0], _add_args, main)
