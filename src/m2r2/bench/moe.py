@@ -148,15 +148,22 @@ def render_markdown(doc: dict) -> str:
                      f"({st['page_cache_bypass']})")
     lines += ["", "Decode tokens/s (prefill excluded); speedup = per-prompt ratio to on-demand LRU, geometric mean; "
               "gap closed = (LRU - s) / (LRU - oracle) in seconds per token; hit = needed expert already loaded; "
-              "precision/recall of the expert predictions for each (token, layer).", ""]
-    header = ["memory", "budget", "strategy", "tok/s", "x LRU", "gap closed", "stall ms/tok", "hit rate",
-              "loads/tok", "precision", "recall", "same as resident"]
+              "precision/recall of the expert predictions for each (token, layer). ms/tok = stall (the compute thread "
+              "waiting for a load) + other (compute, the policy's bookkeeping, and whatever the loader thread's copies "
+              "and wake-ups cost the compute thread); fast = the M2R2 fast row and its predictions (part of other).",
+              ""]
+    header = ["memory", "budget", "strategy", "tok/s", "x LRU", "gap closed", "ms/tok", "stall ms/tok",
+              "other ms/tok", "fast ms/tok", "hit rate", "loads/tok", "precision", "recall", "same as resident"]
     rows = []
     for mem, by_b in doc["summary"].items():
         for b, by_s in by_b.items():
             for s, a in by_s.items():
+                ms = 1e3 / a["tokens_per_s"] if a["tokens_per_s"] else None
+                st = a.get("stall_ms_per_token")
                 rows.append([mem, b, s, _fmt(a["tokens_per_s"], ".1f"), _fmt(a.get("speedup_vs_lru")),
-                             _fmt(a.get("gap_closed")), _fmt(a.get("stall_ms_per_token"), ".1f"),
+                             _fmt(a.get("gap_closed")), _fmt(ms, ".0f"), _fmt(st, ".0f"),
+                             _fmt(None if ms is None or st is None else ms - st, ".0f"),
+                             _fmt(a.get("fast_ms_per_token"), ".0f"),
                              _fmt(a.get("hit_rate")), _fmt(a.get("loads_per_token"), ".1f"),
                              _fmt(a.get("precision")), _fmt(a.get("recall")),
                              f"{a['identical_to_resident']}/{a['prompts']}"])
