@@ -41,6 +41,7 @@ def predict_and_prefetch(cache, moe: MoEModel, j: int, x: torch.Tensor, top_k: i
     cache.predict(step, set(ids) | (cache.predictions.get(step, (set(), 0))[0] if merge else set()), lookahead)
     for e in ids:
         cache.prefetch((j, e), step)
+    cache.kick()
 
 
 class OnDemand:
@@ -96,7 +97,7 @@ class Oracle:
 
     name = "oracle"
 
-    def __init__(self, trace: list[list[list[int]]], horizon_tokens: int = 2):
+    def __init__(self, trace: list[list[list[int]]], horizon_tokens: int = 1):
         self.trace, self.horizon = trace, horizon_tokens
 
     def on_fetch(self, cache, layer, experts, state) -> None:
