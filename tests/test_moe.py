@@ -127,8 +127,8 @@ def test_outputs_identical_across_strategies_and_memories(tiny_moe, tmp_path):
     ref = run(moe, tr, tokens=10)
     assert run(moe, Resident(moe.bank), tokens=10) == ref
     stores = [LinkStore(moe.bank, 5.0, 20e-6), FileStore(tmp_path / "experts", moe.bank)]
-    for store in stores:
-        for name in ("lru", "lfu", "slow", "m2r2", "oracle"):
+    for store in stores:  # real file reads are slow: fewer strategies there
+        for name in ("lru", "lfu", "slow", "m2r2", "oracle") if store.kind == "link" else ("lru", "m2r2"):
             c = ExpertCache(moe, 5, store, evict="lfu" if name == "lfu" else "lru")
             pol = {"slow": SlowPrefetch(moe, 3), "m2r2": M2R2Prefetch(moe, 3), "oracle": Oracle(tr.trace)}.get(name, OnDemand())
             c.policy = pol
