@@ -38,6 +38,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-rank", type=int, default=32)
     p.add_argument("--draft-vocab", type=int, default=4096)
     p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="end the run at this step and export (the schedule still spans --steps)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
 
@@ -66,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
     draft = DraftModel(model, layers, args.draft_rank, lm.source.identity)
     opts = {"medusa": torch.optim.AdamW(medusa.parameters(), lr=args.lr),
             "draft": torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)}
-    identity = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "no_progress", "checkpoint_every")}
+    identity = {k: v for k, v in vars(args).items()
+                if k not in ("out", "threads", "no_progress", "checkpoint_every", "stop_at")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
@@ -89,13 +92,14 @@ def main(args: argparse.Namespace) -> int:
                       **{"opt_" + k: o.state_dict() for k, o in opts.items()},
                       "step": step, "tokens": tokens, "seconds": secs}, ckpt)
 
-    bar = tqdm(total=args.steps, initial=step, desc="train medusa + draft", unit="step", file=sys.stderr,
+    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    bar = tqdm(total=end, initial=step, desc="train medusa + draft", unit="step", file=sys.stderr,
                disable=args.no_progress, dynamic_ncols=True)
     log = open(out / "train_log.jsonl", "a", encoding="utf-8")
     last: dict = {}
     t_wall = time.perf_counter()
     wall0 = secs["wall"]
-    while step < args.steps:
+    while step < end:
         ids, valid = make_batch(records, batch_indices(len(records), step, args.batch_size, args.seed), args.max_len)
         lr = lr_at(step, sched)
         t0 = time.perf_counter()
@@ -131,11 +135,15 @@ def main(args: argparse.Namespace) -> int:
         bar.set_postfix(medusa=f"{stats['medusa']['loss']:.2f}", draft=f"{stats['draft']['loss']:.2f}",
                         draft_agree=f"{stats['draft']['agree']:.2f}", refresh=False)
         bar.update(1)
-        if step % args.checkpoint_every == 0 or step == args.steps:
+        if step % args.checkpoint_every == 0 or step == end:
             checkpoint()
     bar.close()
     log.close()
+    if not last:  # resumed at the end: the last logged step
+        lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
+        last = next((x for x in reversed(lines) if x["step"] == step), {})
     common = {"command": _command_line(), "config": identity, "examples": len(records), "steps": step,
+              "schedule_steps": args.steps,
               "tokens_seen": tokens, "shared_teacher_seconds": round(secs["teacher"], 1),
               "wall_seconds_both": round(secs["wall"], 1), "threads": args.threads}
     medusa.training_info = {**common, "own_seconds": round(secs["medusa"], 1), "last_log": last.get("medusa")}
