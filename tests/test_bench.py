@@ -294,3 +294,22 @@ def test_exit_command_end_to_end(bench_dir, bench_lm, tmp_path):
     assert c["mod@0.5/kvproj"]["mean_slow_layers"] == 1
     assert (tmp_path / "exit-curve.png").is_file()
     assert "no ARLA router" in doc["meta"]["skipped_arms"]["m2r2-exit@1.01/recompute"]
+
+
+def test_exit_curves_score_against_reference_answers_where_a_prompt_has_one(bench_lm):
+    """Rouge-L vs the reference is averaged over the prompts that have one; plain gets its own row (the
+    ceiling to read the others against)."""
+    from m2r2.bench.exit import curves
+
+    def rec(arm, pid, ids):
+        return {"arm": arm, "prompt_id": pid, "token_ids": ids,
+                "extra": {"strategy": {"tokens": len(ids), "mean_slow_layers": 1.0, "exited": len(ids)}}}
+    records = [rec("plain", "a", [5, 6, 7]), rec("plain", "b", [8, 9]),
+               rec("calm@0.5/propagate", "a", [5, 6, 7]), rec("calm@0.5/propagate", "b", [1, 2])]
+    summary = {"arms": {"calm@0.5/propagate": {"all": {"ratios": {"plain": {"geomean": 1.5}}}}}}
+    text = lambda ids: bench_lm.decode_text(ids) or " ".join(map(str, ids))  # noqa: E731
+    c = curves(records, bench_lm, summary, {"a": text([5, 6, 7])})
+    assert c["plain"]["rouge_l_reference"] == 1.0 and c["plain"]["n_reference"] == 1
+    assert c["calm@0.5/propagate"]["rouge_l_reference"] == 1.0  # only prompt a has a reference
+    assert c["calm@0.5/propagate"]["rouge_l"] < 1.0  # prompt b differs from plain
+    assert curves(records, bench_lm, summary)["calm@0.5/propagate"]["rouge_l_reference"] is None

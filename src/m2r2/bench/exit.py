@@ -71,19 +71,27 @@ def _text(lm, ids: list[int]) -> str:
     return t if t is not None else " ".join(map(str, ids))  # no tokenizer: token ids as words
 
 
-def curves(records: list[dict], lm, summary: dict) -> dict:
-    """Per arm: Rouge-L against the plain output (mean over prompts), mean slow layers per token,
-    theoretical and measured speedup."""
+def curves(records: list[dict], lm, summary: dict, references: dict[str, str] | None = None) -> dict:
+    """Per arm: Rouge-L against the plain output (mean over prompts) and, over the prompts that have a
+    reference answer, against it (``rouge_l_reference``; plain decoding's own score is the ceiling to
+    read it against), mean slow layers per token, theoretical and measured speedup."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     ref = {r["prompt_id"]: _text(lm, r["token_ids"]) for r in records if r["arm"] == "plain"}
     L = lm.config.num_layers
+    references = references or {}
     out: dict = {}
     for arm in dict.fromkeys(r["arm"] for r in records):
-        if arm == "plain":
-            continue
         rows = [r for r in records if r["arm"] == arm]
+        with_ref = [r for r in rows if r["prompt_id"] in references]
+        vs_ref = statistics.fmean(scorer.score(references[r["prompt_id"]], _text(lm, r["token_ids"]))["rougeL"].fmeasure
+                                  for r in with_ref) if with_ref else None
+        if arm == "plain":
+            out["plain"] = {"method": "plain", "threshold": 0.0, "kv": "", "rouge_l": 1.0,
+                            "rouge_l_reference": vs_ref, "n_reference": len(with_ref), "mean_slow_layers": float(L),
+                            "theoretical_speedup": 1.0, "measured_speedup": 1.0, "exit_rate": 0.0}
+            continue
         rouge = [scorer.score(ref[r["prompt_id"]], _text(lm, r["token_ids"]))["rougeL"].fmeasure for r in rows]
         st = [r["extra"].get("strategy", {}) for r in rows]
         toks = sum(s.get("tokens", 0) for s in st)
@@ -92,9 +100,23 @@ def curves(records: list[dict], lm, summary: dict) -> dict:
         method, rest = arm.split("@")
         thr, kv = rest.split("/")
         out[arm] = {"method": method, "threshold": float(thr), "kv": kv, "rouge_l": statistics.fmean(rouge),
+                    "rouge_l_reference": vs_ref, "n_reference": len(with_ref),
                     "mean_slow_layers": layers, "theoretical_speedup": L / layers if layers else None,
                     "measured_speedup": measured,
                     "exit_rate": sum(s.get("exited", 0) for s in st) / toks if toks else 0.0}
+    return out
+
+
+def references(args, prompts) -> dict[str, str]:
+    """Reference answers of the benchmarked prompts, where their set has them (by prompt id)."""
+    if args.prompt_ids:
+        return {}
+    from ..prompts import load_prompts
+    ids = {p.id for p in prompts}
+    out = {}
+    for r in load_prompts(args.prompts, limit=args.limit):
+        if r.id in ids and r.reference:
+            out[r.id] = r.reference
     return out
 
 
@@ -106,6 +128,8 @@ def render(curve: dict, path: Path, title: str) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     groups: dict = {}
     for arm, c in curve.items():
+        if arm == "plain":
+            continue
         groups.setdefault(f"{c['method']} ({c['kv']})", []).append(c)
     for label, pts in groups.items():
         pts = sorted(pts, key=lambda c: c["measured_speedup"] or 0)
@@ -121,10 +145,11 @@ def render(curve: dict, path: Path, title: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    rows = ["| point | Rouge-L | mean slow layers | theoretical speedup | measured speedup | exit rate |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| point | Rouge-L vs full model | Rouge-L vs reference | mean slow layers | theoretical speedup | "
+            "measured speedup | exit rate |", "|---|---:|---:|---:|---:|---:|---:|"]
     for arm, c in curve.items():
-        rows.append(f"| {arm} | {c['rouge_l']:.3f} | {c['mean_slow_layers']:.1f} | {c['theoretical_speedup']:.2f} | "
+        vr = "-" if c.get("rouge_l_reference") is None else f"{c['rouge_l_reference']:.3f} ({c['n_reference']})"
+        rows.append(f"| {arm} | {c['rouge_l']:.3f} | {vr} | {c['mean_slow_layers']:.1f} | {c['theoretical_speedup']:.2f} | "
                     f"{c['measured_speedup']:.2f} | {c['exit_rate']:.2f} |")
     return "\n".join(rows)
 
@@ -162,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
     records = run_benchmark(arms, prompts, args.max_new_tokens, warmup=args.warmup, repeats=1,
                             progress=not args.no_progress, warmup_prompt=warm, skipped=skipped)
     summary = summarize(records, "plain", reference_arm="plain", roofline_tokens_per_s=roof["tokens_per_s"])
-    curve = curves(records, lm, summary)
+    curve = curves(records, lm, summary, references(args, prompts))
     summary["curves"] = curve
     meta = {"model": lm.source.name, "model_identity": lm.source.identity, "prompts": args.prompt_ids or args.prompts,
             "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "methods": methods,
