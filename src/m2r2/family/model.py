@@ -329,6 +329,8 @@ class FamilyModel(nn.Module):
                 bal = nr * (frac * probs.mean((0, 1))).sum()
                 return state["depth"] >= g.recursion, state["w"], None, self.cfg.balance_weight * bal
             return state["depth"] >= g.recursion, state["w"], None, zero
+        if g.kind in ("pmod", "vmod") and not bool(ttype.any()):
+            return None, None, None, zero  # nothing designated in this call (a decode step): the dense block
         logit = self.routers[g.router](x).squeeze(-1).float()  # (B, T)
         c.flops += 2.0 * B * T * self.cfg.d_model
         if g.kind in ("ec", "mod"):
