@@ -17,6 +17,9 @@ for arch in $ARCHS; do
   echo "=== $arch $(date -u +%H:%M:%S)"
   m2r2 family-train --arch "$arch" --budget "$BUDGET" --out "runs/family/$arch" --threads 1 --no-progress
 done
+# FLOP-matched control: vanilla at 6 layers costs about what MoR-EC costs per token, so it sees as many tokens
+echo "=== vanilla-6l $(date -u +%H:%M:%S)"
+m2r2 family-train --arch vanilla --n-layers 6 --budget "$BUDGET" --out runs/family/vanilla-6l --threads 1 --no-progress
 echo "=== bench $(date -u +%H:%M:%S)"
-m2r2 bench family --models runs/family --archs "$(echo $ARCHS | tr ' ' ',')" --threads 1 --out family
+m2r2 bench family --models runs/family --archs vanilla,vanilla-6l,recursive,mor-ec,mor-tc,mor-kv,mod,pmod,vmod --threads 1 --out family
 echo "=== done $(date -u +%H:%M:%S)"
