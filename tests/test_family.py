@@ -86,8 +86,7 @@ def test_videollm_mod_is_causal_at_chunk_granularity():
     torch.testing.assert_close(torch.cat(parts, 1), a, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("arch,mode", [(a, "threshold") for a in ARCHS] + [("mor-ec", "topk"), ("mod", "topk")])
 def test_batch_equals_per_sample(arch, mode):
     m = tiny(arch)
     ids, tt = inputs(B=3, seed=2)
