@@ -255,3 +255,33 @@ def test_riding_exits_like_the_fast_stream_alone_and_leaves_the_slow_cache(lm, a
 def test_riding_needs_the_fast_stream(acc):
     with pytest.raises(m2r2.SamplingError, match="ride"):
         EarlyExit(FixedDepthRule(1), "slow", None, "recompute", ride=True)
+
+
+def test_calm_with_one_exit_adapter_reads_out_through_it_at_its_depth(lm):
+    """Threshold 0: every token exits at the adapter's depth, and its token is the read-out of the slow
+    state *plus the exit adapter* there (not the plain read-out); an impossible threshold is plain."""
+    from m2r2.accelerator import Accelerator
+    ex = Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8, kind="exit")
+    with torch.no_grad():
+        ex.adapters[0].up.weight.copy_(torch.randn(ex.adapters[0].up.weight.shape,
+                                                   generator=torch.Generator().manual_seed(1)) * 0.5)
+    ex.eval()
+    F_ = ex.fast_layers
+    p = PROMPTS[1]
+    never = EarlyExit(ConfidenceRule(1.01, first=F_, every=6), "slow", None, "recompute", exit_adapter=ex)
+    assert decode(lm.model, [p], max_new_tokens=16, strategy=never)[0] == decode(lm.model, [p], max_new_tokens=16)[0]
+    strat = EarlyExit(ConfidenceRule(0.0, first=F_, every=6), "slow", None, "propagate", exit_adapter=ex)
+    state, toks = _run(lm, strat, p, 3)
+    assert strat.exit_hist == {F_: 2}
+    model, P = lm.model, len(p)  # the first decode step's token, by hand
+    cache = model.new_cache(1, P + 1)
+    model(torch.tensor([p]), cache, torch.arange(P).unsqueeze(0))
+    cache.advance(P)
+    ctx = model.context(cache, torch.tensor([[P]]))
+    h = model.embed(torch.tensor([[toks[0]]]))
+    for i in range(F_):
+        h = model.layer(i, h, ctx)
+    with_adapter = int(model.head(h + ex.adapters[0](h))[0, 0].argmax())
+    assert toks[1] == with_adapter
+    with pytest.raises(m2r2.SamplingError, match="exit_adapter"):
+        EarlyExit(FixedDepthRule(1), "fast", ex, "recompute", exit_adapter=ex)

@@ -68,7 +68,7 @@ class LM:
         return acc
 
     STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "lookahead", "medusa",
-                  "draft-model", "calm", "m2r2-exit", "m2r2-exit-conf", "skipdecode", "mod")
+                  "draft-model", "calm", "m2r2-exit", "m2r2-exit-conf", "calm-adapter", "skipdecode", "mod")
 
     def strategy(self, name: str = "plain", *, rate: int = 2, adapter: str | os.PathLike | None = None,
                  gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, draft_vocab: bool = True,
@@ -102,6 +102,8 @@ class LM:
         * ``calm``: on the model's own layers (no adapters);
         * ``m2r2-exit``: on the M2R2 fast stream (the shipped adapter for ``rate``, or ``adapter``), exits
           decided by ARLA, the router trained for that adapter (``threshold`` on its probability);
+        * ``calm-adapter``: confidence exit at one depth through one trained exit adapter (the shipped
+          ``kind="exit"`` adapter for ``rate``, or ``adapter``), else the full depth;
         * ``m2r2-exit-conf``: the same stream with the read-out-confidence rule instead of ARLA;
           with ``ride`` (default) the token's slow row advances in the same layer calls as its fast row, so
           a token that does not exit continues from there instead of restarting, and a lazy one resumes;
@@ -126,12 +128,16 @@ class LM:
                 raise AdapterError(f"no MoD routers ship for {self.source.name}; fit them with `m2r2 train-mod` "
                                    "and pass the directory as routers=")
             return MoDSkip(MoDRouters.load(path, self.source.identity, self.config.num_layers), skip)
-        if name in ("calm", "m2r2-exit", "m2r2-exit-conf"):
+        if name in ("calm", "m2r2-exit", "m2r2-exit-conf", "calm-adapter"):
             from .early_exit import ConfidenceRule, EarlyExit
             if not threshold >= 0:
                 raise SamplingError(f"threshold must be >= 0, got {threshold}")
             if name == "calm":
                 return EarlyExit(ConfidenceRule(threshold, first=4, every=2), "slow", None, kv, name=name)
+            if name == "calm-adapter":  # one exit point, at the exit adapter's depth (Kangaroo-style)
+                ex = self._accelerator_for("exit", rate, adapter)
+                return EarlyExit(ConfidenceRule(threshold, first=ex.fast_layers, every=self.config.num_layers),
+                                 "slow", None, kv, name=name, exit_adapter=ex)
             acc = self._accelerator_for("m2r2", rate, adapter)
             if name == "m2r2-exit-conf":
                 return EarlyExit(ConfidenceRule(threshold, first=2, every=1), "fast", acc, kv, name=name, ride=ride)

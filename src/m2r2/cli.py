@@ -116,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_float("--top-p"), default=1.0)
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)
-    g.add_argument("--strategy", default="plain", choices=["plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "calm", "m2r2-exit",
-                            "m2r2-exit-conf", "skipdecode", "mod"],
+    g.add_argument("--strategy", default="plain", choices=["plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "lookahead",
+                            "medusa", "draft-model", "calm", "m2r2-exit",
+                            "m2r2-exit-conf", "calm-adapter", "skipdecode", "mod"],
                    help="plain; m2r2 (lossless self-speculative decoding with the M2R2 fast stream; needs the "
-                        "adapter for the model); early-exit, early-exit-adapter or prompt-lookup (the same "
+                        "adapter for the model); early-exit, early-exit-adapter, prompt-lookup, lookahead, medusa or "
+                        "draft-model (the same "
                         "verifier, the peers' drafters); calm, m2r2-exit, skipdecode, mod (lossy: early exit / layer skipping)")
     g.add_argument("--threshold", type=_float("--threshold"), default=0.9,
                    help="calm / m2r2-exit: read-out confidence needed to exit (default 0.9)")

@@ -91,13 +91,17 @@ class EarlyExit:
     cache_slack = 0
 
     def __init__(self, rule: ExitRule, stream: str = "slow", accelerator: Accelerator | None = None,
-                 kv: str = "recompute", name: str | None = None, ride: bool = False):
+                 kv: str = "recompute", name: str | None = None, ride: bool = False,
+                 exit_adapter: Accelerator | None = None):
         if stream not in ("slow", "fast"):
             raise SamplingError(f"stream must be 'slow' or 'fast', got {stream!r}")
         if stream == "fast" and accelerator is None:
             raise SamplingError("the fast stream needs an accelerator (M2R2 adapters)")
         if kv not in ("propagate", "recompute"):
             raise SamplingError(f"kv must be 'propagate' or 'recompute', got {kv!r}")
+        if exit_adapter is not None and (stream != "slow" or not exit_adapter.is_exit):
+            raise SamplingError("exit_adapter takes a kind='exit' adapter, on the slow stream")
+        self.exit_adapter = exit_adapter  # CALM with one trained exit adapter: read-outs at its depth use it
         if ride and stream != "fast":
             raise SamplingError("ride (the slow row riding with the fast one) needs stream='fast'")
         self.rule, self.stream, self.acc, self.kv, self.ride = rule, stream, accelerator, kv, ride
@@ -208,14 +212,16 @@ class EarlyExit:
             trajectory.append(h)
             d = i + 1
             if d in self.check:
+                ex = self.exit_adapter
+                hr = h + ex.adapters[0](h) if ex is not None and d == ex.fast_layers else h  # the read-out state
                 logits = None
                 if needs_logits:
-                    logits = model.head(h)[0, 0]
+                    logits = model.head(hr)[0, 0]
                     self.head_calls += 1
                 if self.rule.exit(d, trajectory, logits):
                     exit_depth = d
                     if logits is None:
-                        logits = model.head(h)[0, 0]
+                        logits = model.head(hr)[0, 0]
                         self.head_calls += 1
                     break
         if exit_depth is None:  # no exit: the full slow stream (fast: restart it from the embedding,
@@ -241,7 +247,7 @@ class EarlyExit:
                 ctx = self._ctx
                 for i in range(exit_depth, L):
                     blk = model.layers[i]
-                    _, k, v = blk.qkv_proj(blk.input_norm(h), ctx.cos, ctx.sin)
+                    _, k, v = blk.qkv_proj(blk.input_norm(hr), ctx.cos, ctx.sin)
                     state.cache.update(i, k, v, ctx.write)
             else:
                 self.lazy.append(_Lazy(n, start, (slow if self.ride else model.embed(tok) if fast else h)[0, 0]))

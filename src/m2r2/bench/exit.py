@@ -22,7 +22,7 @@ from .decode import build_prompts
 from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
                       run_benchmark, summarize, write_results)
 
-METHODS = ("calm", "m2r2-exit", "m2r2-exit-conf", "skipdecode", "mod")
+METHODS = ("calm", "calm-adapter", "m2r2-exit", "m2r2-exit-conf", "skipdecode", "mod")
 EXTRA_METHODS = ("m2r2-exit-alone",)  # m2r2-exit without the slow row riding along (an ablation)
 DEFAULT_THRESHOLDS = (0.95, 0.8, 0.6, 0.4)
 
