@@ -15,6 +15,5 @@ python -c "from m2r2.accelerator import ship; ship('runs/exit-r2', 'src/m2r2/ada
 python -m m2r2.peer_train --data data/distill-smollm2-135m --out runs/peers --steps 40 --warmup-steps 8 --stop-at 30 \
   --threads 1 --draft-layers 0,1,2,3 --no-progress
 python -c "from m2r2.peer_train import ship; ship('runs/peers/medusa', 'src/m2r2/adapters/smollm2-135m-instruct-medusa'); ship('runs/peers/draft', 'src/m2r2/adapters/smollm2-135m-instruct-draft')"
-# the benchmark as run under a loaded shared machine (two runs, 64 new tokens; see the README)
-m2r2 bench spec --per-category 1 --max-new-tokens 64 --threads 1 --arms m2r2-plain,m2r2,m2r2-r3,early-exit,early-exit-adapter,prompt-lookup,lookahead,hf-pld,llamacpp --out spec
-m2r2 bench spec --per-category 1 --max-new-tokens 64 --threads 1 --arms m2r2-plain,medusa,draft-model,hf-assist --out spec-trained
+# the benchmark with every arm (run at 64 new tokens for time; the issue's setting is --max-new-tokens 128)
+m2r2 bench spec --per-category 1 --max-new-tokens 64 --threads 1
