@@ -270,7 +270,8 @@ def test_calm_with_one_exit_adapter_reads_out_through_it_at_its_depth(lm):
     p = PROMPTS[1]
     never = EarlyExit(ConfidenceRule(1.01, first=F_, every=6), "slow", None, "recompute", exit_adapter=ex)
     assert decode(lm.model, [p], max_new_tokens=16, strategy=never)[0] == decode(lm.model, [p], max_new_tokens=16)[0]
-    strat = EarlyExit(ConfidenceRule(0.0, first=F_, every=6), "slow", None, "propagate", exit_adapter=ex)
+    strat = EarlyExit(ConfidenceRule(0.0, first=F_, every=6, last=False), "slow", None, "propagate", exit_adapter=ex)
+    assert strat.rule.depths(5) == (F_,)
     state, toks = _run(lm, strat, p, 3)
     assert strat.exit_hist == {F_: 2}
     model, P = lm.model, len(p)  # the first decode step's token, by hand

@@ -136,7 +136,8 @@ class LM:
                 return EarlyExit(ConfidenceRule(threshold, first=4, every=2), "slow", None, kv, name=name)
             if name == "calm-adapter":  # one exit point, at the exit adapter's depth (Kangaroo-style)
                 ex = self._accelerator_for("exit", rate, adapter)
-                return EarlyExit(ConfidenceRule(threshold, first=ex.fast_layers, every=self.config.num_layers),
+                return EarlyExit(ConfidenceRule(threshold, first=ex.fast_layers, every=self.config.num_layers,
+                                                last=False),
                                  "slow", None, kv, name=name, exit_adapter=ex)
             acc = self._accelerator_for("m2r2", rate, adapter)
             if name == "m2r2-exit-conf":

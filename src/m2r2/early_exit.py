@@ -55,9 +55,11 @@ class ConfidenceRule:
     every: int = 2
     name: str = "confidence"
     needs_logits: bool = True
+    last: bool = True  # also check at the deepest allowed depth
 
     def depths(self, max_depth: int) -> tuple[int, ...]:
-        return tuple(range(self.first, max_depth + 1, self.every)) + ((max_depth,) if (max_depth - self.first) % self.every else ())
+        tail = (max_depth,) if self.last and (max_depth - self.first) % self.every else ()
+        return tuple(range(self.first, max_depth + 1, self.every)) + tail
 
     def exit(self, depth: int, trajectory: list[torch.Tensor], logits: torch.Tensor | None) -> bool:
         return bool(torch.softmax(logits.float(), -1).max() >= self.threshold)
