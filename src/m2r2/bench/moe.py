@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 from ..cli import int_at_least
@@ -50,7 +48,6 @@ def _floats(s: str, name: str) -> list[float]:
 def run_one(lm, moe, acc, prompt, max_new: int, strategy: str, budget: int | None, store, trace,
             prefetch_k: int) -> dict:
     """One decode of ``prompt`` under ``strategy``; returns tokens, timing and cache statistics."""
-    from ..moe.layers import Resident
     from ..moe.memory import ExpertCache
     from ..moe.prefetch import M2R2Prefetch, MoEDecode, OnDemand, Oracle, SlowPrefetch, Tracing
 
@@ -213,7 +210,6 @@ def render_chart(doc: dict, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
 
     import m2r2
     from ..moe.memory import FileStore, LinkStore, measure_storage
