@@ -212,13 +212,9 @@ class DraftModelDrafter:
                 x = d.layer(i, x, ctx)
             logits = head.logits(x[:, -1])
             self.calls += 1
-            if s.greedy:
-                idx = logits.argmax(-1)
-            else:
-                q = s.probs(logits)
-                idx = torch.multinomial(q, 1, generator=state.generator)[:, 0]
+            tok, q = head.pick(logits, s, state.generator)
+            if q is not None:
                 qs.append(head.scatter_full(q))
-            tok = head.to_full(idx)
             drafts.append(tok)
             ids, pos = tok.view(-1, 1), pos[:, -1:] + 1
         # the draft cache now holds the context, the pending token and drafts 1..gamma-1

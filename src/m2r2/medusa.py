@@ -155,13 +155,10 @@ class MedusaDrafter:
         for z in self.heads.states(h)[:g]:
             logits = head.logits(z)
             self.calls += 1
-            if s.greedy:
-                idx = logits.argmax(-1)
-            else:
-                q = s.probs(logits)
-                idx = torch.multinomial(q, 1, generator=state.generator)[:, 0]
+            tok, q = head.pick(logits, s, state.generator)
+            if q is not None:
                 qs.append(head.scatter_full(q))
-            drafts.append(head.to_full(idx))
+            drafts.append(tok)
         return Draft(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None)
 
 

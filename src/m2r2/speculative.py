@@ -203,6 +203,15 @@ class DraftHead(torch.nn.Module):
     def to_full(self, idx: torch.Tensor) -> torch.Tensor:
         return idx if self.vocab is None else self.vocab[idx]
 
+    def pick(self, logits: torch.Tensor, sampling, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One draft token per row from logits (B, K) over this head's vocabulary: the argmax under greedy
+        decoding, else a sample from the sampling distribution q. Returns (token ids in the full
+        vocabulary (B,), q (B, K), or None under greedy)."""
+        if sampling.greedy:
+            return self.to_full(logits.argmax(-1)), None
+        q = sampling.probs(logits)
+        return self.to_full(torch.multinomial(q, 1, generator=generator)[:, 0]), q
+
     def scatter_full(self, q: torch.Tensor) -> torch.Tensor:
         """A distribution over the draft vocabulary (B, K) as one over the full vocabulary (B, V)."""
         if self.vocab is None:
@@ -254,15 +263,12 @@ class StreamDrafter:
             ctx = model.context(state.cache, (n + j).view(-1, 1))
             logits = head.logits(self._hidden(model, tok.view(-1, 1), ctx)[:, 0])  # (B, K)
             self.calls += 1
-            if s.greedy:
-                idx = logits.argmax(-1)
+            tok, q = head.pick(logits, s, state.generator)
+            if q is None:
                 conf = torch.softmax(logits, -1).max(-1).values if self.stop_below > 0 else None
             else:
-                q = s.probs(logits)
-                idx = torch.multinomial(q, 1, generator=state.generator)[:, 0]
                 qs.append(head.scatter_full(q))
                 conf = q.max(-1).values
-            tok = head.to_full(idx)
             drafts.append(tok)
             if self.stop_below > 0 and bool((conf < self.stop_below).all()):
                 break
