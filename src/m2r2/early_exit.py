@@ -246,11 +246,8 @@ class EarlyExit:
             self.slow_equiv_sum += min(L, exit_depth * (self.acc.cfg.rate if fast else 1))
             start = exit_depth if self.ride or not fast else 0  # first slow layer without the token's K/V
             if self.kv == "propagate":  # K/V of the skipped layers from the exit state
-                ctx = self._ctx
                 for i in range(exit_depth, L):
-                    blk = model.layers[i]
-                    _, k, v = blk.qkv_proj(blk.input_norm(hr), ctx.cos, ctx.sin)
-                    state.cache.update(i, k, v, ctx.write)
+                    model.layers[i].write_kv(hr, self._ctx)
             else:
                 self.lazy.append(_Lazy(n, start, (slow if self.ride else model.embed(tok) if fast else h)[0, 0]))
         self.lazy = [z for z in self.lazy if z.next < L]
@@ -347,9 +344,7 @@ class MoDSkip:
         for i in range(model.cfg.num_layers):
             thr = self.threshold.get(i)
             if thr is not None and float(self.routers.score(i, h.view(-1))) < thr:
-                blk = model.layers[i]
-                _, k, v = blk.qkv_proj(blk.input_norm(h), ctx.cos, ctx.sin)
-                state.cache.update(i, k, v, ctx.write)
+                model.layers[i].write_kv(h, ctx)
                 self.skipped += 1
                 self.hist[i] = self.hist.get(i, 0) + 1
             else:

@@ -174,7 +174,7 @@ def fit(lm, records: list[dict], val_records: list[dict], routed: list[int], rid
         true = set(torch.topk(-t, k).indices.tolist())
         per_layer[i] = {"r2": round(r2, 4), "overlap@0.25": round(len(picked & true) / k, 4),
                         "mean_log_rel_update": round(float(t.mean()), 4)}
-    report = {"train_positions": n_pos, "val_positions": int(sum(len(torch.cat(truth[i])) for i in routed[:1])),
+    report = {"train_positions": n_pos, "val_positions": sum(len(t) for t in truth[routed[0]]),
               "mean_r2": round(sum(v["r2"] for v in per_layer.values()) / len(per_layer), 4),
               "mean_overlap@0.25": round(sum(v["overlap@0.25"] for v in per_layer.values()) / len(per_layer), 4),
               "per_layer": per_layer}

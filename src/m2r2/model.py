@@ -164,6 +164,12 @@ class Block(nn.Module):
         g, u = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return self.down(F.silu(g) * u)
 
+    def write_kv(self, x: torch.Tensor, ctx: "StepContext") -> None:
+        """Write the K/V this block computes from states x into the cache, without attending or the MLP
+        (a token that skips the block still leaves later tokens something to attend to)."""
+        _, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
+        ctx.cache.update(self.index, k, v, ctx.write)
+
     def forward(self, x: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
         q, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
         k_all, v_all = ctx.cache.update(self.index, k, v, ctx.write)
