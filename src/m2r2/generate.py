@@ -68,11 +68,7 @@ class DecodeState:
             ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         positions = torch.arange(T).expand(self.batch, T)
         m = self.model
-        ctx = m.context(self.cache, positions)
-        x = m.embed(ids)
-        for i in range(m.cfg.num_layers):
-            x = m.layer(i, x, ctx)
-        m.forward_passes += 1
+        x = m.hidden(ids, self.cache, positions)
         last = x[torch.arange(self.batch), lens - 1].unsqueeze(1)  # (B, 1, D): only these need the head
         self.cache.crop(0)
         self.cache.advance(lens)

@@ -132,14 +132,9 @@ class MedusaDrafter:
 
     def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The verification forward, keeping the last layer's states for the next draft."""
-        m = state.model
-        ctx = m.context(state.cache, positions)
-        x = m.embed(ids)
-        for i in range(m.cfg.num_layers):
-            x = m.layer(i, x, ctx)
-        m.forward_passes += 1
+        x = state.model.hidden(ids, state.cache, positions)
         self.h, self.n_before = x, state.cache.lengths.clone()
-        return m.head(x)
+        return state.model.head(x)
 
     def draft(self, state: DecodeState, gamma: int) -> Draft:
         from .speculative import Draft

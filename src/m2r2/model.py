@@ -265,14 +265,19 @@ class Transformer(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """Full-depth forward of ids (B, T) at ``positions`` (B, T); returns logits (B, T, V)
         (or (B, 1, V) of the last position when ``last_only``). Writes K/V; does not commit lengths."""
+        x = self.hidden(ids, cache, positions)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(x)
+
+    def hidden(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        """The full-depth forward of ``forward`` up to the final states (B, T, D), before norm and head."""
         ctx = self.context(cache, positions)
         x = self.embed(ids)
         for i in range(self.cfg.num_layers):
             x = self.layer(i, x, ctx)
         self.forward_passes += 1
-        if last_only:
-            x = x[:, -1:]
-        return self.head(x)
+        return x
 
 
 def hf_state_dict_to_m2r2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
