@@ -244,3 +244,18 @@ def test_arla_router_trains_ships_with_the_adapter_and_drives_exits(lm, data_dir
     with pytest.raises(m2r2.AdapterError, match="no ARLA router"):
         acc.save(tmp_path / "bare")
         lm.strategy("m2r2-exit", adapter=tmp_path / "bare")
+
+
+def test_router_fit_keeps_the_best_validation_epoch():
+    """fit() returns the router of the epoch with the lowest held-out BCE, not the last one: on labels that
+    are noise the router can only overfit, so a later epoch is worse on validation and must not be kept."""
+    from m2r2.router import ARLARouter, RouterConfig, evaluate, fit
+
+    torch.manual_seed(0)
+    r = ARLARouter(RouterConfig(hidden_size=16, fast_layers=3, latent=8))
+    train = {"states": torch.randn(64, 3, 16), "labels": (torch.rand(64, 3) < 0.5).float()}
+    val = {"states": torch.randn(64, 3, 16), "labels": (torch.rand(64, 3) < 0.5).float()}
+    res = fit(r, train, val, epochs=30, lr=3e-2, batch=16, progress=False)
+    bces = [h["val_bce"] for h in res["history"]]
+    assert res["final"]["val_bce"] == min(bces) and bces[-1] > min(bces)  # overfitting happened
+    assert evaluate(r, val)["val_bce"] == pytest.approx(min(bces), abs=1e-6)  # and its best state was restored
