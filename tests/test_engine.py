@@ -3,6 +3,7 @@ batching, and the model seam."""
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 
@@ -160,15 +161,21 @@ def test_packed_linear_equals_dense(parts, bias):
         if bias:
             lin.bias.copy_(b)
     assert torch.equal(lin.dense(), dense)
-    for rows_layout in (False, True):  # the few-rows layout (out-chunked) once derived
+    for rows_layout in (False, True):  # the few-rows copy (oneDNN-prepacked) once derived
         if rows_layout:
-            lin.ROW_CHUNK = 10  # chunks of 10 output columns (the real models use ~96)
             lin.build_row_layout()
-            assert lin.weight_rows is not None and lin.weight_rows.shape == (20 // 10, 12, 10)
-        for shape in [(12,), (1, 1, 12), (2, 12), (3, 5, 12), (2, 40, 12)]:  # matvec, bmm and gemm paths
+            assert lin.packed is not None or not torch.backends.mkldnn.is_available()
+        for shape in [(12,), (1, 1, 12), (2, 12), (3, 5, 12), (2, 40, 12)]:  # matvec, few-rows and gemm paths
             x = torch.randn(shape)
             ref = torch.nn.functional.linear(x, dense, b if bias else None)
-            torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+            with torch.no_grad():
+                torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+            xg = x.clone().requires_grad_(True)  # with autograd the few-rows path falls back to a GEMM
+            y = lin(xg)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+            y.sum().backward()
+            torch.testing.assert_close(xg.grad, dense.sum(0).expand(shape), rtol=1e-5, atol=1e-5)
+    assert copy.deepcopy(lin).packed is None and torch.equal(copy.deepcopy(lin).dense(), dense)
 
 
 def test_weight_layout_does_not_change_outputs(tiny_dir):

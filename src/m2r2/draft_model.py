@@ -63,13 +63,13 @@ def cut(target: Transformer, layers: list[int]) -> Transformer:
     for new, old in enumerate(layers):
         for k, v in full.items():
             pre = f"layers.{old}."
-            if k.startswith(pre) and not k.endswith("weight_rows"):
+            if k.startswith(pre):
                 sd[f"layers.{new}." + k[len(pre):]] = v
     for k in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
         sd[k] = full[k]
     # the target's packed layouts are copied as they are (same in_features, same parts)
     missing, unexpected = m.load_state_dict(sd, strict=False)
-    if [k for k in missing if not k.endswith("weight_rows")] or unexpected:
+    if missing or unexpected:
         raise AdapterError(f"draft cut failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for mod in m.modules():
         if isinstance(mod, Linear):

@@ -58,9 +58,13 @@ class Linear(nn.Module):
         self.in_features, self.out_features, self.parts = in_features, out_features, parts
         self.weight = nn.Parameter(torch.zeros(parts, in_features // parts, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        # a second, derived layout for 2..GEMM_ROWS rows (speculative verification, short prefills):
-        # the weight split along ``out`` into chunks, (chunks, in, chunk); see ``build_row_layout``
-        self.register_buffer("weight_rows", None, persistent=False)
+        # a second, derived copy for 2..GEMM_ROWS rows (speculative verification, riding rows, short
+        # prefills): the weight prepacked by oneDNN; see ``build_row_layout``. A plain attribute, not a
+        # buffer: an opaque oneDNN tensor has no storage to save, move or copy
+        self.packed: torch.Tensor | None = None
+
+    def __getstate__(self):  # copies and pickles drop the derived copy (rebuild with build_row_layout)
+        return {**self.__dict__, "packed": None}
 
     @staticmethod
     def pack(dense: torch.Tensor, parts: int) -> torch.Tensor:
@@ -72,31 +76,31 @@ class Linear(nn.Module):
         """The weight as (out, in), like ``nn.Linear.weight``."""
         return self.weight.reshape(self.in_features, self.out_features).t()
 
-    ROW_CHUNK = 96
-
     def build_row_layout(self) -> None:
-        """Derive the layout used for 2..GEMM_ROWS rows. A few rows against a row-major weight is a skinny
-        GEMM that MKL runs far below bandwidth (the 49,152-row LM head: 17 ms for 5 rows against 3.3 ms for
-        one, measured on 2 cores); split along ``out`` into chunks of ~96 columns, one ``bmm`` over the
-        chunks reads the weight once at near-bandwidth speed (8.3 ms for 5 rows; the layers' linears gain
-        25-40% at 5-16 rows). Costs a second copy of the weight in memory, never more bytes per call."""
-        w = self.weight.detach().reshape(self.in_features, self.out_features)
-        ch = max(c for c in range(1, self.ROW_CHUNK + 1) if self.out_features % c == 0)
-        n = self.out_features // ch
-        self.weight_rows = w.reshape(self.in_features, n, ch).permute(1, 0, 2).contiguous() if n > 1 else None
+        """Derive the copy used for 2..GEMM_ROWS rows (call again after changing the weight). A few rows
+        against an ordinary weight is a skinny GEMM that MKL runs far below memory bandwidth (the LM head:
+        17 ms for 5 rows against 3.3 ms for one). oneDNN's prepacked inner-product kernel streams the
+        weight once for all rows. A full forward of the embedded model on 2 cores
+        (``scripts/probe_decode_cost.py``), relative to one token: 2 / 3 / 5 / 9 tokens cost 1.31 / 1.37 /
+        1.57 / 1.77x, against 1.53 / 1.69 / 1.60 / 1.87x with the out-chunked bmm layout used before and
+        more with a plain GEMM. Only on CPU in float32 where oneDNN is built in; elsewhere, and whenever
+        autograd needs the product, a plain GEMM runs."""
+        w = self.weight.detach()
+        ok = w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.dense().detach().contiguous(), None) if ok else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         N = x2.shape[0]
-        if N > self.GEMM_ROWS:  # compute-bound: one ordinary (threaded) gemm
+        if 1 < N <= self.GEMM_ROWS and self.packed is not None and x.dtype == self.weight.dtype == torch.float32 \
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            # oneDNN has no autograd for this op: only for products nothing differentiates
+            return torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [None], "").view(
+                *lead, self.out_features)
+        if N > 1 or self.parts == 1:  # one ordinary (threaded) gemm
             y = x2 @ self.weight.view(self.in_features, self.out_features)  # (N, out)
-        elif N > 1 and self.weight_rows is not None:  # (C, N, in) @ (C, in, chunk) -> (N, out)
-            w = self.weight_rows
-            y = torch.bmm(x2.unsqueeze(0).expand(w.shape[0], N, self.in_features), w).transpose(0, 1).reshape(N, -1)
-        elif self.parts == 1:
-            y = x2 @ self.weight.view(self.in_features, self.out_features)
-        else:  # (P, N, in/P) @ (P, in/P, out) -> P partial sums (P, N, out) -> (N, out)
+        else:  # (P, 1, in/P) @ (P, in/P, out) -> P partial sums (P, 1, out) -> (1, out)
             xp = x2.view(-1, self.parts, self.in_features // self.parts).transpose(0, 1)
             y = torch.bmm(xp, self.weight).sum(0)
         if self.bias is not None:
