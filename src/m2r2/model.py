@@ -94,7 +94,9 @@ class Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         N = x2.shape[0]
         if 1 < N <= self.GEMM_ROWS and self.packed is not None and x.dtype == self.weight.dtype == torch.float32 \
+                and self.weight.device.type == "cpu" \
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            # the copy is valid for a float32 weight on CPU (a model moved or cast after loading falls back);
             # oneDNN has no autograd for this op: only for products nothing differentiates
             return torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [None], "").view(
                 *lead, self.out_features)
