@@ -7,7 +7,9 @@ Measures, on the embedded model at a fixed cache position (median of repeated ca
   1, 2, 4, 8 drafts): the verify-cost ratios that decide speculative decoding;
 * the same 1-token forward with every matrix product replaced by an empty output of the right shape: the
   time of everything else (norms, RoPE, cache writes, attention, residuals, dispatch);
-* the LM head alone; the memory bandwidth (the harness's copy test) and so the matmul share's GB/s.
+* the LM head alone; the memory bandwidth (the harness's copy test) and so the matmul share's GB/s;
+* the 1-token forward and the head from the fp16 and int8 weight copies (``--lowp``; the draft cost of
+  ``quant-draft`` and the speed of ``load(weights=...)``).
 
 Writes benchmarks/results/decode-cost.json and prints a table.
 
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--position", type=int, default=160, help="cache position of the measured token(s)")
     ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--lowp", action="store_true", help="also time the fp16 and int8 weight copies")
     ap.add_argument("--out", default="benchmarks/results/decode-cost.json")
     args = ap.parse_args()
     pin_threads(args.threads)
@@ -74,6 +77,10 @@ def main() -> None:
             res["forward_no_matmul_ms"] = median_ms(fwd(1), args.calls)
         finally:
             Linear.forward = real
+        for kind in ("fp16", "int8") if args.lowp else ():
+            with model.use_weights(kind):
+                res[f"forward_ms_{kind}"] = median_ms(fwd(1), args.calls)
+                res[f"head_ms_{kind}"] = median_ms(lambda: model.head(h), args.calls)
     res["bandwidth_gbps"] = measure_bandwidth()
     weights_mb = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear)) * 4 / 1e6
     f1 = res["forward_ms"][1]
@@ -89,6 +96,9 @@ def main() -> None:
         print(f"forward {T} token(s): {v:6.2f} ms  ({v / f1:.2f}x one token)")
     print(f"1 token without matmuls: {res['forward_no_matmul_ms']:.2f} ms; matmuls {matmul_ms:.2f} ms "
           f"= {res['matmul_gbps']:.1f} GB/s over {weights_mb:.0f} MB; LM head alone {res['head_ms']:.2f} ms")
+    for kind in ("fp16", "int8") if args.lowp else ():
+        v = res[f"forward_ms_{kind}"]
+        print(f"{kind} weights: forward 1 token {v:.2f} ms ({v / f1:.2f}x float32), LM head {res[f'head_ms_{kind}']:.2f} ms")
     print(f"-> {args.out}")
 
 

@@ -55,6 +55,13 @@ def embedded_lm():
         pytest.skip(str(e))
 
 
+def next_token_probs(model, ids: list[int], sampling) -> torch.Tensor:
+    """The sampling distribution (V,) of the token after ``ids``, from a fresh full forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), model.new_cache(1, len(ids)), torch.arange(len(ids)).unsqueeze(0))
+    return sampling.probs(logits[0, -1])
+
+
 def greedy_reference(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt])
     out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

@@ -193,9 +193,17 @@ def test_decode_command_end_to_end(bench_dir, tmp_path, capsys):
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "tiny.json").read_text())
     assert doc["meta"]["skipped_arms"].keys() == {"llamacpp"}  # a directory model has no GGUF
-    assert doc["meta"]["arms"] == ["m2r2-plain", "hf-generate", "hf-pld"]
-    eq = doc["summary"]["arms"]["m2r2-plain"]["equality"]
-    assert eq == {"compared": 2, "identical": 2, "mismatches": []}
+    assert doc["meta"]["arms"] == ["m2r2-plain", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld"]
+    arms = doc["summary"]["arms"]
+    for lossless in ("m2r2-plain", "m2r2-quant-draft"):
+        assert arms[lossless]["equality"] == {"compared": 2, "identical": 2, "mismatches": []}
+    # the reduced-precision arms are measured against the roofline of the bytes they read
+    fp32_roof = doc["summary"]["roofline_tokens_per_s"]
+    assert arms["m2r2-plain"]["roofline_tokens_per_s"] == fp32_roof
+    assert arms["m2r2-fp16"]["roofline_tokens_per_s"] == pytest.approx(2 * fp32_roof, rel=0.05)
+    assert arms["m2r2-int8"]["roofline_tokens_per_s"] == pytest.approx(4 * fp32_roof, rel=0.1)
+    assert [r["extra"]["strategy"]["draft_weights"] for r in doc["records"] if r["arm"] == "m2r2-quant-draft"] \
+        == ["int8", "int8"]
     assert doc["summary"]["arms"]["m2r2-plain"]["all"]["ratios"].keys() == {"hf-generate"}
     assert doc["summary"]["arms"]["hf-pld"]["all"]["ratios"].keys() == {"hf-generate", "m2r2-plain"}
     assert (tmp_path / "tiny.md").is_file() and (tmp_path / "tiny.png").is_file()
@@ -242,20 +250,21 @@ def test_spec_command_end_to_end(bench_dir, bench_lm, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_spec(parser.add_subparsers(dest="bench_cmd", required=True))
     args = parser.parse_args(["spec", "--model", str(bench_dir), "--prompt-ids", str(ids), "--max-new-tokens", "24",
-                              "--threads", "1", "--arms", "m2r2,m2r2-r3,early-exit,prompt-lookup",
+                              "--threads", "1", "--arms", "m2r2,m2r2-r3,early-exit,quant-draft,prompt-lookup",
                               "--adapter", str(tmp_path / "adapter"), "--per-category", "1",
                               "--out", "spec", "--out-dir", str(tmp_path), "--no-progress", "--bandwidth-mb", "8"])
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "spec.json").read_text())
     assert doc["meta"]["n_prompts"] == 2  # one per category
-    assert doc["meta"]["arms"] == ["m2r2-plain", "m2r2", "early-exit", "prompt-lookup"]
+    assert doc["meta"]["arms"] == ["m2r2-plain", "m2r2", "early-exit", "quant-draft", "prompt-lookup"]
     assert "m2r2-r3" in doc["meta"]["skipped_arms"]  # no rate-3 adapter for this model
-    for arm in ("m2r2", "early-exit", "prompt-lookup"):
+    for arm in ("m2r2", "early-exit", "quant-draft", "prompt-lookup"):
         assert doc["summary"]["arms"][arm]["equality"]["identical"] == 2
         spec = doc["summary"]["speculative"][arm]["all"]
         assert spec["verify_steps"] > 0 and spec["tokens_per_verify"] >= 1
     assert doc["summary"]["speculative"]["prompt-lookup"]["draft_cost_bytes"] == 0.0
     assert 0 < doc["summary"]["speculative"]["early-exit"]["draft_cost_bytes"] < 1
+    assert doc["summary"]["speculative"]["quant-draft"]["draft_cost_bytes"] == pytest.approx(0.25)  # int8: all layers
     assert "Speculative decoding" in (tmp_path / "spec.md").read_text()
 
 

@@ -12,7 +12,7 @@ from m2r2.generate import decode
 from m2r2.sampling import SamplingConfig
 from m2r2.speculative import SelfSpeculative
 
-from conftest import make_tiny
+from conftest import make_tiny, next_token_probs
 
 PROMPTS = [[5, 17, 33, 99, 4], [7, 8], [200, 13, 13, 13, 54, 66, 71, 2, 9, 120, 33], [42]]
 
@@ -84,18 +84,14 @@ def test_rejection_sampling_keeps_the_model_distribution(lm):
     s = SamplingConfig(temperature=0.8, top_k=4)
     prompt = PROMPTS[0]
     model = lm.model
-    with torch.no_grad():
-        def dist(ids):
-            return s.probs(model(torch.tensor([ids]), model.new_cache(1, len(ids)),
-                                 torch.arange(len(ids)).unsqueeze(0))[0, -1])
-        # condition on the first sampled token (from prefill, identical in both paths): take the likeliest
-        t0 = int(dist(prompt).argmax())
-        p1 = dist(prompt + [t0])
-        exact = {}
-        for a in p1.nonzero()[:, 0].tolist():
-            p2 = dist(prompt + [t0, a])
-            for b in p2.nonzero()[:, 0].tolist():
-                exact[(a, b)] = float(p1[a] * p2[b])
+    # condition on the first sampled token (from prefill, identical in both paths): take the likeliest
+    t0 = int(next_token_probs(model, prompt, s).argmax())
+    p1 = next_token_probs(model, prompt + [t0], s)
+    exact = {}
+    for a in p1.nonzero()[:, 0].tolist():
+        p2 = next_token_probs(model, prompt + [t0, a], s)
+        for b in p2.nonzero()[:, 0].tolist():
+            exact[(a, b)] = float(p1[a] * p2[b])
     acc = _acc(lm, 0.3)  # a poor drafter: many rejections, residual sampling exercised
     counts: dict = {}
     n = 0

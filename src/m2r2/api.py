@@ -67,15 +67,15 @@ class LM:
             raise AdapterError(f"{path} holds a {acc.cfg.kind} adapter, not a {kind} one")
         return acc
 
-    STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "lookahead", "medusa",
-                  "draft-model", "calm", "m2r2-exit", "m2r2-exit-conf", "calm-adapter", "skipdecode", "mod")
+    STRATEGIES = ("plain", "m2r2", "early-exit", "early-exit-adapter", "quant-draft", "prompt-lookup", "lookahead",
+                  "medusa", "draft-model", "calm", "m2r2-exit", "m2r2-exit-conf", "calm-adapter", "skipdecode", "mod")
 
     def strategy(self, name: str = "plain", *, rate: int = 2, adapter: str | os.PathLike | None = None,
                  gamma: int = 4, max_gamma: int = 8, adaptive: bool = True, draft_vocab: bool = True,
                  depth: int | None = None, stop_below: float = 0.0, max_ngram: int = 3,
                  threshold: float = 0.9, kv: str = "recompute", min_layers: int | None = None,
                  span: int = 128, skip: float = 0.25, routers: str | os.PathLike | None = None,
-                 ride: bool = True, window: int = 4, ngram: int = 4) -> Strategy:
+                 ride: bool = True, window: int = 4, ngram: int = 4, draft_weights: str | None = None) -> Strategy:
         """A decoding strategy by name, for ``generate(strategy=...)``:
 
         * ``plain``: one full forward per token;
@@ -86,6 +86,9 @@ class LM:
           (default: as deep as the R=2 fast stream);
         * ``early-exit-adapter``: early-exit drafting through one trained exit adapter (the shipped
           ``kind="exit"`` adapter for ``rate``, or ``adapter``);
+        * ``quant-draft``: the same, drafting with the whole model run from reduced-precision copies of its
+          weights (``draft_weights``: "int8", the default, or "fp16"; see ``load(weights=...)``);
+          ``draft_weights`` also runs the ``m2r2`` / ``early-exit*`` drafts from such copies;
         * ``prompt-lookup``: the same, drafting by n-gram lookup in the context (up to ``max_ngram``);
         * ``lookahead``: Lookahead decoding, drafting from an n-gram pool filled by Jacobi iterations over a
           ``window`` x (``ngram`` - 1) window of guesses that rides in the verification forward;
@@ -112,6 +115,8 @@ class LM:
         * ``mod``: Mixture-of-Depths routing post hoc (``m2r2.mod``): per-block routers fitted on the frozen
           model skip a fraction ``skip`` of tokens at each routed block (the shipped routers, or ``routers``)."""
         from .speculative import PromptLookupDrafter, Speculative, StreamDrafter
+        if draft_weights is None:  # the model's layers as they run, except for quant-draft (int8 copies)
+            draft_weights = "int8" if name == "quant-draft" else "fp32"
         if name == "plain":
             from .generate import PlainStrategy
             return PlainStrategy()
@@ -148,16 +153,22 @@ class LM:
                                    "`m2r2 train-router`, or use strategy m2r2-exit-conf")
             from .router import ARLARule
             return EarlyExit(ARLARule(acc.router, threshold), "fast", acc, kv, name=name, ride=ride)
+        if draft_weights not in ("fp32", "fp16", "int8"):
+            raise SamplingError(f"draft weights must be fp32, fp16 or int8, got {draft_weights!r}")
         if name in ("m2r2", "early-exit-adapter"):
             acc = self._accelerator_for("m2r2" if name == "m2r2" else "exit", rate, adapter)
             drafter = StreamDrafter(acc, vocab=acc.draft_vocab if draft_vocab else None, stop_below=stop_below,
-                                    name=name)
+                                    name=name, weights=draft_weights)
         elif name == "early-exit":
             L = self.config.num_layers
             depth = -(-L // 2) if depth is None else depth
             if not 1 <= depth < L:
                 raise SamplingError(f"early-exit depth must be in [1, {L - 1}], got {depth}")
-            drafter = StreamDrafter(None, depth=depth, stop_below=stop_below)
+            drafter = StreamDrafter(None, depth=depth, stop_below=stop_below, weights=draft_weights)
+        elif name == "quant-draft":
+            if draft_weights not in ("fp16", "int8"):
+                raise SamplingError(f"quant-draft: draft weights must be fp16 or int8, got {draft_weights!r}")
+            drafter = StreamDrafter(None, depth=self.config.num_layers, name=name, weights=draft_weights)
         elif name == "prompt-lookup":
             drafter = PromptLookupDrafter(max_ngram=max_ngram)
         elif name == "lookahead":
@@ -256,12 +267,20 @@ class LM:
         return outs[0] if single else outs
 
 
-def load(model: str | os.PathLike | None = None, *, dtype: str = "float32",
+def load(model: str | os.PathLike | None = None, *, dtype: str = "float32", weights: str = "fp32",
          threads: int | None = None) -> LM:
     """Load a model: the embedded SmolLM2-135M-Instruct by default, or a local Hugging Face directory,
-    a GGUF file, or a hub id (where a hub is reachable). ``dtype``: float32 (exact) or bfloat16."""
+    a GGUF file, or a hub id (where a hub is reachable). ``dtype``: float32 (exact) or bfloat16.
+    ``weights``: "fp32" (exact), or "fp16" / "int8" to run the linear layers from reduced-precision copies
+    with float32 activations on CPU (fewer bytes per token, output close to but not always equal to
+    fp32's; ``lm.model.use_weights(kind)`` switches temporarily)."""
+    from .model import WEIGHT_KINDS, lowp_available
     if dtype not in DTYPES:
         raise SamplingError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if weights not in WEIGHT_KINDS:
+        raise SamplingError(f"weights must be one of {list(WEIGHT_KINDS)}, got {weights!r}")
+    if weights != "fp32" and (DTYPES[dtype] != torch.float32 or not lowp_available()):
+        raise SamplingError(f"weights={weights} needs dtype float32 and PyTorch's FBGEMM kernels (x86 CPU builds)")
     if threads is not None:
         if threads < 1:
             raise SamplingError(f"threads must be >= 1, got {threads}")
@@ -269,4 +288,5 @@ def load(model: str | os.PathLike | None = None, *, dtype: str = "float32",
     t0 = time.perf_counter()
     source = resolve(model)
     m, tok = load_model(source, dtype=DTYPES[dtype], threads=threads)
+    m.set_weights(weights)
     return LM(m, tok, source, time.perf_counter() - t0)

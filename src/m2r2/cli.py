@@ -55,12 +55,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight dtype (float32: exact and fastest on CPU; bfloat16: for GPUs, slow on CPU)")
+    p.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="CPU: run the linear layers from fp16 or int8 copies of the float32 weights (fewer bytes "
+                        "per token; output close to, not always equal to, fp32's; default fp32)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import m2r2
 
-    lm = m2r2.load(args.model, dtype=args.dtype, threads=args.threads or os.cpu_count())
+    lm = m2r2.load(args.model, dtype=args.dtype, weights=args.weights, threads=args.threads or os.cpu_count())
     ids_so_far: list[int] = []
     printed = [""]
 
@@ -84,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       strategy=lm.strategy(args.strategy, rate=args.rate, adapter=args.adapter, gamma=args.gamma,
                                            max_gamma=max(8, args.gamma), threshold=args.threshold,
-                                           skip=args.skip),
+                                           skip=args.skip, draft_weights=args.draft_weights),
                       chat=not args.no_chat, system=args.system, stream=None if args.json else stream)
     s = out.stats
     if args.json:
@@ -95,12 +98,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"m2r2: {s.new_tokens} tokens in {s.seconds:.2f} s = {s.tokens_per_s:.1f} tokens/s "
           f"(prefill {s.prefill_seconds * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s, "
           f"{s.forward_passes} forward passes, strategy {s.strategy}, {lm.model.embed_tokens.weight.dtype}, "
+          f"{lm.model.weights} weights, "
           f"{__import__('torch').get_num_threads()} threads)", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .api import LM
 
     parser = argparse.ArgumentParser(prog="m2r2", description=(
         "Faster generation from a pretrained language model without changing what it says "
@@ -116,13 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_float("--top-p"), default=1.0)
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)
-    g.add_argument("--strategy", default="plain", choices=["plain", "m2r2", "early-exit", "early-exit-adapter", "prompt-lookup", "lookahead",
-                            "medusa", "draft-model", "calm", "m2r2-exit",
-                            "m2r2-exit-conf", "calm-adapter", "skipdecode", "mod"],
+    g.add_argument("--strategy", default="plain", choices=list(LM.STRATEGIES),
                    help="plain; m2r2 (lossless self-speculative decoding with the M2R2 fast stream; needs the "
-                        "adapter for the model); early-exit, early-exit-adapter, prompt-lookup, lookahead, medusa or "
-                        "draft-model (the same "
-                        "verifier, the peers' drafters); calm, m2r2-exit, skipdecode, mod (lossy: early exit / layer skipping)")
+                        "adapter for the model); early-exit, early-exit-adapter, quant-draft, prompt-lookup, "
+                        "lookahead, medusa or draft-model (the same verifier, the peers' drafters); calm, m2r2-exit, "
+                        "m2r2-exit-conf, calm-adapter, skipdecode, mod (lossy: early exit / layer skipping)")
+    g.add_argument("--draft-weights", choices=["fp32", "fp16", "int8"], default=None,
+                   help="the weights drafts run from: quant-draft int8 (default) or fp16; m2r2 / early-exit* "
+                        "fp32 (default), fp16 or int8")
     g.add_argument("--threshold", type=_float("--threshold"), default=0.9,
                    help="calm / m2r2-exit: read-out confidence needed to exit (default 0.9)")
     g.add_argument("--skip", type=_float("--skip"), default=0.25,

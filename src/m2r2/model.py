@@ -11,7 +11,9 @@ output matches ``transformers.generate`` token for token up to float ties.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,19 @@ from torch import nn
 
 from .cache import KVCache, WriteSpec
 from .config import ModelConfig
+
+# Reduced-precision weight copies a ``Linear`` can run from (float32 activations, float32 accumulation),
+# through FBGEMM's packed kernels, which have AVX2 code paths (PyTorch's generic fp16/bf16/int8 matmuls
+# do not, on this CPU kind: see the README). "fp16": fp16 weights; "int8": int8 weights (symmetric, one
+# scale per output row) with activations quantized per call (FBGEMM dynamic quantization).
+WEIGHT_KINDS = ("fp32", "fp16", "int8")
+
+
+warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated", category=UserWarning)  # the entry points we use
+
+
+def lowp_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +61,8 @@ class Linear(nn.Module):
     ``(parts, in/parts, out)``, one ``bmm`` lets each thread stream its own contiguous block into a
     partial sum; two threads then read 18-25 GB/s depending on the shape (measured on the 2-core CI
     machine kind). The layout is chosen at load time (``parts`` = intra-op threads); ``dense()`` gives
-    back (out, in).
+    back (out, in). Derived copies, built on demand and never saved: ``packed`` for 2..16 rows (see
+    ``build_row_layout``) and ``lowp``, fp16 / int8 copies that ``mode`` selects (see ``build_lowp``).
     """
 
     GEMM_ROWS = 16  # above this many rows (prefill, training) the product is compute-bound: plain gemm
@@ -62,9 +78,13 @@ class Linear(nn.Module):
         # prefills): the weight prepacked by oneDNN; see ``build_row_layout``. A plain attribute, not a
         # buffer: an opaque oneDNN tensor has no storage to save, move or copy
         self.packed: torch.Tensor | None = None
+        # reduced-precision copies by kind ("fp16", "int8"; see ``build_lowp``) and the one forward uses
+        # (None: the float32 weight). Derived and opaque like ``packed``
+        self.lowp: dict[str, torch.Tensor] = {}
+        self.mode: str | None = None
 
-    def __getstate__(self):  # copies and pickles drop the derived copy (rebuild with build_row_layout)
-        return {**self.__dict__, "packed": None}
+    def __getstate__(self):  # copies and pickles drop the derived copies (rebuild with build_row_layout)
+        return {**self.__dict__, "packed": None, "lowp": {}, "mode": None}
 
     @staticmethod
     def pack(dense: torch.Tensor, parts: int) -> torch.Tensor:
@@ -89,10 +109,42 @@ class Linear(nn.Module):
         ok = w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.dense().detach().contiguous(), None) if ok else None
 
+    def build_lowp(self, kind: str) -> None:
+        """Derive the ``kind`` ("fp16" or "int8") copy of the weight from the float32 one (once)."""
+        if kind in self.lowp:
+            return
+        if not lowp_available():
+            raise RuntimeError(f"{kind} weights need PyTorch's FBGEMM kernels, which this build lacks")
+        dense = self.dense().detach().float().contiguous()
+        with warnings.catch_warnings():  # quantized tensors warn that they are deprecated
+            warnings.simplefilter("ignore")
+            if kind == "fp16":
+                self.lowp[kind] = torch.fbgemm_pack_gemm_matrix_fp16(dense)
+            elif kind == "int8":
+                scale = (dense.abs().amax(1) / 127).clamp_min(1e-12).double()
+                q = torch.quantize_per_channel(dense, scale, torch.zeros_like(scale, dtype=torch.long), 0,
+                                               torch.qint8)
+                bias = None if self.bias is None else self.bias.detach().float()
+                self.lowp[kind] = torch.ops.quantized.linear_prepack(q, bias)
+            else:
+                raise ValueError(f"weights must be one of {WEIGHT_KINDS[1:]}, got {kind!r}")
+
+    def _lowp_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        w = self.lowp[self.mode]
+        if self.mode == "fp16":
+            y = torch.fbgemm_linear_fp16_weight_fp32_activation(x2.contiguous(), w, None)
+            return y if self.bias is None else y + self.bias
+        return torch.ops.quantized.linear_dynamic(x2.contiguous(), w, True)  # bias is in the packed params
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         N = x2.shape[0]
+        if self.mode is not None and N <= self.GEMM_ROWS and x.dtype == torch.float32 \
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            # decode-sized products only: FBGEMM's reduced-precision kernels run on one thread, and a prefill
+            # (compute-bound) is faster, and exact, through the float32 GEMM on every thread
+            return self._lowp_forward(x2).view(*lead, self.out_features)
         if 1 < N <= self.GEMM_ROWS and self.packed is not None and x.dtype == self.weight.dtype == torch.float32 \
                 and self.weight.device.type == "cpu" \
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
@@ -235,6 +287,32 @@ class Transformer(nn.Module):
             raise KeyError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         for mod in linears.values():
             mod.build_row_layout()
+
+    @contextlib.contextmanager
+    def use_weights(self, kind: str):
+        """Run every linear layer (blocks and LM head) from the ``kind`` copy of its weight inside the block
+        ("fp32": the exact float32 weights; "fp16"/"int8": see ``WEIGHT_KINDS``), built on first use."""
+        prev = self.set_weights(kind)
+        try:
+            yield self
+        finally:
+            self.set_weights(prev)
+
+    def set_weights(self, kind: str) -> str:
+        """Switch every linear layer to the ``kind`` weights (see ``use_weights``); returns the previous kind."""
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {kind!r}")
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        prev = linears[0].mode or "fp32"
+        for m in linears:
+            if kind != "fp32":
+                m.build_lowp(kind)
+            m.mode = None if kind == "fp32" else kind
+        return prev
+
+    @property
+    def weights(self) -> str:
+        return self.lm_head.mode or "fp32"
 
     # ---- the seam ----
     def rope(self, positions: torch.Tensor):

@@ -224,27 +224,40 @@ class DraftHead(torch.nn.Module):
 class StreamDrafter:
     """Drafts with the first layers of the model: the M2R2 fast stream (``accelerator`` given: its
     ``ceil(L/R)`` blocks with adapters) or the slow stream cut at ``depth`` (early-exit drafting without
-    adapters). ``stop_below``: stop drafting when every row's top draft probability is below it."""
+    adapters; at the full depth with reduced-precision ``weights``, the quantized self-draft).
+    ``stop_below``: stop drafting when every row's top draft probability is below it. ``weights``: run the
+    model's linear layers from their "fp16" or "int8" copies while drafting (``Linear.build_lowp``): 1/2 or
+    1/4 of the bytes per draft token. Drafts read and write the shared cache; the verification forward
+    rewrites every drafted slot with the verifier's own K/V, so the cache stays exact."""
+
+    WEIGHT_SCALE = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}  # bytes per weight relative to float32
 
     def __init__(self, accelerator: Accelerator | None = None, depth: int | None = None,
-                 vocab: torch.Tensor | None = None, stop_below: float = 0.0, name: str | None = None):
+                 vocab: torch.Tensor | None = None, stop_below: float = 0.0, name: str | None = None,
+                 weights: str = "fp32"):
         self.acc = accelerator
         if self.acc is None and depth is None:
             raise ValueError("early-exit drafting needs a depth (the layer to read out)")
         self.depth = depth if depth is not None else self.acc.fast_layers
         if self.acc is not None and self.depth > self.acc.fast_layers:
             raise ValueError(f"depth {self.depth} exceeds the fast stream's {self.acc.fast_layers} layers")
-        self.vocab, self.stop_below = vocab, stop_below
+        if weights not in self.WEIGHT_SCALE:
+            raise ValueError(f"draft weights must be one of {list(self.WEIGHT_SCALE)}, got {weights!r}")
+        self.vocab, self.stop_below, self.weights = vocab, stop_below, weights
+        self.weight_scale = self.WEIGHT_SCALE[weights]
         self.name = name or ("m2r2" if self.acc is not None else "early-exit")
         self._head: DraftHead | None = None
 
     def setup(self, state: DecodeState) -> None:
         if self._head is None or self._head.model is not state.model:
             self._head = DraftHead(state.model, self.vocab)
+        with state.model.use_weights(self.weights):  # build any weight copies before the clock starts
+            pass
         self.calls = 0
 
     def stats(self) -> dict:
-        return {"draft_calls": self.calls, "draft_depth": self.depth, "draft_vocab": self._head.size}
+        return {"draft_calls": self.calls, "draft_depth": self.depth, "draft_vocab": self._head.size,
+                "draft_weights": self.weights}
 
     def _hidden(self, model: Transformer, tok: torch.Tensor, ctx) -> torch.Tensor:
         if self.acc is not None:
@@ -255,6 +268,12 @@ class StreamDrafter:
         return x
 
     def draft(self, state: DecodeState, gamma: int) -> Draft:
+        if self.weights == "fp32":
+            return self._draft(state, gamma)
+        with state.model.use_weights(self.weights):
+            return self._draft(state, gamma)
+
+    def _draft(self, state: DecodeState, gamma: int) -> Draft:
         model, s, head = state.model, state.sampling, self._head
         n = state.cache.lengths
         tok = state.pending

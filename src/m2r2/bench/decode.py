@@ -3,7 +3,9 @@
 
 Every arm gets the chat-templated prompt as token ids (``lm.encode``), decodes greedily up to
 ``--max-new-tokens`` and reports new tokens over wall time (prefill + decode). m2r2-plain and hf-generate
-run the same float32 weights, so their outputs are compared token for token.
+run the same float32 weights, so their outputs are compared token for token. m2r2-fp16 / m2r2-int8 decode
+from reduced-precision copies of the weights (lossy: the table counts how many outputs still match);
+m2r2-quant-draft drafts from the int8 copy and verifies with the float32 model (lossless).
 """
 
 from __future__ import annotations
@@ -23,27 +25,33 @@ from ..errors import M2R2Error, PromptFileError
 from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
                       run_benchmark, summarize, write_results)
 
-ARM_NAMES = ("m2r2-plain", "hf-generate", "hf-pld", "llamacpp")
+ARM_NAMES = ("m2r2-plain", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld", "llamacpp")
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
 WARMUP_TEXT = "Write two sentences about why benchmarks need a warm-up run."  # not in any shipped set
 
 
 # ---------------------------------------------------------------- arms
 
 class M2R2PlainArm:
-    """m2r2's own decoder, plain strategy, through the public API."""
+    """m2r2's own decoder through the public API: plain decoding from the float32 weights, or from their
+    fp16 / int8 copies (``weights``; lossy), or another strategy (``quant-draft``: lossless)."""
 
     kind = "m2r2"
 
-    def __init__(self, lm, name: str = "m2r2-plain", strategy: str = "plain"):
-        self.lm, self.name, self.strategy = lm, name, strategy
+    def __init__(self, lm, name: str = "m2r2-plain", strategy: str = "plain", weights: str = "fp32"):
+        self.lm, self.name, self.strategy, self.weights = lm, name, strategy, weights
 
     def setup(self) -> None:
-        pass
+        with self.lm.model.use_weights(self.weights):  # build the reduced-precision copies outside the clock
+            pass
+        if self.strategy != "plain":
+            self.strategy = self.lm.strategy(self.strategy)
 
     def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
         t0 = time.perf_counter()
-        out = self.lm.generate(list(prompt.token_ids), max_new_tokens=max_new_tokens, temperature=0.0,
-                               strategy=self.strategy)
+        with self.lm.model.use_weights(self.weights):
+            out = self.lm.generate(list(prompt.token_ids), max_new_tokens=max_new_tokens, temperature=0.0,
+                                   strategy=self.strategy)
         seconds = time.perf_counter() - t0
         s = out.stats
         return ArmResult(len(out.token_ids), seconds, out.token_ids, s.forward_passes,
@@ -214,6 +222,9 @@ def build_prompts(lm, args: argparse.Namespace) -> tuple[list[BenchPrompt], Benc
 def make_arms(names: list[str], lm, args: argparse.Namespace, n_ctx: int) -> list:
     factories: dict[str, Callable[[], object]] = {
         "m2r2-plain": lambda: M2R2PlainArm(lm),
+        "m2r2-fp16": lambda: M2R2PlainArm(lm, "m2r2-fp16", weights="fp16"),
+        "m2r2-int8": lambda: M2R2PlainArm(lm, "m2r2-int8", weights="int8"),
+        "m2r2-quant-draft": lambda: M2R2PlainArm(lm, "m2r2-quant-draft", strategy="quant-draft"),
         "hf-generate": lambda: HFGenerateArm(lm),
         "hf-pld": lambda: HFGenerateArm(lm, "hf-pld", prompt_lookup_num_tokens=args.pld_tokens),
         "llamacpp": lambda: LlamaCppArm(lm, args.threads, n_ctx, token_ids=args.llamacpp_token_ids),
@@ -240,7 +251,8 @@ def main(args: argparse.Namespace) -> int:
 
     bandwidth = measure_bandwidth(args.bandwidth_mb)
     roof = roofline(lm.config, bandwidth, 4.0)  # the float32 arms read 4 bytes per weight
-    arm_roofs: dict[str, float] = {}
+    arm_roofs: dict[str, float] = {a.name: roofline(lm.config, bandwidth, WEIGHT_BYTES[a.weights])["tokens_per_s"]
+                                   for a in arms if getattr(a, "weights", "fp32") != "fp32"}
     meta_extra: dict = {}
     if lm.source.gguf is not None and "llamacpp" in names:
         # llama.cpp reads the quantised GGUF: about its file size per token (tied embedding = head)

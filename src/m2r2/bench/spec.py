@@ -26,10 +26,13 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
     "m2r2": ("m2r2", {"rate": 2}),
     "m2r2-full-vocab": ("m2r2", {"rate": 2, "draft_vocab": False}),
     "m2r2-confstop": ("m2r2", {"rate": 2, "stop_below": 0.4}),  # stop drafting when the fast stream is unsure
+    "m2r2-int8": ("m2r2", {"rate": 2, "draft_weights": "int8"}),  # the fast stream from int8 weight copies
     "m2r2-r3": ("m2r2", {"rate": 3}),
     "m2r2-r4": ("m2r2", {"rate": 4}),
     "early-exit": ("early-exit", {}),
     "early-exit-adapter": ("early-exit-adapter", {"rate": 2}),
+    "quant-draft": ("quant-draft", {}),  # the whole model from its int8 weight copies
+    "quant-draft-fp16": ("quant-draft", {"draft_weights": "fp16"}),
     "prompt-lookup": ("prompt-lookup", {}),
     "lookahead": ("lookahead", {}),  # W=4, N=4: 12 window rows in every verification forward
     "medusa": ("medusa", {}),  # 3 heads, chain drafting over the draft vocabulary
@@ -37,8 +40,8 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
 }
 EXTERNAL_ARMS = ("hf-pld", "hf-assist", "llamacpp")
 ARM_NAMES = (*M2R2_ARMS, *EXTERNAL_ARMS)
-DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-confstop", "m2r2-r3", "m2r2-r4", "early-exit",
-                "early-exit-adapter", "prompt-lookup", "lookahead", "medusa", "draft-model", "hf-pld", "hf-assist",
+DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-confstop", "m2r2-int8", "m2r2-r3", "m2r2-r4", "early-exit",
+                "early-exit-adapter", "quant-draft", "prompt-lookup", "lookahead", "medusa", "draft-model", "hf-pld", "hf-assist",
                 "llamacpp")
 
 
@@ -121,7 +124,7 @@ class GreedyOnly:
 
 def draft_bytes(lm, name: str, strategy) -> float | None:
     """Weight bytes one draft token reads, relative to a full forward (float32): the layers it runs, its
-    adapters or Medusa head and its read-out rows. Prompt lookup and Lookahead read nothing to draft
+    adapters or Medusa head and its read-out rows, at the bytes per weight it reads them with. Prompt lookup and Lookahead read nothing to draft
     (Lookahead pays in its verification forward instead: see the verify cost)."""
     drafter = getattr(strategy, "drafter", None)
     if drafter is None:
@@ -136,7 +139,8 @@ def draft_bytes(lm, name: str, strategy) -> float | None:
     if heads is not None:  # one Medusa block per draft token
         extra += heads.param_bytes() // heads.num_heads
     full = per_layer * m.cfg.num_layers + m.cfg.vocab_size * m.cfg.hidden_size * 4
-    return (per_layer * depth + extra + head.size * m.cfg.hidden_size * 4) / full
+    scale = getattr(drafter, "weight_scale", 1.0)  # fp16 / int8 weight copies read 1/2 / 1/4 of the bytes
+    return (per_layer * depth + extra + head.size * m.cfg.hidden_size * 4) * scale / full
 
 
 def speculative_summary(records: list[dict], arms: dict[str, object], lm, categories: list[str]) -> dict:
