@@ -131,3 +131,22 @@ def test_early_exit_drafts_from_int8_copies_stay_lossless(lm):
     assert isinstance(strat, Speculative) and strat.drafter.weight_scale == 0.25
     out, st = decode(lm.model, PROMPTS, max_new_tokens=32, strategy=strat)
     assert out == plain and st.extra["draft_weights"] == "int8" and st.extra["draft_depth"] == 2
+
+
+def test_fp16_product_split_across_threads_equals_one_chunk(monkeypatch):
+    """A big weight's fp16 product runs one chunk of output rows per thread: same numbers as one chunk."""
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(300, 64, generator=g)
+    x = torch.randn(1, 4, 64, generator=g)
+    ys = []
+    for split_min in (1 << 30, 1):
+        monkeypatch.setattr(Linear, "FP16_SPLIT_MIN", split_min)
+        lin = Linear(64, 300, parts=2)
+        with torch.no_grad():
+            lin.weight.copy_(Linear.pack(dense, 2))
+        lin.build_lowp("fp16")
+        lin.mode = "fp16"
+        with torch.no_grad():
+            ys.append(lin(x))
+        assert len(lin.lowp["fp16"]) == (1 if split_min > 1 else 2)
+    torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=0)
