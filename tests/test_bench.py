@@ -197,6 +197,9 @@ def test_decode_command_end_to_end(bench_dir, tmp_path, capsys):
     arms = doc["summary"]["arms"]
     for lossless in ("m2r2-plain", "m2r2-quant-draft"):
         assert arms[lossless]["equality"] == {"compared": 2, "identical": 2, "mismatches": []}
+        assert arms[lossless]["rouge_l"] == 1.0
+    assert 0 <= arms["m2r2-int8"]["rouge_l"] <= 1 and "rouge_l" not in arms["hf-generate"]
+    assert "Rouge-L vs hf-generate" in (tmp_path / "tiny.md").read_text()
     # the reduced-precision arms are measured against the roofline of the bytes they read
     fp32_roof = doc["summary"]["roofline_tokens_per_s"]
     assert arms["m2r2-plain"]["roofline_tokens_per_s"] == fp32_roof

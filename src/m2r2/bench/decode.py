@@ -22,8 +22,8 @@ import torch
 
 from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error, PromptFileError
-from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
-                      run_benchmark, summarize, write_results)
+from .harness import (add_common_args, add_rouge_l, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth,
+                      pin_threads, roofline, run_benchmark, summarize, write_results)
 
 ARM_NAMES = ("m2r2-plain", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld", "llamacpp")
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
@@ -271,6 +271,7 @@ def main(args: argparse.Namespace) -> int:
     summary = summarize(records, baseline, reference_arm="hf-generate",
                         also_against=[a for a in ("m2r2-plain",) if a != baseline],
                         roofline_tokens_per_s=roof["tokens_per_s"], arm_rooflines=arm_roofs)
+    add_rouge_l(summary, records, lambda ids: lm.decode_text(ids) or " ".join(map(str, ids)))
     meta = {"model": lm.source.name, "model_identity": lm.source.identity,
             "prompts": args.prompt_ids or args.prompts, "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "warmup": args.warmup,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -351,6 +351,25 @@ def _fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
+def add_rouge_l(summary: dict, records: list[dict], text: Callable[[list[int]], str]) -> None:
+    """Mean Rouge-L (``rouge-score``) of each arm's output text against the reference arm's, per prompt, into
+    ``summary["arms"][arm]["rouge_l"]``: how far a lossy arm's output drifts, where token equality only
+    says that it does. ``text`` turns token ids into text."""
+    from rouge_score import rouge_scorer
+
+    ref_arm = summary.get("reference_arm")
+    ref = {r["prompt_id"]: text(r["token_ids"]) for r in records
+           if r["arm"] == ref_arm and r.get("token_ids") is not None}
+    if not ref:
+        return
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for arm, e in summary["arms"].items():
+        rows = [r for r in records if r["arm"] == arm and r.get("token_ids") is not None and r["prompt_id"] in ref]
+        if arm != ref_arm and rows:
+            e["rouge_l"] = statistics.fmean(scorer.score(ref[r["prompt_id"]], text(r["token_ids"]))["rougeL"].fmeasure
+                                            for r in rows)
+
+
 def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table (shared by markdown and the terminal)."""
     bases = list(dict.fromkeys([summary["baseline_arm"], *summary["also_against"]]))
@@ -358,6 +377,8 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     header = ["arm", "kind", "prompts", "tok/s median", "tok/s mean", "tok/s total"]
     header += [f"x {b} (geo/med)" for b in bases] + ["% roofline", "tok/pass"]
     header += [f"same as {ref}"] if ref else []
+    rouge = any("rouge_l" in e for e in summary["arms"].values())
+    header += [f"Rouge-L vs {ref}"] if rouge else []
     rows = []
     for arm, e in summary["arms"].items():
         a = e["all"]
@@ -373,6 +394,8 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
         if ref:
             eq = e.get("equality")
             row.append("ref" if arm == ref else (f"{eq['identical']}/{eq['compared']}" if eq and eq["compared"] else "-"))
+        if rouge:
+            row.append("ref" if arm == ref else _fmt(e.get("rouge_l"), ".3f"))
         rows.append(row)
     return header, rows
 
