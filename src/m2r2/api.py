@@ -155,6 +155,9 @@ class LM:
             return EarlyExit(ARLARule(acc.router, threshold), "fast", acc, kv, name=name, ride=ride)
         if draft_weights not in ("fp32", "fp16", "int8"):
             raise SamplingError(f"draft weights must be fp32, fp16 or int8, got {draft_weights!r}")
+        if draft_weights != "fp32":
+            with self.model.use_weights(draft_weights):  # build the copies now, not inside a timed generate
+                pass
         if name in ("m2r2", "early-exit-adapter"):
             acc = self._accelerator_for("m2r2" if name == "m2r2" else "exit", rate, adapter)
             drafter = StreamDrafter(acc, vocab=acc.draft_vocab if draft_vocab else None, stop_below=stop_below,
