@@ -53,7 +53,7 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool) for _fp16_product
 
 
 def _fp16_product(x: torch.Tensor, chunks: list) -> torch.Tensor:
@@ -64,9 +64,9 @@ def _fp16_product(x: torch.Tensor, chunks: list) -> torch.Tensor:
     f = torch.fbgemm_linear_fp16_weight_fp32_activation
     if len(chunks) == 1:
         return f(x, chunks[0], None)
-    if _POOL is None or _POOL._max_workers < len(chunks) - 1:
-        _POOL = ThreadPoolExecutor(len(chunks) - 1, thread_name_prefix="m2r2-fp16")
-    futures = [_POOL.submit(f, x, c, None) for c in chunks[1:]]
+    if _POOL is None or _POOL[0] < len(chunks) - 1:
+        _POOL = (len(chunks) - 1, ThreadPoolExecutor(len(chunks) - 1, thread_name_prefix="m2r2-fp16"))
+    futures = [_POOL[1].submit(f, x, c, None) for c in chunks[1:]]
     return torch.cat([f(x, chunks[0], None), *(fu.result() for fu in futures)], -1)
 
 

@@ -251,8 +251,9 @@ class StreamDrafter:
     def setup(self, state: DecodeState) -> None:
         if self._head is None or self._head.model is not state.model:
             self._head = DraftHead(state.model, self.vocab)
-        with state.model.use_weights(self.weights):  # build any weight copies before the clock starts
-            pass
+        if self.weights != "fp32":  # build the weight copies if ``lm.strategy`` has not already
+            with state.model.use_weights(self.weights):
+                pass
         self.calls = 0
 
     def stats(self) -> dict:
