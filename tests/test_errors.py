@@ -97,3 +97,14 @@ def test_cli_generate_token_ids_json(tiny_dir, capsys):
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt_token_ids"] == [5, 6, 7] and len(out["token_ids"]) <= 5
+
+
+def test_cli_generate_weights_and_quant_draft(tiny_dir, capsys):
+    """--strategy quant-draft keeps plain decoding's tokens; --weights fp16 runs and says so on stderr."""
+    base = ["generate", "5 6 7", "--token-ids", "--model", str(tiny_dir), "--max-new-tokens", "12", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main(base + ["--strategy", "quant-draft", "--draft-weights", "fp16"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == plain
+    assert main(base + ["--weights", "fp16"]) == 0
+    assert "fp16 weights" in capsys.readouterr().err
