@@ -12,6 +12,7 @@ import torch
 from .errors import M2R2Error, SamplingError
 from .generate import GenerationStats, Strategy, decode
 from .loading import ModelSource, load_model, resolve
+from .model import WEIGHT_KINDS, lowp_available
 from .sampling import SamplingConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -153,11 +154,9 @@ class LM:
                                    "`m2r2 train-router`, or use strategy m2r2-exit-conf")
             from .router import ARLARule
             return EarlyExit(ARLARule(acc.router, threshold), "fast", acc, kv, name=name, ride=ride)
-        if draft_weights not in ("fp32", "fp16", "int8"):
-            raise SamplingError(f"draft weights must be fp32, fp16 or int8, got {draft_weights!r}")
-        if draft_weights != "fp32":
-            with self.model.use_weights(draft_weights):  # build the copies now, not inside a timed generate
-                pass
+        if draft_weights not in WEIGHT_KINDS:
+            raise SamplingError(f"draft weights must be one of {list(WEIGHT_KINDS)}, got {draft_weights!r}")
+        self.model.build_weights(draft_weights)  # now, not inside a timed generate
         if name in ("m2r2", "early-exit-adapter"):
             acc = self._accelerator_for("m2r2" if name == "m2r2" else "exit", rate, adapter)
             drafter = StreamDrafter(acc, vocab=acc.draft_vocab if draft_vocab else None, stop_below=stop_below,
@@ -277,7 +276,6 @@ def load(model: str | os.PathLike | None = None, *, dtype: str = "float32", weig
     ``weights``: "fp32" (exact), or "fp16" / "int8" to run the linear layers from reduced-precision copies
     with float32 activations on CPU (fewer bytes per token, output close to but not always equal to
     fp32's; ``lm.model.use_weights(kind)`` switches temporarily)."""
-    from .model import WEIGHT_KINDS, lowp_available
     if dtype not in DTYPES:
         raise SamplingError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if weights not in WEIGHT_KINDS:

@@ -49,13 +49,14 @@ def _float(name: str):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    from .model import WEIGHT_KINDS
     p.add_argument("--model", default=None,
                    help="model directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=_positive_int("--threads"), default=None,
                    help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight dtype (float32: exact and fastest on CPU; bfloat16: for GPUs, slow on CPU)")
-    p.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "int8"],
+    p.add_argument("--weights", default="fp32", choices=list(WEIGHT_KINDS),
                    help="CPU: run the linear layers from fp16 or int8 copies of the float32 weights (fewer bytes "
                         "per token; output close to, not always equal to, fp32's; default fp32)")
 
@@ -106,6 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .api import LM
+    from .model import WEIGHT_KINDS
 
     parser = argparse.ArgumentParser(prog="m2r2", description=(
         "Faster generation from a pretrained language model without changing what it says "
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapter for the model); early-exit, early-exit-adapter, quant-draft, prompt-lookup, "
                         "lookahead, medusa or draft-model (the same verifier, the peers' drafters); calm, m2r2-exit, "
                         "m2r2-exit-conf, calm-adapter, skipdecode, mod (lossy: early exit / layer skipping)")
-    g.add_argument("--draft-weights", choices=["fp32", "fp16", "int8"], default=None,
+    g.add_argument("--draft-weights", choices=list(WEIGHT_KINDS), default=None,
                    help="the weights drafts run from: quant-draft int8 (default) or fp16; m2r2 / early-exit* "
                         "fp32 (default), fp16 or int8")
     g.add_argument("--threshold", type=_float("--threshold"), default=0.9,

@@ -27,7 +27,8 @@ from .config import ModelConfig
 # through FBGEMM's packed kernels, which have AVX2 code paths (PyTorch's generic fp16/bf16/int8 matmuls
 # do not, on this CPU kind: see the README). "fp16": fp16 weights; "int8": int8 weights (symmetric, one
 # scale per output row) with activations quantized per call (FBGEMM dynamic quantization).
-WEIGHT_KINDS = ("fp32", "fp16", "int8")
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}  # weight kind -> bytes read per weight
+WEIGHT_KINDS = tuple(WEIGHT_BYTES)
 
 
 warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated", category=UserWarning)  # the entry points we use
@@ -319,16 +320,30 @@ class Transformer(nn.Module):
         finally:
             self.set_weights(prev)
 
-    def set_weights(self, kind: str) -> str:
-        """Switch every linear layer to the ``kind`` weights (see ``use_weights``); returns the previous kind."""
+    def _linears(self) -> list[Linear]:
+        # switched on every draft call: the module walk is done once (the layers are fixed at construction)
+        linears = self.__dict__.get("_linear_list")
+        if linears is None:
+            linears = self.__dict__["_linear_list"] = [m for m in self.modules() if isinstance(m, Linear)]
+        return linears
+
+    def build_weights(self, kind: str) -> None:
+        """Build every linear layer's ``kind`` copy now (``use_weights`` would on first use)."""
         if kind not in WEIGHT_KINDS:
             raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {kind!r}")
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        prev = linears[0].mode or "fp32"
-        for m in linears:
-            if kind != "fp32":
+        if kind != "fp32":
+            for m in self._linears():
                 m.build_lowp(kind)
-            m.mode = None if kind == "fp32" else kind
+
+    def set_weights(self, kind: str) -> str:
+        """Switch every linear layer to the ``kind`` weights (see ``use_weights``); returns the previous kind."""
+        linears = self._linears()
+        if kind not in linears[-1].lowp:  # copies are built in module order: the last one has it iff all do
+            self.build_weights(kind)
+        prev = linears[0].mode or "fp32"
+        mode = None if kind == "fp32" else kind
+        for m in linears:  # a plain attribute: skip nn.Module.__setattr__ (4 us each, twice per draft call)
+            m.__dict__["mode"] = mode
         return prev
 
     @property

@@ -39,7 +39,7 @@ import torch
 
 from .accelerator import Accelerator
 from .generate import DecodeState
-from .model import Linear, Transformer
+from .model import WEIGHT_BYTES, Linear, Transformer
 from .sampling import SamplingConfig
 
 
@@ -230,8 +230,6 @@ class StreamDrafter:
     1/4 of the bytes per draft token. Drafts read and write the shared cache; the verification forward
     rewrites every drafted slot with the verifier's own K/V, so the cache stays exact."""
 
-    WEIGHT_SCALE = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}  # bytes per weight relative to float32
-
     def __init__(self, accelerator: Accelerator | None = None, depth: int | None = None,
                  vocab: torch.Tensor | None = None, stop_below: float = 0.0, name: str | None = None,
                  weights: str = "fp32"):
@@ -241,19 +239,17 @@ class StreamDrafter:
         self.depth = depth if depth is not None else self.acc.fast_layers
         if self.acc is not None and self.depth > self.acc.fast_layers:
             raise ValueError(f"depth {self.depth} exceeds the fast stream's {self.acc.fast_layers} layers")
-        if weights not in self.WEIGHT_SCALE:
-            raise ValueError(f"draft weights must be one of {list(self.WEIGHT_SCALE)}, got {weights!r}")
+        if weights not in WEIGHT_BYTES:
+            raise ValueError(f"draft weights must be one of {list(WEIGHT_BYTES)}, got {weights!r}")
         self.vocab, self.stop_below, self.weights = vocab, stop_below, weights
-        self.weight_scale = self.WEIGHT_SCALE[weights]
+        self.weight_scale = WEIGHT_BYTES[weights] / WEIGHT_BYTES["fp32"]  # bytes per weight relative to float32
         self.name = name or ("m2r2" if self.acc is not None else "early-exit")
         self._head: DraftHead | None = None
 
     def setup(self, state: DecodeState) -> None:
         if self._head is None or self._head.model is not state.model:
             self._head = DraftHead(state.model, self.vocab)
-        if self.weights != "fp32":  # build the weight copies if ``lm.strategy`` has not already
-            with state.model.use_weights(self.weights):
-                pass
+        state.model.build_weights(self.weights)  # if ``lm.strategy`` has not already
         self.calls = 0
 
     def stats(self) -> dict:

@@ -22,11 +22,11 @@ import torch
 
 from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error, PromptFileError
+from ..model import WEIGHT_BYTES
 from .harness import (add_common_args, add_rouge_l, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth,
                       pin_threads, roofline, run_benchmark, summarize, write_results)
 
 ARM_NAMES = ("m2r2-plain", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld", "llamacpp")
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}
 WARMUP_TEXT = "Write two sentences about why benchmarks need a warm-up run."  # not in any shipped set
 
 
@@ -42,8 +42,7 @@ class M2R2PlainArm:
         self.lm, self.name, self.strategy, self.weights = lm, name, strategy, weights
 
     def setup(self) -> None:
-        with self.lm.model.use_weights(self.weights):  # build the reduced-precision copies outside the clock
-            pass
+        self.lm.model.build_weights(self.weights)  # outside the clock
         if self.strategy != "plain":
             self.strategy = self.lm.strategy(self.strategy)
 
