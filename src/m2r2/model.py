@@ -162,16 +162,15 @@ class Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         N = x2.shape[0]
-        if self.mode is not None and N <= self.GEMM_ROWS and x.dtype == torch.float32 \
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            # decode-sized products only: a prefill (compute-bound) is as fast, and exact, through the
-            # float32 GEMM on every thread
+        # the derived copies serve decode-sized float32 products nothing differentiates (neither FBGEMM's nor
+        # oneDNN's op has autograd); a prefill (compute-bound) is as fast, and exact, through the GEMM below
+        derived = N <= self.GEMM_ROWS and x.dtype == torch.float32 \
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        if derived and self.mode is not None:
             return self._lowp_forward(x2).view(*lead, self.out_features)
-        if 1 < N <= self.GEMM_ROWS and self.packed is not None and x.dtype == self.weight.dtype == torch.float32 \
-                and self.weight.device.type == "cpu" \
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            # the copy is valid for a float32 weight on CPU (a model moved or cast after loading falls back);
-            # oneDNN has no autograd for this op: only for products nothing differentiates
+        if derived and N > 1 and self.packed is not None and self.weight.dtype == torch.float32 \
+                and self.weight.device.type == "cpu":
+            # the copy is valid for a float32 weight on CPU (a model moved or cast after loading falls back)
             return torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [None], "").view(
                 *lead, self.out_features)
         if N > 1 or self.parts == 1:  # one ordinary (threaded) gemm
