@@ -98,7 +98,8 @@ def main() -> None:
           f"= {res['matmul_gbps']:.1f} GB/s over {weights_mb:.0f} MB; LM head alone {res['head_ms']:.2f} ms")
     for kind in ("fp16", "int8") if args.lowp else ():
         v = res[f"forward_ms_{kind}"]
-        print(f"{kind} weights: forward 1 token {v:.2f} ms ({v / f1:.2f}x float32), LM head {res[f'head_ms_{kind}']:.2f} ms")
+        print(f"{kind} weights: forward 1 token {v:.2f} ms ({v / f1:.2f}x float32), "
+              f"LM head {res[f'head_ms_{kind}']:.2f} ms")
     print(f"-> {args.out}")
 
 

@@ -40,9 +40,9 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
 }
 EXTERNAL_ARMS = ("hf-pld", "hf-assist", "llamacpp")
 ARM_NAMES = (*M2R2_ARMS, *EXTERNAL_ARMS)
-DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-confstop", "m2r2-int8", "m2r2-r3", "m2r2-r4", "early-exit",
-                "early-exit-adapter", "quant-draft", "prompt-lookup", "lookahead", "medusa", "draft-model", "hf-pld", "hf-assist",
-                "llamacpp")
+DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-confstop", "m2r2-int8", "m2r2-r3", "m2r2-r4",
+                "early-exit", "early-exit-adapter", "quant-draft", "prompt-lookup", "lookahead", "medusa", "draft-model",
+                "hf-pld", "hf-assist", "llamacpp")
 
 
 class StrategyArm:
@@ -124,8 +124,9 @@ class GreedyOnly:
 
 def draft_bytes(lm, name: str, strategy) -> float | None:
     """Weight bytes one draft token reads, relative to a full forward (float32): the layers it runs, its
-    adapters or Medusa head and its read-out rows, at the bytes per weight it reads them with. Prompt lookup and Lookahead read nothing to draft
-    (Lookahead pays in its verification forward instead: see the verify cost)."""
+    adapters or Medusa head and its read-out rows, at the bytes per weight it reads them with. Prompt lookup
+    and Lookahead read nothing to draft (Lookahead pays in its verification forward instead: see the verify
+    cost)."""
     drafter = getattr(strategy, "drafter", None)
     if drafter is None:
         return None
