@@ -270,7 +270,7 @@ def main(args: argparse.Namespace) -> int:
     summary = summarize(records, baseline, reference_arm="hf-generate",
                         also_against=[a for a in ("m2r2-plain",) if a != baseline],
                         roofline_tokens_per_s=roof["tokens_per_s"], arm_rooflines=arm_roofs)
-    add_rouge_l(summary, records, lambda ids: lm.decode_text(ids) or " ".join(map(str, ids)))
+    add_rouge_l(summary, records, lm)
     meta = {"model": lm.source.name, "model_identity": lm.source.identity,
             "prompts": args.prompt_ids or args.prompts, "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "warmup": args.warmup,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ..errors import M2R2Error
 from .decode import build_prompts
-from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
-                      run_benchmark, summarize, write_results)
+from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, output_text,
+                      pin_threads, roofline, run_benchmark, summarize, write_results)
 
 METHODS = ("calm", "calm-adapter", "m2r2-exit", "m2r2-exit-conf", "skipdecode", "mod")
 EXTRA_METHODS = ("m2r2-exit-alone",)  # m2r2-exit without the slow row riding along (an ablation)
@@ -66,11 +66,6 @@ class ExitArm:
         pass
 
 
-def _text(lm, ids: list[int]) -> str:
-    t = lm.decode_text(ids)
-    return t if t is not None else " ".join(map(str, ids))  # no tokenizer: token ids as words
-
-
 def curves(records: list[dict], lm, summary: dict, references: dict[str, str] | None = None) -> dict:
     """Per arm: Rouge-L against the plain output (mean over prompts) and, over the prompts that have a
     reference answer, against it (``rouge_l_reference``; plain decoding's own score is the ceiling to
@@ -78,21 +73,21 @@ def curves(records: list[dict], lm, summary: dict, references: dict[str, str] | 
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    ref = {r["prompt_id"]: _text(lm, r["token_ids"]) for r in records if r["arm"] == "plain"}
+    ref = {r["prompt_id"]: output_text(lm, r["token_ids"]) for r in records if r["arm"] == "plain"}
     L = lm.config.num_layers
     references = references or {}
     out: dict = {}
     for arm in dict.fromkeys(r["arm"] for r in records):
         rows = [r for r in records if r["arm"] == arm]
         with_ref = [r for r in rows if r["prompt_id"] in references]
-        vs_ref = statistics.fmean(scorer.score(references[r["prompt_id"]], _text(lm, r["token_ids"]))["rougeL"].fmeasure
+        vs_ref = statistics.fmean(scorer.score(references[r["prompt_id"]], output_text(lm, r["token_ids"]))["rougeL"].fmeasure
                                   for r in with_ref) if with_ref else None
         if arm == "plain":
             out["plain"] = {"method": "plain", "threshold": 0.0, "kv": "", "rouge_l": 1.0,
                             "rouge_l_reference": vs_ref, "n_reference": len(with_ref), "mean_slow_layers": float(L),
                             "theoretical_speedup": 1.0, "measured_speedup": 1.0, "exit_rate": 0.0}
             continue
-        rouge = [scorer.score(ref[r["prompt_id"]], _text(lm, r["token_ids"]))["rougeL"].fmeasure for r in rows]
+        rouge = [scorer.score(ref[r["prompt_id"]], output_text(lm, r["token_ids"]))["rougeL"].fmeasure for r in rows]
         st = [r["extra"].get("strategy", {}) for r in rows]
         toks = sum(s.get("tokens", 0) for s in st)
         layers = sum(s.get("mean_slow_layers", 0) * s.get("tokens", 0) for s in st) / toks if toks else float(L)

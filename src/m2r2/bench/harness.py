@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -351,14 +351,20 @@ def _fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
-def add_rouge_l(summary: dict, records: list[dict], text: Callable[[list[int]], str]) -> None:
+def output_text(lm, ids: list[int]) -> str:
+    """An output's text for Rouge-L; without a tokenizer, its token ids as words."""
+    t = lm.decode_text(ids)
+    return t if t is not None else " ".join(map(str, ids))
+
+
+def add_rouge_l(summary: dict, records: list[dict], lm) -> None:
     """Mean Rouge-L (``rouge-score``) of each arm's output text against the reference arm's, per prompt, into
     ``summary["arms"][arm]["rouge_l"]``: how far a lossy arm's output drifts, where token equality only
-    says that it does. ``text`` turns token ids into text."""
+    says that it does."""
     from rouge_score import rouge_scorer
 
     ref_arm = summary.get("reference_arm")
-    ref = {r["prompt_id"]: text(r["token_ids"]) for r in records
+    ref = {r["prompt_id"]: output_text(lm, r["token_ids"]) for r in records
            if r["arm"] == ref_arm and r.get("token_ids") is not None}
     if not ref:
         return
@@ -366,8 +372,8 @@ def add_rouge_l(summary: dict, records: list[dict], text: Callable[[list[int]], 
     for arm, e in summary["arms"].items():
         rows = [r for r in records if r["arm"] == arm and r.get("token_ids") is not None and r["prompt_id"] in ref]
         if arm != ref_arm and rows:
-            e["rouge_l"] = statistics.fmean(scorer.score(ref[r["prompt_id"]], text(r["token_ids"]))["rougeL"].fmeasure
-                                            for r in rows)
+            e["rouge_l"] = statistics.fmean(
+                scorer.score(ref[r["prompt_id"]], output_text(lm, r["token_ids"]))["rougeL"].fmeasure for r in rows)
 
 
 def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
