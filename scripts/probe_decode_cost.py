@@ -3,10 +3,12 @@
 
 Measures, on the embedded model at a fixed cache position (median of repeated calls, threads pinned):
 
-* a full forward of 1 token (a plain decode step) and of 2, 3, 5, 9 tokens (a speculative verification of
-  1, 2, 4, 8 drafts): the verify-cost ratios that decide speculative decoding;
-* the same 1-token forward with every matrix product replaced by an empty output of the right shape: the
-  time of everything else (norms, RoPE, cache writes, attention, residuals, dispatch);
+* a full forward of 1 token (a plain decode step, through the native kernels when they are built) and of
+  2, 3, 5, 9 tokens (a speculative verification of 1, 2, 4, 8 drafts): the verify-cost ratios that decide
+  speculative decoding;
+* the 1-token forward on the PyTorch path (native kernels off), and the same with every matrix product
+  replaced by an empty output of the right shape: the time of everything else there (norms, RoPE, cache
+  writes, attention, residuals, dispatch), which the native block kernel folds into one call;
 * the LM head alone; the memory bandwidth (the harness's copy test) and so the matmul share's GB/s;
 * the 1-token forward and the head from the fp16 and int8 weight copies (``--lowp``; the draft cost of
   ``quant-draft`` and the speed of ``load(weights=...)``).
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 import m2r2
+from m2r2 import native
 from m2r2.bench.harness import _command_line, machine_info, measure_bandwidth, pin_threads
 from m2r2.model import Linear
 
@@ -71,12 +74,15 @@ def main() -> None:
         res["forward_ms"] = {T: median_ms(fwd(T), args.calls) for T in (1, 2, 3, 5, 9)}
         h = torch.randn(1, 1, model.cfg.hidden_size)
         res["head_ms"] = median_ms(lambda: model.head(h), args.calls)
-        real = Linear.forward
-        Linear.forward = lambda self, x: x.new_empty(*x.shape[:-1], self.out_features)
-        try:
-            res["forward_no_matmul_ms"] = median_ms(fwd(1), args.calls)
-        finally:
-            Linear.forward = real
+        res["native_kernels"] = native.available()
+        with native.disabled():
+            res["forward_ms_torch"] = median_ms(fwd(1), args.calls)
+            real = Linear.forward
+            Linear.forward = lambda self, x: x.new_empty(*x.shape[:-1], self.out_features)
+            try:
+                res["forward_no_matmul_ms"] = median_ms(fwd(1), args.calls)
+            finally:
+                Linear.forward = real
         for kind in ("fp16", "int8") if args.lowp else ():
             with model.use_weights(kind):
                 res[f"forward_ms_{kind}"] = median_ms(fwd(1), args.calls)
@@ -84,18 +90,21 @@ def main() -> None:
     res["bandwidth_gbps"] = measure_bandwidth()
     weights_mb = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear)) * 4 / 1e6
     f1 = res["forward_ms"][1]
-    matmul_ms = f1 - res["forward_no_matmul_ms"]
+    matmul_ms = res["forward_ms_torch"] - res["forward_no_matmul_ms"]  # on the PyTorch path
     res["linear_weights_mb"] = weights_mb
     res["matmul_ms"] = matmul_ms
     res["matmul_gbps"] = weights_mb / matmul_ms
+    res["forward_gbps"] = weights_mb / f1  # the whole one-token step, as weight bytes over its time
     res["verify_cost"] = {T: v / f1 for T, v in res["forward_ms"].items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"threads {args.threads}, position {n}, bandwidth {res['bandwidth_gbps']:.1f} GB/s")
     for T, v in res["forward_ms"].items():
         print(f"forward {T} token(s): {v:6.2f} ms  ({v / f1:.2f}x one token)")
-    print(f"1 token without matmuls: {res['forward_no_matmul_ms']:.2f} ms; matmuls {matmul_ms:.2f} ms "
-          f"= {res['matmul_gbps']:.1f} GB/s over {weights_mb:.0f} MB; LM head alone {res['head_ms']:.2f} ms")
+    print(f"1 token {'native' if res['native_kernels'] else 'PyTorch'}: {f1:.2f} ms = {res['forward_gbps']:.1f} GB/s "
+          f"of weights; LM head alone {res['head_ms']:.2f} ms")
+    print(f"1 token on the PyTorch path: {res['forward_ms_torch']:.2f} ms, of which matmuls {matmul_ms:.2f} ms "
+          f"= {res['matmul_gbps']:.1f} GB/s over {weights_mb:.0f} MB and the rest {res['forward_no_matmul_ms']:.2f} ms")
     for kind in ("fp16", "int8") if args.lowp else ():
         v = res[f"forward_ms_{kind}"]
         print(f"{kind} weights: forward 1 token {v:.2f} ms ({v / f1:.2f}x float32), "

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import m2r2
+from m2r2 import native
 from m2r2.bench import harness
 from m2r2.bench.decode import HFGenerateArm, M2R2PlainArm, add_parser, load_prompt_ids
 from m2r2.bench.harness import ArmResult, ArmUnavailable, BenchPrompt, run_benchmark, summarize, write_results
@@ -193,9 +194,11 @@ def test_decode_command_end_to_end(bench_dir, tmp_path, capsys):
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "tiny.json").read_text())
     assert doc["meta"]["skipped_arms"].keys() == {"llamacpp"}  # a directory model has no GGUF
-    assert doc["meta"]["arms"] == ["m2r2-plain", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld"]
+    assert doc["meta"]["arms"] == ["m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft",
+                                   "hf-generate", "hf-pld"]
+    assert doc["meta"]["native_kernels"] == native.available()
     arms = doc["summary"]["arms"]
-    for lossless in ("m2r2-plain", "m2r2-quant-draft"):
+    for lossless in ("m2r2-plain", "m2r2-torch", "m2r2-quant-draft"):
         assert arms[lossless]["equality"] == {"compared": 2, "identical": 2, "mismatches": []}
         assert arms[lossless]["rouge_l"] == 1.0
     assert 0 <= arms["m2r2-int8"]["rouge_l"] <= 1 and "rouge_l" not in arms["hf-generate"]

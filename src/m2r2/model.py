@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .cache import KVCache, WriteSpec
 from .config import ModelConfig
 
@@ -168,6 +169,9 @@ class Linear(nn.Module):
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         if derived and self.mode is not None:
             return self._lowp_forward(x2).view(*lead, self.out_features)
+        if derived and N == 1 and native.enabled() and self.weight.dtype == torch.float32 \
+                and self.weight.device.type == "cpu":  # one C call streams the weight on every thread
+            return native.gemv(x2.contiguous(), self.weight, self.bias, self.out_features).view(*lead, self.out_features)
         if derived and N > 1 and self.packed is not None and self.weight.dtype == torch.float32 \
                 and self.weight.device.type == "cpu":
             # the copy is valid for a float32 weight on CPU (a model moved or cast after loading falls back)
@@ -250,6 +254,14 @@ class Block(nn.Module):
         ctx.cache.update(self.index, k, v, ctx.write)
 
     def forward(self, x: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
+        # (``type(self) is Block``: blocks that borrow this forward with their own FFN or q/k norms, like
+        # the MoE blocks, compute something the kernel does not)
+        if ctx.native and type(self) is Block and self.qkv.mode is None and self.qkv.weight.dtype == torch.float32 \
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)) \
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in self.children()):
+            # one token of one row in float32: the whole block is one native call (see m2r2.native)
+            return native.block(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos, ctx.sin,
+                                ctx.write.start)
         q, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
         k_all, v_all = ctx.cache.update(self.index, k, v, ctx.write)
         x = x + self.attend(q, k_all, v_all, ctx.write.mask)
@@ -264,6 +276,9 @@ class StepContext:
         self.positions = positions
         self.write = WriteSpec(positions, cache.max_len)
         self.cos, self.sin = model.rope(positions)
+        # one token of one row, float32 on CPU, nothing masked beyond causality: blocks may run natively
+        self.native = positions.shape == (1, 1) and self.write.mask is None and type(cache) is KVCache \
+            and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" and native.enabled()
 
 
 class Transformer(nn.Module):

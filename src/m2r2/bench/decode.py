@@ -3,7 +3,8 @@
 
 Every arm gets the chat-templated prompt as token ids (``lm.encode``), decodes greedily up to
 ``--max-new-tokens`` and reports new tokens over wall time (prefill + decode). m2r2-plain and hf-generate
-run the same float32 weights, so their outputs are compared token for token. m2r2-fp16 / m2r2-int8 decode
+run the same float32 weights, so their outputs are compared token for token; m2r2-torch is m2r2-plain with
+the native decode kernels switched off (every op through PyTorch), to show what they buy. m2r2-fp16 / m2r2-int8 decode
 from reduced-precision copies of the weights (lossy: the table counts how many outputs still match);
 m2r2-quant-draft drafts from the int8 copy and verifies with the float32 model (lossless).
 """
@@ -11,6 +12,7 @@ m2r2-quant-draft drafts from the int8 copy and verifies with the float32 model (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -20,13 +22,14 @@ from typing import Callable
 
 import torch
 
+from .. import native
 from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error, PromptFileError
 from ..model import WEIGHT_BYTES
 from .harness import (add_common_args, add_rouge_l, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth,
                       pin_threads, roofline, run_benchmark, summarize, write_results)
 
-ARM_NAMES = ("m2r2-plain", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld", "llamacpp")
+ARM_NAMES = ("m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld", "llamacpp")
 WARMUP_TEXT = "Write two sentences about why benchmarks need a warm-up run."  # not in any shipped set
 
 
@@ -34,12 +37,15 @@ WARMUP_TEXT = "Write two sentences about why benchmarks need a warm-up run."  # 
 
 class M2R2PlainArm:
     """m2r2's own decoder through the public API: plain decoding from the float32 weights, or from their
-    fp16 / int8 copies (``weights``; lossy), or another strategy (``quant-draft``: lossless)."""
+    fp16 / int8 copies (``weights``; lossy), or another strategy (``quant-draft``: lossless); with
+    ``use_native=False``, without the native decode kernels (m2r2.native)."""
 
     kind = "m2r2"
 
-    def __init__(self, lm, name: str = "m2r2-plain", strategy: str = "plain", weights: str = "fp32"):
+    def __init__(self, lm, name: str = "m2r2-plain", strategy: str = "plain", weights: str = "fp32",
+                 use_native: bool = True):
         self.lm, self.name, self.strategy, self.weights = lm, name, strategy, weights
+        self.use_native = use_native
 
     def setup(self) -> None:
         self.lm.model.build_weights(self.weights)  # outside the clock
@@ -48,7 +54,8 @@ class M2R2PlainArm:
 
     def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
         t0 = time.perf_counter()
-        with self.lm.model.use_weights(self.weights):
+        with self.lm.model.use_weights(self.weights), \
+                (contextlib.nullcontext() if self.use_native else native.disabled()):
             out = self.lm.generate(list(prompt.token_ids), max_new_tokens=max_new_tokens, temperature=0.0,
                                    strategy=self.strategy)
         seconds = time.perf_counter() - t0
@@ -221,6 +228,7 @@ def build_prompts(lm, args: argparse.Namespace) -> tuple[list[BenchPrompt], Benc
 def make_arms(names: list[str], lm, args: argparse.Namespace, n_ctx: int) -> list:
     factories: dict[str, Callable[[], object]] = {
         "m2r2-plain": lambda: M2R2PlainArm(lm),
+        "m2r2-torch": lambda: M2R2PlainArm(lm, "m2r2-torch", use_native=False),
         "m2r2-fp16": lambda: M2R2PlainArm(lm, "m2r2-fp16", weights="fp16"),
         "m2r2-int8": lambda: M2R2PlainArm(lm, "m2r2-int8", weights="int8"),
         "m2r2-quant-draft": lambda: M2R2PlainArm(lm, "m2r2-quant-draft", strategy="quant-draft"),
@@ -276,7 +284,7 @@ def main(args: argparse.Namespace) -> int:
             "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "warmup": args.warmup,
             "arms": [a.name for a in arms if a.name not in skipped], "skipped_arms": skipped,
             "pld_tokens": args.pld_tokens, "loadavg_start": load_avg,
-            "bandwidth_gbps": bandwidth, "roofline": roof, **meta_extra}
+            "bandwidth_gbps": bandwidth, "roofline": roof, "native_kernels": native.available(), **meta_extra}
     write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=args.keep_token_ids)
     return 0
 

@@ -1,0 +1,187 @@
+/* m2r2's native decode kernels: one token (batch 1) through a whole pre-norm decoder block, and the
+ * float32 matrix-vector product every batch-1 linear layer runs.
+ *
+ * Why: a one-token step of the embedded model is ~540 MB of weight reads (memory bound) plus ~15 small
+ * tensor ops per layer (norms, RoPE, cache writes, attention, residuals). Through PyTorch each small op
+ * costs a dispatch of several microseconds, 8 ms per token in all, and the products stream the weights
+ * at ~25 GB/s. Here a block is one call: the small ops run in place on a few KB of floats, and each
+ * product streams its weight once, every thread over a contiguous slab of rows.
+ *
+ * Layouts (those of m2r2.model): a linear weight is stored transposed, (in, out) row-major; the KV cache
+ * of a layer is (kv_heads, max_len, head_dim) for batch 1; RoPE rows are cos and the sign-folded sin.
+ * Built at run time by m2r2.native with the host compiler (-O3 -march=native -fopenmp); OpenMP resolves
+ * to the libgomp PyTorch already loaded, so both share one thread team.
+ *
+ * Arithmetic is float32 throughout, like the PyTorch path; only the order of summation differs.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+#include <string.h>
+
+/* q . k over n floats, as 8 interleaved partial sums (vectorised by the compiler) combined pairwise */
+static inline float dot(const float *restrict q, const float *restrict k, int n) {
+    float a[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int u = 0; u < 8; u++)
+            a[u] += q[i + u] * k[i + u];
+    float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    for (; i < n; i++)
+        s += q[i] * k[i];
+    return s;
+}
+
+/* acc[0:n) += sum_{r<rows} x[r] * W[r, 0:n), W rows of stride n (contiguous). Plain loops over restrict
+ * pointers: the compiler vectorises the inner one for the target (AVX2 + FMA on x86, NEON on ARM). */
+static void axpy_rows(float *restrict acc, const float *restrict x, const float *restrict W, int rows, int n) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float *restrict w0 = W + (size_t)r * n, *restrict w1 = w0 + n, *restrict w2 = w1 + n,
+                    *restrict w3 = w2 + n;
+        const float x0 = x[r], x1 = x[r + 1], x2 = x[r + 2], x3 = x[r + 3];
+        for (int j = 0; j < n; j++)
+            acc[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j];
+    }
+    for (; r < rows; r++) {
+        const float *restrict w = W + (size_t)r * n;
+        const float xr = x[r];
+        for (int j = 0; j < n; j++)
+            acc[j] += xr * w[j];
+    }
+}
+
+/* y[0:out) = x[0:in) @ W (in, out) + b. Inside a parallel region (every thread calls it): thread t sums
+ * the rows of its contiguous slab into its own partial (part + t*out), then after a barrier each thread
+ * adds up the partials over its share of the columns. part holds nthreads*out floats. */
+static void gemv_team(const float *x, const float *W, const float *b, float *y, float *part, int in, int out) {
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int r0 = (int)((long)in * t / nt), r1 = (int)((long)in * (t + 1) / nt);
+    float *acc = part + (size_t)t * out;
+    memset(acc, 0, sizeof(float) * out);
+    axpy_rows(acc, x + r0, W + (size_t)r0 * out, r1 - r0, out);
+#pragma omp barrier
+    const int c0 = (int)((long)out * t / nt), c1 = (int)((long)out * (t + 1) / nt);
+    for (int j = c0; j < c1; j++) {
+        float s = part[j];
+        for (int p = 1; p < nt; p++)
+            s += part[(size_t)p * out + j];
+        y[j] = b ? s + b[j] : s;
+    }
+#pragma omp barrier
+}
+
+void m2r2_gemv(const float *x, const float *W, const float *b, float *y, float *part, int in, int out,
+               int threads) {
+#pragma omp parallel num_threads(threads)
+    gemv_team(x, W, b, y, part, in, out);
+}
+
+/* RMSNorm like torch.rms_norm: x * rsqrt(mean(x^2) + eps) * w. Serial; n is the hidden size. */
+static void rms_norm(const float *x, const float *w, float eps, float *y, int n) {
+    double ss = 0.0;  /* a double sum: closer to PyTorch's tree reduction than a float running sum */
+    for (int i = 0; i < n; i++)
+        ss += (double)x[i] * x[i];
+    const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++)
+        y[i] = (x[i] * r) * w[i];
+}
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, inter;  /* sizes */
+    float eps, scale;  /* RMSNorm epsilon, attention scale */
+} m2r2_dims;
+
+typedef struct {
+    const float *in_norm, *post_norm;  /* (hidden) */
+    const float *qkv, *qkv_b;          /* (hidden, (heads + 2 kv_heads) head_dim), bias or NULL */
+    const float *o, *o_b;              /* (heads head_dim, hidden) */
+    const float *gate_up, *gate_up_b;  /* (hidden, 2 inter): gate columns then up columns */
+    const float *down, *down_b;        /* (inter, hidden) */
+} m2r2_weights;
+
+/* Scratch floats m2r2_block needs for a cache of max_len slots and the given thread count. */
+long m2r2_block_scratch(const m2r2_dims *d, int max_len, int threads) {
+    const long nqkv = (long)(d->heads + 2 * d->kv_heads) * d->head_dim;
+    long widest = 2L * d->inter;
+    if (nqkv > widest) widest = nqkv;
+    return d->hidden + nqkv + (long)d->heads * d->head_dim + 2L * d->inter + (long)threads * widest
+           + (long)d->heads * max_len;
+}
+
+/* One token through one block, in place on x (hidden): x += Attn(norm(x)); x += MLP(norm(x)). Writes the
+ * token's rotated K and V into slot pos of the layer's cache and attends over slots 0..pos. cos and sin
+ * are the RoPE rows of pos (head_dim; sin sign-folded so that rot(v) = v*cos + roll(v, hd/2)*sin). */
+void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, const float *cos, const float *sin,
+                float *kcache, float *vcache, int max_len, int pos, float *scratch, int threads) {
+    const int D = d->hidden, H = d->heads, KV = d->kv_heads, hd = d->head_dim, I = d->inter;
+    const int nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, half = hd / 2, group = H / KV, S = pos + 1;
+    float *h = scratch, *qkv = h + D, *att = qkv + nqkv, *gu = att + nq;
+    long widest = 2L * I > nqkv ? 2L * I : nqkv;
+    float *part = gu + 2 * I, *scores = part + (size_t)threads * widest;
+
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        rms_norm(x, w->in_norm, d->eps, h, D);
+        gemv_team(h, w->qkv, w->qkv_b, qkv, part, D, nqkv);
+#pragma omp single
+        {
+            /* RoPE on the q and k heads, then K and V into the cache */
+            for (int head = 0; head < H + KV; head++) {
+                float *v = qkv + (size_t)head * hd, tmp[hd];
+                for (int i = 0; i < hd; i++)
+                    tmp[i] = v[i] * cos[i] + v[(i + half) % hd] * sin[i];
+                memcpy(v, tmp, sizeof tmp);
+            }
+            for (int g = 0; g < KV; g++) {
+                memcpy(kcache + ((size_t)g * max_len + pos) * hd, qkv + nq + (size_t)g * hd, sizeof(float) * hd);
+                memcpy(vcache + ((size_t)g * max_len + pos) * hd, qkv + nq + nkv + (size_t)g * hd,
+                       sizeof(float) * hd);
+            }
+        }
+        /* attention, one query head per iteration: softmax(q K^T * scale) V over slots 0..pos */
+#pragma omp for schedule(static)
+        for (int head = 0; head < H; head++) {
+            const float *q = qkv + (size_t)head * hd;
+            const float *K = kcache + (size_t)(head / group) * max_len * hd;
+            const float *V = vcache + (size_t)(head / group) * max_len * hd;
+            float *s = scores + (size_t)head * max_len, *o = att + (size_t)head * hd;
+            float m = -INFINITY;
+            for (int j = 0; j < S; j++) {
+                s[j] = dot(q, K + (size_t)j * hd, hd) * d->scale;
+                if (s[j] > m)
+                    m = s[j];
+            }
+            float sum = 0.0f;
+            for (int j = 0; j < S; j++) {
+                s[j] = expf(s[j] - m);
+                sum += s[j];
+            }
+            const float inv = 1.0f / sum;
+            memset(o, 0, sizeof(float) * hd);
+            for (int j = 0; j < S; j++) {
+                const float p = s[j] * inv, *v = V + (size_t)j * hd;
+                for (int i = 0; i < hd; i++)
+                    o[i] += p * v[i];
+            }
+        }
+        gemv_team(att, w->o, w->o_b, h, part, nq, D);  /* h = attention output projected */
+#pragma omp single
+        {
+            for (int i = 0; i < D; i++)
+                x[i] += h[i];
+            rms_norm(x, w->post_norm, d->eps, h, D);
+        }
+        gemv_team(h, w->gate_up, w->gate_up_b, gu, part, D, 2 * I);
+#pragma omp single
+        for (int i = 0; i < I; i++) {
+            const float g = gu[i];
+            gu[i] = g / (1.0f + expf(-g)) * gu[I + i];  /* silu(gate) * up */
+        }
+        gemv_team(gu, w->down, w->down_b, h, part, I, D);
+#pragma omp single
+        for (int i = 0; i < D; i++)
+            x[i] += h[i];
+    }
+}

@@ -1,0 +1,203 @@
+"""Native decode kernels (``kernels/decode.c``): a one-token step through a whole decoder block, and the
+batch-1 float32 matrix-vector product, each one C call.
+
+The C source ships with the package and is compiled on first use with the host C compiler into the
+user cache (``<cache>/kernels/``, keyed by the source, compiler and CPU), then loaded with ctypes; later
+processes load the cached library directly. Nothing here is required: without a compiler, on a
+platform the build does not support, or with ``M2R2_NATIVE=0``, every call site keeps the PyTorch path,
+and ``disabled()`` turns the kernels off for a block of code (tests and benchmarks compare the two).
+
+The kernels serve only what they are exact for: float32 weights and activations on CPU, batch 1, one
+token, nothing to differentiate. Results equal the PyTorch path up to the order of float32 summation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels") / "decode.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+_lock = threading.Lock()
+_enabled = os.environ.get("M2R2_NATIVE", "1") != "0"
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
+                ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float)]
+
+
+class Weights(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("in_norm", "post_norm", "qkv", "qkv_b", "o", "o_b", "gate_up",
+                                               "gate_up_b", "down", "down_b")]
+
+
+def _cpu_key() -> str:
+    try:  # -march=native code is only valid on a CPU with the same features
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def library_path(cc: str) -> Path:
+    from .loading import cache_root
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_key(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    return cache_root() / "kernels" / f"decode-{key}.so"
+
+
+def _build() -> ctypes.CDLL:
+    if sys.platform not in ("linux", "darwin"):
+        raise RuntimeError(f"native kernels are built on Linux and macOS only, not {sys.platform}")
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    path = library_path(cc)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # compile aside, then rename into place
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                               timeout=300)
+            if r.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(path))  # after torch: its libgomp is the one OpenMP resolves to
+    P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.m2r2_gemv.argtypes = [P, P, P, P, P, I, I, I]
+    lib.m2r2_gemv.restype = None
+    lib.m2r2_block.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, P, P, P, P, I, I, P, I]
+    lib.m2r2_block.restype = None
+    lib.m2r2_block_scratch.argtypes = [ctypes.POINTER(Dims), I, I]
+    lib.m2r2_block_scratch.restype = ctypes.c_long
+    del F
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first call; None (once reported on stderr) if they cannot be."""
+    global _lib, _tried, _error
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _lib = _build()
+                except Exception as e:  # any failure: keep the PyTorch path, say why once
+                    _error = str(e)
+                    print(f"m2r2: native decode kernels unavailable ({_error}); using the PyTorch path",
+                          file=sys.stderr, flush=True)
+                _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return _enabled and library() is not None
+
+
+def enabled() -> bool:
+    """Whether call sites may use the kernels now (switched on, and built or buildable)."""
+    return _enabled and (_lib is not None or (not _tried and library() is not None))
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the block on the PyTorch path (e.g. to compare against it)."""
+    global _enabled
+    prev, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = prev
+
+
+def set_enabled(on: bool) -> bool:
+    """Switch the kernels on or off process-wide; returns the previous setting."""
+    global _enabled
+    prev, _enabled = _enabled, bool(on)
+    return prev
+
+
+# ---- call sites ----
+_scratch: dict[int, torch.Tensor] = {}
+
+
+def scratch(n: int) -> torch.Tensor:
+    """A float32 work buffer of at least n floats, one per thread that asks (grown, never shrunk)."""
+    key = threading.get_ident()
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _scratch[key] = torch.empty(max(n, 1 << 16), dtype=torch.float32)
+    return buf
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x (in,) float32 @ weight ((in, out) row-major, contiguous) + bias -> (out,), on every intra-op thread."""
+    lib = _lib
+    threads = torch.get_num_threads()
+    y = torch.empty(out_features, dtype=torch.float32)
+    part = scratch(threads * out_features)
+    lib.m2r2_gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                  part.data_ptr(), x.numel(), out_features, threads)
+    return y
+
+
+def _block_args(blk) -> tuple:
+    """The ctypes structs describing block ``blk`` (cached on it; rebuilt if a weight tensor changed)."""
+    params = (blk.input_norm.weight, blk.post_norm.weight, blk.qkv.weight, blk.qkv.bias, blk.o.weight, blk.o.bias,
+              blk.gate_up.weight, blk.gate_up.bias, blk.down.weight, blk.down.bias)
+    ptrs = tuple(None if p is None else p.data_ptr() for p in params)
+    cached = blk.__dict__.get("_native_args")
+    if cached is not None and cached[0] == ptrs:
+        return cached[1]
+    c = blk.cfg
+    dims = Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
+                blk.scale)
+    args = (ctypes.byref(dims), ctypes.byref(Weights(*ptrs)), dims)
+    blk.__dict__["_native_args"] = (ptrs, args)
+    return args
+
+
+def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          pos: int) -> torch.Tensor:
+    """One token (x: (1, 1, D) float32) through block ``blk`` at position ``pos``, K/V written into the
+    layer's cache tensors k, v (1, KV, max_len, hd). Returns the new states (a new tensor)."""
+    lib = _lib
+    dims_p, weights_p, dims = _block_args(blk)
+    threads = torch.get_num_threads()
+    max_len = k.shape[2]
+    buf = scratch(lib.m2r2_block_scratch(dims_p, max_len, threads))
+    y = x.reshape(1, 1, -1).clone(memory_format=torch.contiguous_format)
+    lib.m2r2_block(dims_p, weights_p, y.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
+                   max_len, pos, buf.data_ptr(), threads)
+    return y

@@ -1,0 +1,139 @@
+"""The native decode kernels (m2r2.native): the same arithmetic as the PyTorch path up to float32
+summation order, used exactly where they are valid, and a clean fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import m2r2
+from m2r2 import native
+from m2r2.generate import decode
+from m2r2.model import Linear
+
+from conftest import make_tiny
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels could not be built here")
+
+
+@pytest.mark.parametrize("in_f,out_f,bias,threads", [(64, 96, False, 2), (37, 13, True, 2), (576, 960, True, 1),
+                                                      (48, 200, False, 3)])
+def test_gemv_matches_matmul(in_f, out_f, bias, threads):
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(in_f, out_f, bias, parts=1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(out_f, generator=g))
+    x = torch.randn(1, in_f, generator=g)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y = lin(x)
+            with native.disabled():
+                ref = lin(x)
+    finally:
+        torch.set_num_threads(prev)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)  # sums of ~in_f unit-scale terms
+    assert not torch.equal(y, torch.zeros_like(y))
+
+
+def _one_token_steps(model, ids, use_native: bool):
+    """Logits and cache contents after feeding ``ids`` one token at a time (batch 1)."""
+    cache = model.new_cache(1, len(ids) + 1)
+    logits = []
+    prev = native.set_enabled(use_native)
+    try:
+        with torch.inference_mode():
+            for p, t in enumerate(ids):
+                logits.append(model(torch.tensor([[t]]), cache, torch.tensor([[p]]))[0, 0])
+                cache.advance(1)
+    finally:
+        native.set_enabled(prev)
+    return torch.stack(logits), cache
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # grouped-query attention (4 query / 2 KV heads)
+    {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
+    {"num_attention_heads": 8, "num_key_value_heads": 1, "hidden_size": 96, "intermediate_size": 80},
+])
+def test_native_block_matches_pytorch_block(tmp_path, overrides):
+    make_tiny(tmp_path, "llama", seed=3, **overrides)
+    lm = m2r2.load(tmp_path)
+    ids = list(range(5, 29))
+    calls = []
+    orig = native.block
+    try:
+        native.block = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        got, c1 = _one_token_steps(lm.model, ids, True)
+    finally:
+        native.block = orig
+    ref, c2 = _one_token_steps(lm.model, ids, False)
+    assert len(calls) == len(ids) * lm.config.num_layers  # every block of every step ran natively
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(c1.k + c1.v, c2.k + c2.v):  # the K/V written for later tokens agree too
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_decoding_is_unchanged_by_the_kernels(tiny_lm):
+    prompts = [[3, 7, 11, 19], [5, 6, 7, 8, 9, 10, 11]]
+    for p in prompts:
+        ours, _ = decode(tiny_lm.model, [p], max_new_tokens=40)
+        with native.disabled():
+            ref, _ = decode(tiny_lm.model, [p], max_new_tokens=40)
+        assert ours == ref
+
+
+def test_kernels_only_run_where_they_apply(tiny_lm, monkeypatch):
+    """Batches, several tokens, reduced-precision copies, autograd and hooks keep the PyTorch path."""
+    calls = []
+    orig = native.block
+    monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    m = tiny_lm.model
+    with torch.inference_mode():
+        m(torch.tensor([[4], [5]]), m.new_cache(2, 8), torch.tensor([[0], [0]]))  # batch 2
+        m(torch.tensor([[4, 5]]), m.new_cache(1, 8), torch.tensor([[0, 1]]))  # two tokens
+    assert not calls
+    seen = []
+    h = m.layers[0].gate_up.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    try:
+        with torch.inference_mode():
+            m(torch.tensor([[4]]), m.new_cache(1, 8), torch.tensor([[0]]))
+    finally:
+        h.remove()
+    assert seen and len(calls) == m.cfg.num_layers - 1  # the hooked block ran in PyTorch, its hook fired
+    calls.clear()
+    x = m.embed(torch.tensor([[4]])).requires_grad_(True)
+    ctx = m.context(m.new_cache(1, 8), torch.tensor([[0]]))
+    m.layer(0, x, ctx).sum().backward()
+    assert not calls and x.grad is not None
+
+
+def test_build_failure_falls_back_with_one_message(tiny_lm, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert not native.available()
+    assert not native.enabled()
+    err = capsys.readouterr().err
+    assert err.count("native decode kernels unavailable") == 1 and "no-such-compiler" in err
+    ref, _ = decode(tiny_lm.model, [[3, 7, 11]], max_new_tokens=8)  # still decodes, on the PyTorch path
+    assert len(ref[0]) == 8
+    assert not list(tmp_path.glob("kernels/*.so"))
+
+
+def test_a_built_library_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.available()
+    built = list(tmp_path.glob("kernels/*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.available() and built[0].stat().st_mtime_ns == stamp
+    assert not [p for p in (tmp_path / "kernels").iterdir() if p.suffix != ".so"]  # no temporary left behind
