@@ -39,6 +39,30 @@ def test_gemv_matches_matmul(in_f, out_f, bias, threads):
     assert not torch.equal(y, torch.zeros_like(y))
 
 
+@pytest.mark.parametrize("in_f,out_f", [(64, 96), (36, 13), (576, 1000)])
+def test_half_gemv_matches_the_half_weights_in_float32(in_f, out_f):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(in_f, out_f, generator=g).half()
+    x, b = torch.randn(in_f, generator=g), torch.randn(out_f, generator=g)
+    y = native.gemv(x, w, b, out_f)
+    torch.testing.assert_close(y, x @ w.float() + b, rtol=1e-4, atol=1e-4)  # only the summation order differs
+
+
+def test_fp16_mode_runs_natively_like_the_fbgemm_path(tiny_lm):
+    """One row in fp16 mode: the native kernels read the half copy (same arithmetic as FBGEMM's fp16
+    product: half weights, float32 activations and sums)."""
+    m = tiny_lm.model
+    with m.use_weights("fp16"):
+        assert all(lin.half is not None for lin in m._linears())
+        got, _ = _one_token_steps(m, list(range(3, 20)), True)
+        ref, _ = _one_token_steps(m, list(range(3, 20)), False)
+    exact, _ = _one_token_steps(m, list(range(3, 20)), True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, exact, rtol=1e-6, atol=1e-6)  # really the half weights
+    import copy
+    assert copy.deepcopy(m.lm_head).half is None  # a derived copy, not state
+
+
 def _one_token_steps(model, ids, use_native: bool):
     """Logits and cache contents after feeding ``ids`` one token at a time (batch 1)."""
     cache = model.new_cache(1, len(ids) + 1)

@@ -35,12 +35,13 @@ _tried = False
 _error: str | None = None
 _lock = threading.Lock()
 _enabled = os.environ.get("M2R2_NATIVE", "1") != "0"
+KINDS = {torch.float32: 0, torch.float16: 1}  # weight storage the kernels read (kernels/decode.c: KIND_*)
 
 
 class Dims(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
                 ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float)]
+                ("scale", ctypes.c_float), ("kind", ctypes.c_int)]
 
 
 class Weights(ctypes.Structure):
@@ -95,7 +96,7 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))  # after torch: its libgomp is the one OpenMP resolves to
     P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.m2r2_gemv.argtypes = [P, P, P, P, P, I, I, I]
+    lib.m2r2_gemv.argtypes = [P, P, I, P, P, P, I, I, I]
     lib.m2r2_gemv.restype = None
     lib.m2r2_block.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, P, P, P, P, I, I, P, I]
     lib.m2r2_block.restype = None
@@ -162,38 +163,43 @@ def scratch(n: int) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """x (in,) float32 @ weight ((in, out) row-major, contiguous) + bias -> (out,), on every intra-op thread."""
+    """x (in,) float32 @ weight ((in, out) row-major, contiguous; float32 or float16) + bias (float32)
+    -> (out,) float32, accumulated in float32, on every intra-op thread."""
     lib = _lib
     threads = torch.get_num_threads()
     y = torch.empty(out_features, dtype=torch.float32)
     part = scratch(threads * out_features)
-    lib.m2r2_gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-                  part.data_ptr(), x.numel(), out_features, threads)
+    lib.m2r2_gemv(x.data_ptr(), weight.data_ptr(), KINDS[weight.dtype], None if bias is None else bias.data_ptr(),
+                  y.data_ptr(), part.data_ptr(), x.numel(), out_features, threads)
     return y
 
 
-def _block_args(blk) -> tuple:
-    """The ctypes structs describing block ``blk`` (cached on it; rebuilt if a weight tensor changed)."""
-    params = (blk.input_norm.weight, blk.post_norm.weight, blk.qkv.weight, blk.qkv.bias, blk.o.weight, blk.o.bias,
-              blk.gate_up.weight, blk.gate_up.bias, blk.down.weight, blk.down.bias)
+def _block_args(blk, half: bool) -> tuple:
+    """The ctypes structs describing block ``blk`` with its float32 or half weights (cached on it per kind;
+    rebuilt if a tensor changed)."""
+    lin = [blk.qkv, blk.o, blk.gate_up, blk.down]
+    params = (blk.input_norm.weight, blk.post_norm.weight,
+              *(t for m in lin for t in (m.half if half else m.weight, m.bias)))
     ptrs = tuple(None if p is None else p.data_ptr() for p in params)
-    cached = blk.__dict__.get("_native_args")
+    key = "_native_args_half" if half else "_native_args"
+    cached = blk.__dict__.get(key)
     if cached is not None and cached[0] == ptrs:
         return cached[1]
     c = blk.cfg
     dims = Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
-                blk.scale)
+                blk.scale, KINDS[torch.float16 if half else torch.float32])
     args = (ctypes.byref(dims), ctypes.byref(Weights(*ptrs)), dims)
-    blk.__dict__["_native_args"] = (ptrs, args)
+    blk.__dict__[key] = (ptrs, args)
     return args
 
 
 def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-          pos: int) -> torch.Tensor:
+          pos: int, half: bool = False) -> torch.Tensor:
     """One token (x: (1, 1, D) float32) through block ``blk`` at position ``pos``, K/V written into the
-    layer's cache tensors k, v (1, KV, max_len, hd). Returns the new states (a new tensor)."""
+    layer's cache tensors k, v (1, KV, max_len, hd); from the linears' half copies if ``half``. Returns the
+    new states (a new tensor)."""
     lib = _lib
-    dims_p, weights_p, dims = _block_args(blk)
+    dims_p, weights_p, dims = _block_args(blk, half)
     threads = torch.get_num_threads()
     max_len = k.shape[2]
     buf = scratch(lib.m2r2_block_scratch(dims_p, max_len, threads))

@@ -32,34 +32,98 @@ static inline float dot(const float *restrict q, const float *restrict k, int n)
     return s;
 }
 
-/* acc[0:n) += sum_{r<rows} x[r] * W[r, 0:n), W rows of stride n (contiguous). Plain loops over restrict
- * pointers: the compiler vectorises the inner one for the target (AVX2 + FMA on x86, NEON on ARM). */
-static void axpy_rows(float *restrict acc, const float *restrict x, const float *restrict W, int rows, int n) {
+/* acc[0:n) += sum_{r<rows} x[r] * W[r, 0:n), W rows of stride n (contiguous), for each weight type: float32,
+ * and fp16 (converted to float32 on load; accumulation stays float32). Plain loops over restrict pointers:
+ * the compiler vectorises the inner one for the target (AVX2 + FMA + F16C on x86, NEON on ARM). */
+#ifdef __FLT16_MAX__  /* the compiler has a half type: conversions become F16C / NEON instructions */
+typedef _Float16 half;
+#define H2F(v) ((float)(v))
+#else  /* a portable conversion of the IEEE half bit pattern */
+typedef unsigned short half;
+static inline float half_bits_to_float(unsigned short h) {
+    const unsigned sign = (unsigned)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    float f;
+    if (exp == 0)
+        f = ldexpf((float)man, -24);  /* zero or subnormal */
+    else if (exp == 31)
+        f = man ? NAN : INFINITY;
+    else
+        f = ldexpf((float)(man | 0x400), (int)exp - 25);
+    unsigned bits;
+    memcpy(&bits, &f, sizeof bits);
+    bits |= sign;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#define H2F(v) half_bits_to_float(v)
+#endif
+#define F2F(v) (v)
+
+#define AXPY_ROWS(NAME, T, CONV)                                                                                      \
+    static void NAME(float *restrict acc, const float *restrict x, const T *restrict W, int rows, int n) {  \
+        int r = 0;                                                                                              \
+        for (; r + 4 <= rows; r += 4) {                                                                         \
+            const T *restrict w0 = W + (size_t)r * n, *restrict w1 = w0 + n, *restrict w2 = w1 + n,             \
+                    *restrict w3 = w2 + n;                                                                      \
+            const float x0 = x[r], x1 = x[r + 1], x2 = x[r + 2], x3 = x[r + 3];                                 \
+            for (int j = 0; j < n; j++)                                                                         \
+                acc[j] += x0 * CONV(w0[j]) + x1 * CONV(w1[j]) + x2 * CONV(w2[j]) + x3 * CONV(w3[j]);             \
+        }                                                                                                       \
+        for (; r < rows; r++) {                                                                                 \
+            const T *restrict w = W + (size_t)r * n;                                                            \
+            const float xr = x[r];                                                                              \
+            for (int j = 0; j < n; j++)                                                                         \
+                acc[j] += xr * CONV(w[j]);                                                                      \
+        }                                                                                                       \
+    }
+AXPY_ROWS(axpy_rows_f32, float, F2F)
+#if defined(__F16C__) && defined(__FMA__)
+/* GCC does not vectorise half -> float conversions in the loop above: the same loop with F16C intrinsics */
+#include <immintrin.h>
+AXPY_ROWS(axpy_rows_f16_tail, half, H2F)
+static void axpy_rows_f16(float *restrict acc, const float *restrict x, const half *restrict W, int rows, int n) {
+    const int n8 = n & ~7;
     int r = 0;
     for (; r + 4 <= rows; r += 4) {
-        const float *restrict w0 = W + (size_t)r * n, *restrict w1 = w0 + n, *restrict w2 = w1 + n,
-                    *restrict w3 = w2 + n;
-        const float x0 = x[r], x1 = x[r + 1], x2 = x[r + 2], x3 = x[r + 3];
-        for (int j = 0; j < n; j++)
-            acc[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j];
+        const half *w0 = W + (size_t)r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        const __m256 x0 = _mm256_set1_ps(x[r]), x1 = _mm256_set1_ps(x[r + 1]), x2 = _mm256_set1_ps(x[r + 2]),
+                     x3 = _mm256_set1_ps(x[r + 3]);
+        for (int j = 0; j < n8; j += 8) {
+#define H8(w) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((w) + j)))
+            __m256 a = _mm256_fmadd_ps(x0, H8(w0), _mm256_loadu_ps(acc + j));
+            a = _mm256_fmadd_ps(x1, H8(w1), a);
+            a = _mm256_fmadd_ps(x2, H8(w2), a);
+            a = _mm256_fmadd_ps(x3, H8(w3), a);
+#undef H8
+            _mm256_storeu_ps(acc + j, a);
+        }
+        if (n8 < n)  /* the last n % 8 columns of these rows */
+            for (int q = 0; q < 4; q++)
+                for (int j = n8; j < n; j++)
+                    acc[j] += x[r + q] * H2F(W[(size_t)(r + q) * n + j]);
     }
-    for (; r < rows; r++) {
-        const float *restrict w = W + (size_t)r * n;
-        const float xr = x[r];
-        for (int j = 0; j < n; j++)
-            acc[j] += xr * w[j];
-    }
+    if (r < rows)
+        axpy_rows_f16_tail(acc, x + r, W + (size_t)r * n, rows - r, n);
 }
+#else
+AXPY_ROWS(axpy_rows_f16, half, H2F)
+#endif
+
+enum { KIND_F32 = 0, KIND_F16 = 1 };  /* weight storage, as m2r2.native passes it */
 
 /* y[0:out) = x[0:in) @ W (in, out) + b. Inside a parallel region (every thread calls it): thread t sums
  * the rows of its contiguous slab into its own partial (part + t*out), then after a barrier each thread
  * adds up the partials over its share of the columns. part holds nthreads*out floats. */
-static void gemv_team(const float *x, const float *W, const float *b, float *y, float *part, int in, int out) {
+static void gemv_team(const float *x, const void *W, int kind, const float *b, float *y, float *part, int in,
+                      int out) {
     const int nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int r0 = (int)((long)in * t / nt), r1 = (int)((long)in * (t + 1) / nt);
     float *acc = part + (size_t)t * out;
     memset(acc, 0, sizeof(float) * out);
-    axpy_rows(acc, x + r0, W + (size_t)r0 * out, r1 - r0, out);
+    if (kind == KIND_F16)
+        axpy_rows_f16(acc, x + r0, (const half *)W + (size_t)r0 * out, r1 - r0, out);
+    else
+        axpy_rows_f32(acc, x + r0, (const float *)W + (size_t)r0 * out, r1 - r0, out);
 #pragma omp barrier
     const int c0 = (int)((long)out * t / nt), c1 = (int)((long)out * (t + 1) / nt);
     for (int j = c0; j < c1; j++) {
@@ -71,10 +135,10 @@ static void gemv_team(const float *x, const float *W, const float *b, float *y, 
 #pragma omp barrier
 }
 
-void m2r2_gemv(const float *x, const float *W, const float *b, float *y, float *part, int in, int out,
+void m2r2_gemv(const float *x, const void *W, int kind, const float *b, float *y, float *part, int in, int out,
                int threads) {
 #pragma omp parallel num_threads(threads)
-    gemv_team(x, W, b, y, part, in, out);
+    gemv_team(x, W, kind, b, y, part, in, out);
 }
 
 /* RMSNorm like torch.rms_norm: x * rsqrt(mean(x^2) + eps) * w. Serial; n is the hidden size. */
@@ -90,14 +154,15 @@ static void rms_norm(const float *x, const float *w, float eps, float *y, int n)
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter;  /* sizes */
     float eps, scale;  /* RMSNorm epsilon, attention scale */
+    int kind;  /* storage of the four weights below: KIND_F32 or KIND_F16 */
 } m2r2_dims;
 
 typedef struct {
     const float *in_norm, *post_norm;  /* (hidden) */
-    const float *qkv, *qkv_b;          /* (hidden, (heads + 2 kv_heads) head_dim), bias or NULL */
-    const float *o, *o_b;              /* (heads head_dim, hidden) */
-    const float *gate_up, *gate_up_b;  /* (hidden, 2 inter): gate columns then up columns */
-    const float *down, *down_b;        /* (inter, hidden) */
+    const void *qkv; const float *qkv_b;          /* (hidden, (heads + 2 kv_heads) head_dim), bias or NULL */
+    const void *o; const float *o_b;              /* (heads head_dim, hidden) */
+    const void *gate_up; const float *gate_up_b;  /* (hidden, 2 inter): gate columns then up columns */
+    const void *down; const float *down_b;        /* (inter, hidden) */
 } m2r2_weights;
 
 /* Scratch floats m2r2_block needs for a cache of max_len slots and the given thread count. */
@@ -124,7 +189,7 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, const float
     {
 #pragma omp single
         rms_norm(x, w->in_norm, d->eps, h, D);
-        gemv_team(h, w->qkv, w->qkv_b, qkv, part, D, nqkv);
+        gemv_team(h, w->qkv, d->kind, w->qkv_b, qkv, part, D, nqkv);
 #pragma omp single
         {
             /* RoPE on the q and k heads, then K and V into the cache */
@@ -166,20 +231,20 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, const float
                     o[i] += p * v[i];
             }
         }
-        gemv_team(att, w->o, w->o_b, h, part, nq, D);  /* h = attention output projected */
+        gemv_team(att, w->o, d->kind, w->o_b, h, part, nq, D);  /* h = attention output projected */
 #pragma omp single
         {
             for (int i = 0; i < D; i++)
                 x[i] += h[i];
             rms_norm(x, w->post_norm, d->eps, h, D);
         }
-        gemv_team(h, w->gate_up, w->gate_up_b, gu, part, D, 2 * I);
+        gemv_team(h, w->gate_up, d->kind, w->gate_up_b, gu, part, D, 2 * I);
 #pragma omp single
         for (int i = 0; i < I; i++) {
             const float g = gu[i];
             gu[i] = g / (1.0f + expf(-g)) * gu[I + i];  /* silu(gate) * up */
         }
-        gemv_team(gu, w->down, w->down_b, h, part, I, D);
+        gemv_team(gu, w->down, d->kind, w->down_b, h, part, I, D);
 #pragma omp single
         for (int i = 0; i < D; i++)
             x[i] += h[i];
