@@ -46,9 +46,10 @@ def test_untrained_fast_stream_is_the_slow_stream(lm, rate):
         for l in range(acc.fast_layers + 1):
             assert torch.equal(step[l], slow[l])
         # training path (slow keys before t, own key at t): the same values up to float summation order
+        # (the slow trace of a short sequence runs through the native kernels, training through PyTorch)
         fast = acc.parallel_fast_states(lm.model, SEQ, cache.k, cache.v)
     for l in range(acc.fast_layers + 1):
-        torch.testing.assert_close(fast[l], slow[l], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast[l], slow[l], rtol=1e-4, atol=1e-4)
 
 
 def test_parallel_training_attention_equals_step_by_step_inference(lm):

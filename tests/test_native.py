@@ -39,13 +39,17 @@ def test_gemv_matches_matmul(in_f, out_f, bias, threads):
     assert not torch.equal(y, torch.zeros_like(y))
 
 
-@pytest.mark.parametrize("in_f,out_f", [(64, 96), (36, 13), (576, 1000)])
-def test_half_gemv_matches_the_half_weights_in_float32(in_f, out_f):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("in_f,out_f", [(64, 96), (36, 13), (576, 1000), (64, 2100)])
+def test_gemv_rows_match_float32_products(in_f, out_f, dtype):
+    """Several rows in one call (weights read once, tile by tile): each row as a one-row call computes it."""
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(in_f, out_f, generator=g).half()
-    x, b = torch.randn(in_f, generator=g), torch.randn(out_f, generator=g)
+    w = torch.randn(in_f, out_f, generator=g).to(dtype)
+    x, b = torch.randn(5, in_f, generator=g), torch.randn(out_f, generator=g)
     y = native.gemv(x, w, b, out_f)
     torch.testing.assert_close(y, x @ w.float() + b, rtol=1e-4, atol=1e-4)  # only the summation order differs
+    for r in range(5):  # a row's result does not depend on how many rows share the call
+        assert torch.equal(native.gemv(x[r:r + 1].contiguous(), w, b, out_f)[0], y[r])
 
 
 def test_fp16_mode_runs_natively_like_the_fbgemm_path(tiny_lm):
@@ -63,19 +67,23 @@ def test_fp16_mode_runs_natively_like_the_fbgemm_path(tiny_lm):
     assert copy.deepcopy(m.lm_head).half is None  # a derived copy, not state
 
 
-def _one_token_steps(model, ids, use_native: bool):
-    """Logits and cache contents after feeding ``ids`` one token at a time (batch 1)."""
+def _one_token_steps(model, ids, use_native: bool, chunks=None):
+    """Logits (len(ids), V) and cache after feeding ``ids`` (batch 1) one token at a time, or in chunks
+    of the given sizes (a prefill, then verification-sized steps)."""
+    chunks = chunks or [1] * len(ids)
+    assert sum(chunks) == len(ids)
     cache = model.new_cache(1, len(ids) + 1)
-    logits = []
+    logits, p = [], 0
     prev = native.set_enabled(use_native)
     try:
         with torch.inference_mode():
-            for p, t in enumerate(ids):
-                logits.append(model(torch.tensor([[t]]), cache, torch.tensor([[p]]))[0, 0])
-                cache.advance(1)
+            for n in chunks:
+                logits.append(model(torch.tensor([ids[p:p + n]]), cache, torch.arange(p, p + n).view(1, -1))[0])
+                cache.advance(n)
+                p += n
     finally:
         native.set_enabled(prev)
-    return torch.stack(logits), cache
+    return torch.cat(logits), cache
 
 
 @pytest.mark.parametrize("overrides", [
@@ -99,6 +107,14 @@ def test_native_block_matches_pytorch_block(tmp_path, overrides):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     for a, b in zip(c1.k + c1.v, c2.k + c2.v):  # the K/V written for later tokens agree too
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # several tokens per call (a short prefill, then verification-sized steps up to 16 tokens)
+    chunks = [3, 1, 2, 16, 2]
+    many, c3 = _one_token_steps(lm.model, ids, True, chunks)
+    ref_many, _ = _one_token_steps(lm.model, ids, False, chunks)
+    torch.testing.assert_close(many, ref_many, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(many, got, rtol=1e-4, atol=1e-4)
+    for a, b in zip(c3.k + c3.v, c2.k + c2.v):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_decoding_is_unchanged_by_the_kernels(tiny_lm):
@@ -111,14 +127,17 @@ def test_greedy_decoding_is_unchanged_by_the_kernels(tiny_lm):
 
 
 def test_kernels_only_run_where_they_apply(tiny_lm, monkeypatch):
-    """Batches, several tokens, reduced-precision copies, autograd and hooks keep the PyTorch path."""
+    """Batches, long prefills, replaced masks, autograd and hooks keep the PyTorch path."""
     calls = []
     orig = native.block
     monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
     m = tiny_lm.model
     with torch.inference_mode():
         m(torch.tensor([[4], [5]]), m.new_cache(2, 8), torch.tensor([[0], [0]]))  # batch 2
-        m(torch.tensor([[4, 5]]), m.new_cache(1, 8), torch.tensor([[0, 1]]))  # two tokens
+        m(torch.tensor([list(range(17))]), m.new_cache(1, 20), torch.arange(17).view(1, -1))  # 17 tokens
+        ctx = m.context(m.new_cache(1, 8), torch.tensor([[0, 1, 2]]))  # a mask replaced after construction
+        ctx.write.mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+        m.layer(0, m.embed(torch.tensor([[4, 5, 6]])), ctx)
     assert not calls
     seen = []
     h = m.layers[0].gate_up.register_forward_hook(lambda mod, i, o: seen.append(o.shape))

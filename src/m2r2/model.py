@@ -262,11 +262,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
         # (``type(self) is Block``: blocks that borrow this forward with their own FFN or q/k norms, like
         # the MoE blocks, compute something the kernel does not)
-        if ctx.native and type(self) is Block and self.qkv.weight.dtype == torch.float32 \
+        if ctx.native and ctx.write.mask is ctx.causal_mask and type(self) is Block \
+                and self.qkv.weight.dtype == torch.float32 \
                 and (self.qkv.mode is None or self.qkv.mode == "fp16" and self.qkv.half is not None) \
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)) \
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in self.children()):
-            # one token of one row: the whole block is one native call (see m2r2.native)
+            # a few tokens of one row: the whole block is one native call (see m2r2.native)
             return native.block(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos, ctx.sin,
                                 ctx.write.start, half=self.qkv.mode == "fp16")
         q, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
@@ -283,9 +284,12 @@ class StepContext:
         self.positions = positions
         self.write = WriteSpec(positions, cache.max_len)
         self.cos, self.sin = model.rope(positions)
-        # one token of one row, float32 on CPU, nothing masked beyond causality: blocks may run natively
-        self.native = positions.shape == (1, 1) and self.write.mask is None and type(cache) is KVCache \
-            and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" and native.enabled()
+        # one row of a few consecutive tokens, float32 on CPU: blocks may run natively, as long as the mask
+        # is still the causal one built here (strategies that ride extra rows replace it)
+        self.native = positions.shape[0] == 1 and positions.shape[1] <= Linear.GEMM_ROWS \
+            and self.write.start is not None and type(cache) is KVCache and cache.k[0].dtype == torch.float32 \
+            and cache.k[0].device.type == "cpu" and native.enabled()
+        self.causal_mask = self.write.mask
 
 
 class Transformer(nn.Module):

@@ -7,8 +7,10 @@ processes load the cached library directly. Nothing here is required: without a 
 platform the build does not support, or with ``M2R2_NATIVE=0``, every call site keeps the PyTorch path,
 and ``disabled()`` turns the kernels off for a block of code (tests and benchmarks compare the two).
 
-The kernels serve only what they are exact for: float32 weights and activations on CPU, batch 1, one
-token, nothing to differentiate. Results equal the PyTorch path up to the order of float32 summation.
+The kernels serve only what they are exact for: float32 activations on CPU (float32 weights, or the fp16
+copies in fp16 mode), one row of up to 16 consecutive tokens under the causal mask (a decode step, a
+speculative verification), nothing to differentiate. Results equal the PyTorch path up to the order of
+float32 summation.
 """
 
 from __future__ import annotations
@@ -95,14 +97,13 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))  # after torch: its libgomp is the one OpenMP resolves to
-    P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.m2r2_gemv.argtypes = [P, P, I, P, P, P, I, I, I]
+    P, I = ctypes.c_void_p, ctypes.c_int
+    lib.m2r2_gemv.argtypes = [P, I, P, I, P, P, P, I, I, I]
     lib.m2r2_gemv.restype = None
-    lib.m2r2_block.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, P, P, P, P, I, I, P, I]
+    lib.m2r2_block.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, I, I, P, I]
     lib.m2r2_block.restype = None
-    lib.m2r2_block_scratch.argtypes = [ctypes.POINTER(Dims), I, I]
+    lib.m2r2_block_scratch.argtypes = [ctypes.POINTER(Dims), I, I, I]
     lib.m2r2_block_scratch.restype = ctypes.c_long
-    del F
     return lib
 
 
@@ -163,14 +164,17 @@ def scratch(n: int) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """x (in,) float32 @ weight ((in, out) row-major, contiguous; float32 or float16) + bias (float32)
-    -> (out,) float32, accumulated in float32, on every intra-op thread."""
+    """x (rows, in) float32, contiguous @ weight ((in, out) row-major, contiguous; float32 or float16) + bias
+    (float32) -> (rows, out) float32, accumulated in float32, on every intra-op thread. Meant for a few rows
+    (decode, verification): the weight is read from memory once for all of them."""
     lib = _lib
     threads = torch.get_num_threads()
-    y = torch.empty(out_features, dtype=torch.float32)
-    part = scratch(threads * out_features)
-    lib.m2r2_gemv(x.data_ptr(), weight.data_ptr(), KINDS[weight.dtype], None if bias is None else bias.data_ptr(),
-                  y.data_ptr(), part.data_ptr(), x.numel(), out_features, threads)
+    rows = x.shape[0]
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    part = scratch(threads * rows * out_features)
+    lib.m2r2_gemv(x.data_ptr(), rows, weight.data_ptr(), KINDS[weight.dtype],
+                  None if bias is None else bias.data_ptr(), y.data_ptr(), part.data_ptr(), x.shape[1], out_features,
+                  threads)
     return y
 
 
@@ -195,15 +199,15 @@ def _block_args(blk, half: bool) -> tuple:
 
 def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
           pos: int, half: bool = False) -> torch.Tensor:
-    """One token (x: (1, 1, D) float32) through block ``blk`` at position ``pos``, K/V written into the
-    layer's cache tensors k, v (1, KV, max_len, hd); from the linears' half copies if ``half``. Returns the
-    new states (a new tensor)."""
+    """T consecutive tokens of one row (x: (1, T, D) float32, positions pos..pos+T-1, causal) through block
+    ``blk``, K/V written into the layer's cache tensors k, v (1, KV, max_len, hd); from the linears' half
+    copies if ``half``. cos, sin: (1, T, hd) contiguous. Returns the new states (a new tensor)."""
     lib = _lib
     dims_p, weights_p, dims = _block_args(blk, half)
     threads = torch.get_num_threads()
-    max_len = k.shape[2]
-    buf = scratch(lib.m2r2_block_scratch(dims_p, max_len, threads))
-    y = x.reshape(1, 1, -1).clone(memory_format=torch.contiguous_format)
-    lib.m2r2_block(dims_p, weights_p, y.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
+    T, max_len = x.shape[1], k.shape[2]
+    buf = scratch(lib.m2r2_block_scratch(dims_p, T, max_len, threads))
+    y = x.clone(memory_format=torch.contiguous_format)
+    lib.m2r2_block(dims_p, weights_p, y.data_ptr(), T, cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
                    max_len, pos, buf.data_ptr(), threads)
     return y

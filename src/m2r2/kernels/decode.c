@@ -32,7 +32,7 @@ static inline float dot(const float *restrict q, const float *restrict k, int n)
     return s;
 }
 
-/* acc[0:n) += sum_{r<rows} x[r] * W[r, 0:n), W rows of stride n (contiguous), for each weight type: float32,
+/* acc[0:n) += sum_{r<rows} x[r] * W[r, 0:n), W rows ``stride`` elements apart, for each weight type: float32,
  * and fp16 (converted to float32 on load; accumulation stays float32). Plain loops over restrict pointers:
  * the compiler vectorises the inner one for the target (AVX2 + FMA + F16C on x86, NEON on ARM). */
 #ifdef __FLT16_MAX__  /* the compiler has a half type: conversions become F16C / NEON instructions */
@@ -59,33 +59,35 @@ static inline float half_bits_to_float(unsigned short h) {
 #endif
 #define F2F(v) (v)
 
-#define AXPY_ROWS(NAME, T, CONV)                                                                                      \
-    static void NAME(float *restrict acc, const float *restrict x, const T *restrict W, int rows, int n) {  \
-        int r = 0;                                                                                              \
-        for (; r + 4 <= rows; r += 4) {                                                                         \
-            const T *restrict w0 = W + (size_t)r * n, *restrict w1 = w0 + n, *restrict w2 = w1 + n,             \
-                    *restrict w3 = w2 + n;                                                                      \
-            const float x0 = x[r], x1 = x[r + 1], x2 = x[r + 2], x3 = x[r + 3];                                 \
-            for (int j = 0; j < n; j++)                                                                         \
-                acc[j] += x0 * CONV(w0[j]) + x1 * CONV(w1[j]) + x2 * CONV(w2[j]) + x3 * CONV(w3[j]);             \
-        }                                                                                                       \
-        for (; r < rows; r++) {                                                                                 \
-            const T *restrict w = W + (size_t)r * n;                                                            \
-            const float xr = x[r];                                                                              \
-            for (int j = 0; j < n; j++)                                                                         \
-                acc[j] += xr * CONV(w[j]);                                                                      \
-        }                                                                                                       \
+#define AXPY_ROWS(NAME, T, CONV)                                                                        \
+    static void NAME(float *restrict acc, const float *restrict x, const T *restrict W, int rows, int n,   \
+                     int stride) {                                                                          \
+        int r = 0;                                                                                          \
+        for (; r + 4 <= rows; r += 4) {                                                                     \
+            const T *restrict w0 = W + (size_t)r * stride, *restrict w1 = w0 + stride,                      \
+                    *restrict w2 = w1 + stride, *restrict w3 = w2 + stride;                                 \
+            const float x0 = x[r], x1 = x[r + 1], x2 = x[r + 2], x3 = x[r + 3];                             \
+            for (int j = 0; j < n; j++)                                                                     \
+                acc[j] += x0 * CONV(w0[j]) + x1 * CONV(w1[j]) + x2 * CONV(w2[j]) + x3 * CONV(w3[j]);         \
+        }                                                                                                   \
+        for (; r < rows; r++) {                                                                             \
+            const T *restrict w = W + (size_t)r * stride;                                                   \
+            const float xr = x[r];                                                                          \
+            for (int j = 0; j < n; j++)                                                                     \
+                acc[j] += xr * CONV(w[j]);                                                                  \
+        }                                                                                                   \
     }
 AXPY_ROWS(axpy_rows_f32, float, F2F)
 #if defined(__F16C__) && defined(__FMA__)
 /* GCC does not vectorise half -> float conversions in the loop above: the same loop with F16C intrinsics */
 #include <immintrin.h>
 AXPY_ROWS(axpy_rows_f16_tail, half, H2F)
-static void axpy_rows_f16(float *restrict acc, const float *restrict x, const half *restrict W, int rows, int n) {
+static void axpy_rows_f16(float *restrict acc, const float *restrict x, const half *restrict W, int rows, int n,
+                          int stride) {
     const int n8 = n & ~7;
     int r = 0;
     for (; r + 4 <= rows; r += 4) {
-        const half *w0 = W + (size_t)r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        const half *w0 = W + (size_t)r * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
         const __m256 x0 = _mm256_set1_ps(x[r]), x1 = _mm256_set1_ps(x[r + 1]), x2 = _mm256_set1_ps(x[r + 2]),
                      x3 = _mm256_set1_ps(x[r + 3]);
         for (int j = 0; j < n8; j += 8) {
@@ -100,10 +102,10 @@ static void axpy_rows_f16(float *restrict acc, const float *restrict x, const ha
         if (n8 < n)  /* the last n % 8 columns of these rows */
             for (int q = 0; q < 4; q++)
                 for (int j = n8; j < n; j++)
-                    acc[j] += x[r + q] * H2F(W[(size_t)(r + q) * n + j]);
+                    acc[j] += x[r + q] * H2F(W[(size_t)(r + q) * stride + j]);
     }
     if (r < rows)
-        axpy_rows_f16_tail(acc, x + r, W + (size_t)r * n, rows - r, n);
+        axpy_rows_f16_tail(acc, x + r, W + (size_t)r * stride, rows - r, n, stride);
 }
 #else
 AXPY_ROWS(axpy_rows_f16, half, H2F)
@@ -111,34 +113,86 @@ AXPY_ROWS(axpy_rows_f16, half, H2F)
 
 enum { KIND_F32 = 0, KIND_F16 = 1 };  /* weight storage, as m2r2.native passes it */
 
-/* y[0:out) = x[0:in) @ W (in, out) + b. Inside a parallel region (every thread calls it): thread t sums
- * the rows of its contiguous slab into its own partial (part + t*out), then after a barrier each thread
- * adds up the partials over its share of the columns. part holds nthreads*out floats. */
-static void gemv_team(const float *x, const void *W, int kind, const float *b, float *y, float *part, int in,
-                      int out) {
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int r0 = (int)((long)in * t / nt), r1 = (int)((long)in * (t + 1) / nt);
-    float *acc = part + (size_t)t * out;
-    memset(acc, 0, sizeof(float) * out);
-    if (kind == KIND_F16)
-        axpy_rows_f16(acc, x + r0, (const half *)W + (size_t)r0 * out, r1 - r0, out);
-    else
-        axpy_rows_f32(acc, x + r0, (const float *)W + (size_t)r0 * out, r1 - r0, out);
-#pragma omp barrier
-    const int c0 = (int)((long)out * t / nt), c1 = (int)((long)out * (t + 1) / nt);
-    for (int j = c0; j < c1; j++) {
-        float s = part[j];
-        for (int p = 1; p < nt; p++)
-            s += part[(size_t)p * out + j];
-        y[j] = b ? s + b[j] : s;
+/* Four rows of x at once over float32 W: acc_q[0:n) += sum_r x_q[r] W[r, 0:n) for q < 4 (acc_q = acc + q*as,
+ * x_q = x + q*xs). Each group of 4 W rows is loaded once for the four rows; per row, the terms are summed
+ * in the same order as axpy_rows_f32, so a row's result does not depend on its neighbours. */
+static void axpy_rows4_f32(float *acc, int as, const float *x, int xs, const float *restrict W, int rows, int n,
+                           int stride) {
+    float *restrict a0 = acc, *restrict a1 = acc + as, *restrict a2 = acc + 2L * as, *restrict a3 = acc + 3L * as;
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float *restrict w0 = W + (size_t)r * stride, *restrict w1 = w0 + stride, *restrict w2 = w1 + stride,
+                    *restrict w3 = w2 + stride;
+        const float *x0 = x + r, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
+        const float p0 = x0[0], p1 = x0[1], p2 = x0[2], p3 = x0[3], q0 = x1[0], q1 = x1[1], q2 = x1[2], q3 = x1[3];
+        const float s0 = x2[0], s1 = x2[1], s2 = x2[2], s3 = x2[3], t0 = x3[0], t1 = x3[1], t2 = x3[2], t3 = x3[3];
+        for (int j = 0; j < n; j++) {
+            const float v0 = w0[j], v1 = w1[j], v2 = w2[j], v3 = w3[j];
+            a0[j] += p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3;
+            a1[j] += q0 * v0 + q1 * v1 + q2 * v2 + q3 * v3;
+            a2[j] += s0 * v0 + s1 * v1 + s2 * v2 + s3 * v3;
+            a3[j] += t0 * v0 + t1 * v1 + t2 * v2 + t3 * v3;
+        }
     }
+    for (int q = 0; q < 4 && r < rows; q++)  /* the slab's last rows % 4 rows, row by row as axpy_rows_f32 */
+        axpy_rows_f32(acc + (size_t)q * as, x + (size_t)q * xs + r, W + (size_t)r * stride, rows - r, n, stride);
+}
+
+static void axpy_rows(int kind, float *acc, const float *x, const void *W, size_t offset, int rows, int n,
+                      int stride) {
+    if (kind == KIND_F16)
+        axpy_rows_f16(acc, x, (const half *)W + offset, rows, n, stride);
+    else
+        axpy_rows_f32(acc, x, (const float *)W + offset, rows, n, stride);
+}
+
+#define COL_TILE 1024  /* several rows: a 32-row x 1024-column tile of W (128 KB in float32) stays in L2 */
+#define ROW_BLOCK 32   /* while every row's x passes over it; a multiple of 4 keeps the row grouping of T=1 */
+
+/* y[T, out) = x[T, in) @ W (in, out) + b. Inside a parallel region (every thread calls it): thread t sums
+ * the rows of its contiguous slab of W into its own partials (part + t*T*out), then after a barrier each
+ * thread adds up the partials over its share of the columns. part holds nthreads*T*out floats. One row
+ * streams the slab once; several rows walk it tile by tile so that W is read from memory once for all of
+ * them. Each output sums its terms in the same order either way, so a row's result does not depend on T. */
+static void gemv_team(const float *x, int T, const void *W, int kind, const float *b, float *y, float *part,
+                      int in, int out) {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int r0 = (int)((long)in * tid / nt), r1 = (int)((long)in * (tid + 1) / nt);
+    float *acc = part + (size_t)tid * T * out;
+    memset(acc, 0, sizeof(float) * T * out);
+    if (T == 1)
+        axpy_rows(kind, acc, x + r0, W, (size_t)r0 * out, r1 - r0, out, out);
+    else
+        for (int c0 = 0; c0 < out; c0 += COL_TILE) {
+            const int cw = out - c0 < COL_TILE ? out - c0 : COL_TILE;
+            for (int rb = r0; rb < r1; rb += ROW_BLOCK) {
+                const int rows = r1 - rb < ROW_BLOCK ? r1 - rb : ROW_BLOCK;
+                int t = 0;
+                if (kind == KIND_F32)
+                    for (; t + 4 <= T; t += 4)
+                        axpy_rows4_f32(acc + (size_t)t * out + c0, out, x + (size_t)t * in + rb, in,
+                                       (const float *)W + (size_t)rb * out + c0, rows, cw, out);
+                for (; t < T; t++)
+                    axpy_rows(kind, acc + (size_t)t * out + c0, x + (size_t)t * in + rb, W, (size_t)rb * out + c0,
+                              rows, cw, out);
+            }
+        }
+#pragma omp barrier
+    const int c0 = (int)((long)out * tid / nt), c1 = (int)((long)out * (tid + 1) / nt);
+    for (int t = 0; t < T; t++)
+        for (int j = c0; j < c1; j++) {
+            float s = part[(size_t)t * out + j];
+            for (int p = 1; p < nt; p++)
+                s += part[((size_t)p * T + t) * out + j];
+            y[(size_t)t * out + j] = b ? s + b[j] : s;
+        }
 #pragma omp barrier
 }
 
-void m2r2_gemv(const float *x, const void *W, int kind, const float *b, float *y, float *part, int in, int out,
-               int threads) {
+void m2r2_gemv(const float *x, int T, const void *W, int kind, const float *b, float *y, float *part, int in,
+               int out, int threads) {
 #pragma omp parallel num_threads(threads)
-    gemv_team(x, W, kind, b, y, part, in, out);
+    gemv_team(x, T, W, kind, b, y, part, in, out);
 }
 
 /* RMSNorm like torch.rms_norm: x * rsqrt(mean(x^2) + eps) * w. Serial; n is the hidden size. */
@@ -165,53 +219,60 @@ typedef struct {
     const void *down; const float *down_b;        /* (inter, hidden) */
 } m2r2_weights;
 
-/* Scratch floats m2r2_block needs for a cache of max_len slots and the given thread count. */
-long m2r2_block_scratch(const m2r2_dims *d, int max_len, int threads) {
+/* Scratch floats m2r2_block needs for T tokens, a cache of max_len slots and the given thread count. */
+long m2r2_block_scratch(const m2r2_dims *d, int T, int max_len, int threads) {
     const long nqkv = (long)(d->heads + 2 * d->kv_heads) * d->head_dim;
     long widest = 2L * d->inter;
     if (nqkv > widest) widest = nqkv;
-    return d->hidden + nqkv + (long)d->heads * d->head_dim + 2L * d->inter + (long)threads * widest
-           + (long)d->heads * max_len;
+    return T * (d->hidden + nqkv + (long)d->heads * d->head_dim + 2L * d->inter + (long)threads * widest)
+           + (long)threads * max_len;
 }
 
-/* One token through one block, in place on x (hidden): x += Attn(norm(x)); x += MLP(norm(x)). Writes the
- * token's rotated K and V into slot pos of the layer's cache and attends over slots 0..pos. cos and sin
- * are the RoPE rows of pos (head_dim; sin sign-folded so that rot(v) = v*cos + roll(v, hd/2)*sin). */
-void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, const float *cos, const float *sin,
+/* T consecutive tokens of one row (positions pos..pos+T-1) through one block, in place on x (T, hidden):
+ * x += Attn(norm(x)); x += MLP(norm(x)). Writes the tokens' rotated K and V into cache slots pos..pos+T-1
+ * of the layer's cache (kv_heads, max_len, head_dim) and lets token t attend to slots 0..pos+t (causal).
+ * cos and sin are the RoPE rows of the T positions (T, head_dim; sin sign-folded so that
+ * rot(v) = v*cos + roll(v, hd/2)*sin). */
+void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const float *cos, const float *sin,
                 float *kcache, float *vcache, int max_len, int pos, float *scratch, int threads) {
     const int D = d->hidden, H = d->heads, KV = d->kv_heads, hd = d->head_dim, I = d->inter;
-    const int nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, half = hd / 2, group = H / KV, S = pos + 1;
-    float *h = scratch, *qkv = h + D, *att = qkv + nqkv, *gu = att + nq;
+    const int nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, half_hd = hd / 2, group = H / KV;
     long widest = 2L * I > nqkv ? 2L * I : nqkv;
-    float *part = gu + 2 * I, *scores = part + (size_t)threads * widest;
+    float *h = scratch, *qkv = h + (size_t)T * D, *att = qkv + (size_t)T * nqkv, *gu = att + (size_t)T * nq;
+    float *part = gu + (size_t)T * 2 * I, *scores = part + (size_t)threads * T * widest;
 
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-        rms_norm(x, w->in_norm, d->eps, h, D);
-        gemv_team(h, w->qkv, d->kind, w->qkv_b, qkv, part, D, nqkv);
-#pragma omp single
-        {
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++)
+            rms_norm(x + (size_t)t * D, w->in_norm, d->eps, h + (size_t)t * D, D);
+        gemv_team(h, T, w->qkv, d->kind, w->qkv_b, qkv, part, D, nqkv);
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
             /* RoPE on the q and k heads, then K and V into the cache */
+            float *row = qkv + (size_t)t * nqkv;
+            const float *c = cos + (size_t)t * hd, *sn = sin + (size_t)t * hd;
             for (int head = 0; head < H + KV; head++) {
-                float *v = qkv + (size_t)head * hd, tmp[hd];
+                float *v = row + (size_t)head * hd, tmp[hd];
                 for (int i = 0; i < hd; i++)
-                    tmp[i] = v[i] * cos[i] + v[(i + half) % hd] * sin[i];
+                    tmp[i] = v[i] * c[i] + v[(i + half_hd) % hd] * sn[i];
                 memcpy(v, tmp, sizeof tmp);
             }
             for (int g = 0; g < KV; g++) {
-                memcpy(kcache + ((size_t)g * max_len + pos) * hd, qkv + nq + (size_t)g * hd, sizeof(float) * hd);
-                memcpy(vcache + ((size_t)g * max_len + pos) * hd, qkv + nq + nkv + (size_t)g * hd,
+                memcpy(kcache + ((size_t)g * max_len + pos + t) * hd, row + nq + (size_t)g * hd, sizeof(float) * hd);
+                memcpy(vcache + ((size_t)g * max_len + pos + t) * hd, row + nq + nkv + (size_t)g * hd,
                        sizeof(float) * hd);
             }
         }
-        /* attention, one query head per iteration: softmax(q K^T * scale) V over slots 0..pos */
+        /* attention, one (query head, token) per iteration: softmax(q K^T * scale) V over slots 0..pos+t */
+        float *s = scores + (size_t)omp_get_thread_num() * max_len;
 #pragma omp for schedule(static)
-        for (int head = 0; head < H; head++) {
-            const float *q = qkv + (size_t)head * hd;
+        for (int ht = 0; ht < H * T; ht++) {
+            const int head = ht % H, t = ht / H, S = pos + t + 1;
+            const float *q = qkv + (size_t)t * nqkv + (size_t)head * hd;
             const float *K = kcache + (size_t)(head / group) * max_len * hd;
             const float *V = vcache + (size_t)(head / group) * max_len * hd;
-            float *s = scores + (size_t)head * max_len, *o = att + (size_t)head * hd;
+            float *o = att + (size_t)t * nq + (size_t)head * hd;
             float m = -INFINITY;
             for (int j = 0; j < S; j++) {
                 s[j] = dot(q, K + (size_t)j * hd, hd) * d->scale;
@@ -231,22 +292,29 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, const float
                     o[i] += p * v[i];
             }
         }
-        gemv_team(att, w->o, d->kind, w->o_b, h, part, nq, D);  /* h = attention output projected */
-#pragma omp single
-        {
+        gemv_team(att, T, w->o, d->kind, w->o_b, h, part, nq, D);  /* h = attention output projected */
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            float *xt = x + (size_t)t * D, *ht = h + (size_t)t * D;
             for (int i = 0; i < D; i++)
-                x[i] += h[i];
-            rms_norm(x, w->post_norm, d->eps, h, D);
+                xt[i] += ht[i];
+            rms_norm(xt, w->post_norm, d->eps, ht, D);
         }
-        gemv_team(h, w->gate_up, d->kind, w->gate_up_b, gu, part, D, 2 * I);
-#pragma omp single
-        for (int i = 0; i < I; i++) {
-            const float g = gu[i];
-            gu[i] = g / (1.0f + expf(-g)) * gu[I + i];  /* silu(gate) * up */
+        gemv_team(h, T, w->gate_up, d->kind, w->gate_up_b, gu, part, D, 2 * I);
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            float *g = gu + (size_t)t * 2 * I;
+            for (int i = 0; i < I; i++)
+                g[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];  /* silu(gate) * up, into the gate half */
         }
-        gemv_team(gu, w->down, d->kind, w->down_b, h, part, I, D);
+        /* down reads each row's first I floats: the rows of gu are 2I apart, so pack them first */
 #pragma omp single
-        for (int i = 0; i < D; i++)
-            x[i] += h[i];
+        for (int t = 1; t < T; t++)
+            memmove(gu + (size_t)t * I, gu + (size_t)t * 2 * I, sizeof(float) * I);
+        gemv_team(gu, T, w->down, d->kind, w->down_b, h, part, I, D);
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < D; i++)
+                x[(size_t)t * D + i] += h[(size_t)t * D + i];
     }
 }
