@@ -160,7 +160,6 @@ def test_build_failure_falls_back_with_one_message(tiny_lm, monkeypatch, tmp_pat
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_tried", False)
     assert not native.available()
-    assert not native.enabled()
     err = capsys.readouterr().err
     assert err.count("native decode kernels unavailable") == 1 and "no-such-compiler" in err
     ref, _ = decode(tiny_lm.model, [[3, 7, 11]], max_new_tokens=8)  # still decodes, on the PyTorch path
@@ -180,3 +179,13 @@ def test_a_built_library_is_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_tried", False)
     assert native.available() and built[0].stat().st_mtime_ns == stamp
     assert not [p for p in (tmp_path / "kernels").iterdir() if p.suffix != ".so"]  # no temporary left behind
+
+
+def test_environment_switch_turns_the_kernels_off():
+    import os
+    import subprocess
+    import sys
+    code = "from m2r2 import native; print(native.available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "M2R2_NATIVE": "0"})
+    assert out.stdout.strip() == "False" and "unavailable" not in out.stderr  # off: nothing built, nothing said

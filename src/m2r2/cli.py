@@ -63,6 +63,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import m2r2
+    from . import native
 
     lm = m2r2.load(args.model, dtype=args.dtype, weights=args.weights, threads=args.threads or os.cpu_count())
     ids_so_far: list[int] = []
@@ -99,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"m2r2: {s.new_tokens} tokens in {s.seconds:.2f} s = {s.tokens_per_s:.1f} tokens/s "
           f"(prefill {s.prefill_seconds * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s, "
           f"{s.forward_passes} forward passes, strategy {s.strategy}, {lm.model.embed_tokens.weight.dtype}, "
-          f"{lm.model.weights} weights, "
+          f"{lm.model.weights} weights, {'native kernels' if native.available() else 'PyTorch path'}, "
           f"{__import__('torch').get_num_threads()} threads)", file=sys.stderr)
     return 0
 

@@ -81,8 +81,10 @@ class Linear(nn.Module):
     ``(parts, in/parts, out)``, one ``bmm`` lets each thread stream its own contiguous block into a
     partial sum; two threads then read 18-25 GB/s depending on the shape (measured on the 2-core CI
     machine kind). The layout is chosen at load time (``parts`` = intra-op threads); ``dense()`` gives
-    back (out, in). Derived copies, built on demand and never saved: ``packed`` for 2..16 rows (see
-    ``build_row_layout``) and ``lowp``, fp16 / int8 copies that ``mode`` selects (see ``build_lowp``).
+    back (out, in), and the same memory read as (in, out) is what the native kernels stream (m2r2.native:
+    one row runs there when they are built). Derived copies, built on demand and never saved: ``packed``
+    for 2..16 rows (see ``build_row_layout``) and ``lowp``, fp16 / int8 copies that ``mode`` selects (see
+    ``build_lowp``; ``half``, the fp16 one for the native kernels).
     """
 
     GEMM_ROWS = 16  # above this many rows (prefill, training) the product is compute-bound: plain gemm
@@ -171,7 +173,7 @@ class Linear(nn.Module):
         # oneDNN's op has autograd); a prefill (compute-bound) is as fast, and exact, through the GEMM below
         derived = N <= self.GEMM_ROWS and x.dtype == torch.float32 \
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        if derived and N == 1 and native.enabled() and self.weight.device.type == "cpu":
+        if derived and N == 1 and native.available() and self.weight.device.type == "cpu":
             # one C call streams the weight on every thread (float32, or the half copy in fp16 mode)
             w = self.weight if self.mode is None else self.half if self.mode == "fp16" else None
             if w is not None and w.dtype in native.KINDS:
@@ -259,15 +261,20 @@ class Block(nn.Module):
         _, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
         ctx.cache.update(self.index, k, v, ctx.write)
 
+    def _runs_natively(self, x: torch.Tensor, ctx: "StepContext") -> bool:
+        """Whether the native block kernel computes this call exactly (see m2r2.native); not when hooks expect
+        the submodules to be called."""
+        qkv = self.qkv
+        return ctx.native and ctx.write.mask is ctx.causal_mask \
+            and qkv.weight.dtype == torch.float32 \
+            and (qkv.mode is None or qkv.mode == "fp16" and qkv.half is not None) \
+            and not (torch.is_grad_enabled() and (x.requires_grad or qkv.weight.requires_grad)) \
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+
     def forward(self, x: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
-        # (``type(self) is Block``: blocks that borrow this forward with their own FFN or q/k norms, like
-        # the MoE blocks, compute something the kernel does not)
-        if ctx.native and ctx.write.mask is ctx.causal_mask and type(self) is Block \
-                and self.qkv.weight.dtype == torch.float32 \
-                and (self.qkv.mode is None or self.qkv.mode == "fp16" and self.qkv.half is not None) \
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)) \
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in self.children()):
-            # a few tokens of one row: the whole block is one native call (see m2r2.native)
+        # a few tokens of one row: the whole block is one C call (not for blocks that borrow this forward,
+        # like the MoE blocks with their own FFN or q/k norms: they compute something the kernel does not)
+        if type(self) is Block and self._runs_natively(x, ctx):
             return native.block(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos, ctx.sin,
                                 ctx.write.start, half=self.qkv.mode == "fp16")
         q, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
@@ -288,7 +295,7 @@ class StepContext:
         # is still the causal one built here (strategies that ride extra rows replace it)
         self.native = positions.shape[0] == 1 and positions.shape[1] <= Linear.GEMM_ROWS \
             and self.write.start is not None and type(cache) is KVCache and cache.k[0].dtype == torch.float32 \
-            and cache.k[0].device.type == "cpu" and native.enabled()
+            and cache.k[0].device.type == "cpu" and native.available()
         self.causal_mask = self.write.mask
 
 

@@ -1,5 +1,5 @@
-"""Native decode kernels (``kernels/decode.c``): a one-token step through a whole decoder block, and the
-batch-1 float32 matrix-vector product, each one C call.
+"""Native decode kernels (``kernels/decode.c``): a step of one row (up to 16 consecutive tokens) through a
+whole decoder block, and the few-row product of any other linear layer, each one C call.
 
 The C source ships with the package and is compiled on first use with the host C compiler into the
 user cache (``<cache>/kernels/``, keyed by the source, compiler and CPU), then loaded with ctypes; later
@@ -34,7 +34,6 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_error: str | None = None
 _lock = threading.Lock()
 _enabled = os.environ.get("M2R2_NATIVE", "1") != "0"
 KINDS = {torch.float32: 0, torch.float16: 1}  # weight storage the kernels read (kernels/decode.c: KIND_*)
@@ -109,38 +108,22 @@ def _build() -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, building them on first call; None (once reported on stderr) if they cannot be."""
-    global _lib, _tried, _error
+    global _lib, _tried
     if not _tried:
         with _lock:
             if not _tried:
                 try:
                     _lib = _build()
                 except Exception as e:  # any failure: keep the PyTorch path, say why once
-                    _error = str(e)
-                    print(f"m2r2: native decode kernels unavailable ({_error}); using the PyTorch path",
+                    print(f"m2r2: native decode kernels unavailable ({e}); using the PyTorch path",
                           file=sys.stderr, flush=True)
                 _tried = True
     return _lib
 
 
 def available() -> bool:
-    return _enabled and library() is not None
-
-
-def enabled() -> bool:
-    """Whether call sites may use the kernels now (switched on, and built or buildable)."""
-    return _enabled and (_lib is not None or (not _tried and library() is not None))
-
-
-@contextlib.contextmanager
-def disabled():
-    """Run the block on the PyTorch path (e.g. to compare against it)."""
-    global _enabled
-    prev, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = prev
+    """Whether call sites may use the kernels now: switched on, and built (on the first call)."""
+    return _enabled and (_lib is not None or library() is not None)
 
 
 def set_enabled(on: bool) -> bool:
@@ -150,12 +133,23 @@ def set_enabled(on: bool) -> bool:
     return prev
 
 
+@contextlib.contextmanager
+def disabled():
+    """Run the block on the PyTorch path (e.g. to compare against it)."""
+    prev = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(prev)
+
+
 # ---- call sites ----
 _scratch: dict[int, torch.Tensor] = {}
 
 
 def scratch(n: int) -> torch.Tensor:
-    """A float32 work buffer of at least n floats, one per thread that asks (grown, never shrunk)."""
+    """A float32 work buffer of at least n floats, one per Python thread that asks (grown, never shrunk;
+    the kernels run inside the call, so a thread's buffer is never in use twice)."""
     key = threading.get_ident()
     buf = _scratch.get(key)
     if buf is None or buf.numel() < n:
