@@ -117,6 +117,43 @@ def test_native_block_matches_pytorch_block(tmp_path, overrides):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_ragged_batch_steps_run_natively_like_pytorch(tiny_lm, monkeypatch):
+    """One token of each of several sequences at different positions (a ragged batched decode step), and
+    two tokens of each: each row attends to its own cache row up to its own position."""
+    m = tiny_lm.model
+    prompts = [[3, 7, 11, 19, 4], [5, 6, 7, 8, 9, 10, 11, 12, 13], [9, 8]]
+    lens = torch.tensor([len(p) for p in prompts])
+    results = []
+    for use in (True, False):
+        prev = native.set_enabled(use)
+        try:
+            with torch.inference_mode():
+                cache = m.new_cache(3, 16)
+                for b, p in enumerate(prompts):  # each row's prompt into its own cache row
+                    one = m.new_cache(1, 16)
+                    m(torch.tensor([p]), one, torch.arange(len(p)).view(1, -1))
+                    for layer in range(m.cfg.num_layers):
+                        cache.k[layer][b], cache.v[layer][b] = one.k[layer][0], one.v[layer][0]
+                step1 = m(torch.tensor([[1], [2], [3]]), cache, lens.view(-1, 1))
+                step2 = m(torch.tensor([[4, 5], [6, 7], [8, 9]]), cache, lens.view(-1, 1) + 1 + torch.arange(2))
+            results.append((step1, step2, [t.clone() for t in cache.k + cache.v]))
+        finally:
+            native.set_enabled(prev)
+    (a1, a2, ca), (b1, b2, cb) = results
+    torch.testing.assert_close(a1, b1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a2, b2, rtol=1e-4, atol=1e-4)
+    for x, y in zip(ca, cb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    calls = []
+    orig = native.block
+    monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    out, _ = decode(m, prompts, max_new_tokens=12)
+    assert calls  # the batched decode steps took the native path
+    with native.disabled():
+        ref, _ = decode(m, prompts, max_new_tokens=12)
+    assert out == ref
+
+
 def test_greedy_decoding_is_unchanged_by_the_kernels(tiny_lm):
     prompts = [[3, 7, 11, 19], [5, 6, 7, 8, 9, 10, 11]]
     for p in prompts:
@@ -127,14 +164,14 @@ def test_greedy_decoding_is_unchanged_by_the_kernels(tiny_lm):
 
 
 def test_kernels_only_run_where_they_apply(tiny_lm, monkeypatch):
-    """Batches, long prefills, replaced masks, autograd and hooks keep the PyTorch path."""
+    """Steps of more than 16 token rows, replaced masks, autograd and hooks keep the PyTorch path."""
     calls = []
     orig = native.block
     monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
     m = tiny_lm.model
     with torch.inference_mode():
-        m(torch.tensor([[4], [5]]), m.new_cache(2, 8), torch.tensor([[0], [0]]))  # batch 2
         m(torch.tensor([list(range(17))]), m.new_cache(1, 20), torch.arange(17).view(1, -1))  # 17 tokens
+        m(torch.tensor([[4] * 9] * 2), m.new_cache(2, 20), torch.arange(9).expand(2, 9))  # 18 token rows
         ctx = m.context(m.new_cache(1, 8), torch.tensor([[0, 1, 2]]))  # a mask replaced after construction
         ctx.write.mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
         m.layer(0, m.embed(torch.tensor([[4, 5, 6]])), ctx)

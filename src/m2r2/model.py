@@ -272,11 +272,11 @@ class Block(nn.Module):
             and not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
 
     def forward(self, x: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
-        # a few tokens of one row: the whole block is one C call (not for blocks that borrow this forward,
+        # a decode-sized step: the whole block is one C call (not for blocks that borrow this forward,
         # like the MoE blocks with their own FFN or q/k norms: they compute something the kernel does not)
         if type(self) is Block and self._runs_natively(x, ctx):
             return native.block(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos, ctx.sin,
-                                ctx.write.start, half=self.qkv.mode == "fp16")
+                                ctx.native_rows, half=self.qkv.mode == "fp16")
         q, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
         k_all, v_all = ctx.cache.update(self.index, k, v, ctx.write)
         x = x + self.attend(q, k_all, v_all, ctx.write.mask)
@@ -291,12 +291,12 @@ class StepContext:
         self.positions = positions
         self.write = WriteSpec(positions, cache.max_len)
         self.cos, self.sin = model.rope(positions)
-        # one row of a few consecutive tokens, float32 on CPU: blocks may run natively, as long as the mask
-        # is still the causal one built here (strategies that ride extra rows replace it)
-        self.native = positions.shape[0] == 1 and positions.shape[1] <= Linear.GEMM_ROWS \
-            and self.write.start is not None and type(cache) is KVCache and cache.k[0].dtype == torch.float32 \
-            and cache.k[0].device.type == "cpu" and native.available()
+        # a decode-sized step in float32 on CPU: blocks may run natively (m2r2.native), as long as the mask is
+        # still the causal one built here (strategies that ride extra rows replace it)
+        self.native = positions.numel() <= Linear.GEMM_ROWS and type(cache) is KVCache \
+            and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" and native.available()
         self.causal_mask = self.write.mask
+        self.native_rows = native.rows_of(positions) if self.native else None
 
 
 class Transformer(nn.Module):

@@ -1,5 +1,5 @@
-"""Native decode kernels (``kernels/decode.c``): a step of one row (up to 16 consecutive tokens) through a
-whole decoder block, and the few-row product of any other linear layer, each one C call.
+"""Native decode kernels (``kernels/decode.c``): a decode-sized step (up to 16 token rows) through a whole
+decoder block, and the few-row product of any other linear layer, each one C call.
 
 The C source ships with the package and is compiled on first use with the host C compiler into the
 user cache (``<cache>/kernels/``, keyed by the source, compiler and CPU), then loaded with ctypes; later
@@ -8,9 +8,9 @@ platform the build does not support, or with ``M2R2_NATIVE=0``, every call site 
 and ``disabled()`` turns the kernels off for a block of code (tests and benchmarks compare the two).
 
 The kernels serve only what they are exact for: float32 activations on CPU (float32 weights, or the fp16
-copies in fp16 mode), one row of up to 16 consecutive tokens under the causal mask (a decode step, a
-speculative verification), nothing to differentiate. Results equal the PyTorch path up to the order of
-float32 summation.
+copies in fp16 mode), steps of up to 16 token rows under the cache's causal rule (a decode step of one
+sequence or of a ragged batch, a speculative verification, a short prefill), nothing to differentiate.
+Results equal the PyTorch path up to the order of float32 summation.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _build() -> ctypes.CDLL:
     P, I = ctypes.c_void_p, ctypes.c_int
     lib.m2r2_gemv.argtypes = [P, I, P, I, P, P, P, I, I, I]
     lib.m2r2_gemv.restype = None
-    lib.m2r2_block.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, I, I, P, I]
+    lib.m2r2_block.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, P, P, I, P, I]
     lib.m2r2_block.restype = None
     lib.m2r2_block_scratch.argtypes = [ctypes.POINTER(Dims), I, I, I]
     lib.m2r2_block_scratch.restype = ctypes.c_long
@@ -191,17 +191,25 @@ def _block_args(blk, half: bool) -> tuple:
     return args
 
 
+def rows_of(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (batch row, position) of every token row of a (B, T) step, as the int32 arrays ``block`` takes."""
+    B, T = positions.shape
+    return (torch.arange(B, dtype=torch.int32).repeat_interleave(T),
+            positions.reshape(-1).to(torch.int32).contiguous())
+
+
 def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-          pos: int, half: bool = False) -> torch.Tensor:
-    """T consecutive tokens of one row (x: (1, T, D) float32, positions pos..pos+T-1, causal) through block
-    ``blk``, K/V written into the layer's cache tensors k, v (1, KV, max_len, hd); from the linears' half
-    copies if ``half``. cos, sin: (1, T, hd) contiguous. Returns the new states (a new tensor)."""
+          rows: tuple[torch.Tensor, torch.Tensor], half: bool = False) -> torch.Tensor:
+    """A (B, T) step (x: (B, T, D) float32; B*T rows, at most a few) through block ``blk`` under the cache's
+    causal rule: each token's K/V go into its batch row's slot of the layer's cache tensors k, v (B, KV,
+    max_len, hd), and it attends to that row's slots up to its position. ``rows``: ``rows_of(positions)``.
+    From the linears' half copies if ``half``. cos, sin: (B, T, hd) contiguous. Returns the new states."""
     lib = _lib
     dims_p, weights_p, dims = _block_args(blk, half)
     threads = torch.get_num_threads()
-    T, max_len = x.shape[1], k.shape[2]
-    buf = scratch(lib.m2r2_block_scratch(dims_p, T, max_len, threads))
+    n, max_len = x.shape[0] * x.shape[1], k.shape[2]
+    buf = scratch(lib.m2r2_block_scratch(dims_p, n, max_len, threads))
     y = x.clone(memory_format=torch.contiguous_format)
-    lib.m2r2_block(dims_p, weights_p, y.data_ptr(), T, cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
-                   max_len, pos, buf.data_ptr(), threads)
+    lib.m2r2_block(dims_p, weights_p, y.data_ptr(), n, rows[0].data_ptr(), rows[1].data_ptr(), cos.data_ptr(),
+                   sin.data_ptr(), k.data_ptr(), v.data_ptr(), max_len, buf.data_ptr(), threads)
     return y

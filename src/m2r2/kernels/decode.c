@@ -223,7 +223,7 @@ typedef struct {
     const void *down; const float *down_b;        /* (inter, hidden) */
 } m2r2_weights;
 
-/* Scratch floats m2r2_block needs for T tokens, a cache of max_len slots and the given thread count. */
+/* Scratch floats m2r2_block needs for T rows, a cache of max_len slots and the given thread count. */
 long m2r2_block_scratch(const m2r2_dims *d, int T, int max_len, int threads) {
     const long nqkv = (long)(d->heads + 2 * d->kv_heads) * d->head_dim;
     long widest = 2L * d->inter;
@@ -232,13 +232,17 @@ long m2r2_block_scratch(const m2r2_dims *d, int T, int max_len, int threads) {
            + (long)threads * max_len;
 }
 
-/* T consecutive tokens of one row (positions pos..pos+T-1) through one block, in place on x (T, hidden):
- * x += Attn(norm(x)); x += MLP(norm(x)). Writes the tokens' rotated K and V into cache slots pos..pos+T-1
- * of the layer's cache (kv_heads, max_len, head_dim) and lets token t attend to slots 0..pos+t (causal).
- * cos and sin are the RoPE rows of the T positions (T, head_dim; sin sign-folded so that
- * rot(v) = v*cos + roll(v, hd/2)*sin). */
-void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const float *cos, const float *sin,
-                float *kcache, float *vcache, int max_len, int pos, float *scratch, int threads) {
+/* T token rows through one block, in place on x (T, hidden): x += Attn(norm(x)); x += MLP(norm(x)).
+ * Row t belongs to batch row row_b[t] of the KV cache (batch, kv_heads, max_len, head_dim) and sits at
+ * position row_pos[t]: its rotated K and V go to that slot and it attends to slots 0..row_pos[t] of its
+ * batch row (the causal rule of m2r2.cache; slots below a row's position are always written). So T
+ * consecutive tokens of one sequence (a verification) and one token of each of T sequences (a batched
+ * decode step, ragged or not) are the same call. cos and sin are the rows' RoPE rows (T, head_dim; sin
+ * sign-folded so that rot(v) = v*cos + roll(v, hd/2)*sin). Every row's K/V is written before any row
+ * attends, so rows of one sequence see each other's new slots whatever their order. */
+void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const int *row_b, const int *row_pos,
+                const float *cos, const float *sin, float *kcache, float *vcache, int max_len, float *scratch,
+                int threads) {
     const int D = d->hidden, H = d->heads, KV = d->kv_heads, hd = d->head_dim, I = d->inter;
     const int nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, half_hd = hd / 2, group = H / KV;
     long widest = 2L * I > nqkv ? 2L * I : nqkv;
@@ -263,19 +267,19 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, cons
                 memcpy(v, tmp, sizeof tmp);
             }
             for (int g = 0; g < KV; g++) {
-                memcpy(kcache + ((size_t)g * max_len + pos + t) * hd, row + nq + (size_t)g * hd, sizeof(float) * hd);
-                memcpy(vcache + ((size_t)g * max_len + pos + t) * hd, row + nq + nkv + (size_t)g * hd,
-                       sizeof(float) * hd);
+                const size_t slot = (((size_t)row_b[t] * KV + g) * max_len + row_pos[t]) * hd;
+                memcpy(kcache + slot, row + nq + (size_t)g * hd, sizeof(float) * hd);
+                memcpy(vcache + slot, row + nq + nkv + (size_t)g * hd, sizeof(float) * hd);
             }
         }
-        /* attention, one (query head, token) per iteration: softmax(q K^T * scale) V over slots 0..pos+t */
+        /* attention, one (query head, row) per iteration: softmax(q K^T * scale) V over slots 0..row_pos[t] */
         float *s = scores + (size_t)omp_get_thread_num() * max_len;
 #pragma omp for schedule(static)
         for (int ht = 0; ht < H * T; ht++) {
-            const int head = ht % H, t = ht / H, S = pos + t + 1;
+            const int head = ht % H, t = ht / H, S = row_pos[t] + 1;
             const float *q = qkv + (size_t)t * nqkv + (size_t)head * hd;
-            const float *K = kcache + (size_t)(head / group) * max_len * hd;
-            const float *V = vcache + (size_t)(head / group) * max_len * hd;
+            const size_t base = ((size_t)row_b[t] * KV + head / group) * max_len * hd;
+            const float *K = kcache + base, *V = vcache + base;
             float *o = att + (size_t)t * nq + (size_t)head * hd;
             float m = -INFINITY;
             for (int j = 0; j < S; j++) {
