@@ -191,6 +191,28 @@ def test_kernels_only_run_where_they_apply(tiny_lm, monkeypatch):
     assert not calls and x.grad is not None
 
 
+def test_a_replaced_linear_keeps_the_pytorch_path(tiny_lm, monkeypatch):
+    """A block whose linear was wrapped (a LoRA delta, as the draft-model trainer does) is not what the kernel
+    computes: it runs through PyTorch, delta included, and the other blocks still run natively."""
+    import copy
+    from m2r2.draft_model import LoRALinear
+    _one_token_steps(tiny_lm.model, [3], True)  # after native steps the model still deep-copies
+    m = copy.deepcopy(tiny_lm.model)
+    for lin in m._linears():
+        lin.build_row_layout()
+    lora = LoRALinear(m.layers[1].qkv, rank=4)
+    with torch.no_grad():
+        lora.b.normal_()
+    m.layers[1].qkv = lora
+    calls = []
+    orig = native.block
+    monkeypatch.setattr(native, "block", lambda blk, *a, **k: calls.append(blk.index) or orig(blk, *a, **k))
+    got, _ = _one_token_steps(m, [3, 4, 5], True)
+    ref, _ = _one_token_steps(m, [3, 4, 5], False)
+    assert 1 not in calls and set(calls) == set(range(m.cfg.num_layers)) - {1}
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_build_failure_falls_back_with_one_message(tiny_lm, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("M2R2_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

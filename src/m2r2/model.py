@@ -82,7 +82,7 @@ class Linear(nn.Module):
     partial sum; two threads then read 18-25 GB/s depending on the shape (measured on the 2-core CI
     machine kind). The layout is chosen at load time (``parts`` = intra-op threads); ``dense()`` gives
     back (out, in), and the same memory read as (in, out) is what the native kernels stream (m2r2.native:
-    one row runs there when they are built). Derived copies, built on demand and never saved: ``packed``
+    one-row products run there when they are built, and whole blocks of decode-sized steps). Derived copies, built on demand and never saved: ``packed``
     for 2..16 rows (see ``build_row_layout``) and ``lowp``, fp16 / int8 copies that ``mode`` selects (see
     ``build_lowp``; ``half``, the fp16 one for the native kernels).
     """
@@ -106,7 +106,7 @@ class Linear(nn.Module):
         # (None: the float32 weight). Derived and opaque like ``packed``
         self.lowp: dict[str, torch.Tensor] = {}
         self.mode: str | None = None
-        # the fp16 weight as a plain (in, out) half tensor, for the native one-row kernel (m2r2.native)
+        # the fp16 weight as a plain (in, out) half tensor, for the native kernels (m2r2.native)
         self.half: torch.Tensor | None = None
 
     def __getstate__(self):  # copies and pickles drop the derived copies (rebuild with build_row_layout)
@@ -147,7 +147,7 @@ class Linear(nn.Module):
             if kind == "fp16":  # one chunk of output rows per thread for a big weight (see _fp16_product)
                 n = self.parts if self.out_features * self.in_features >= self.FP16_SPLIT_MIN else 1
                 self.lowp[kind] = [torch.fbgemm_pack_gemm_matrix_fp16(c.contiguous()) for c in dense.chunk(n)]
-                if native.available():  # one row: the native kernel reads this (2x faster than FBGEMM's)
+                if native.available():  # what the native kernels read (one row: ~2x faster than FBGEMM)
                     self.half = self.weight.detach().reshape(self.in_features, self.out_features).half()
             elif kind == "int8":
                 scale = (dense.abs().amax(1) / 127).clamp_min(1e-12).double()
@@ -211,6 +211,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Block(nn.Module):
     """One pre-norm decoder layer: x + Attn(norm(x)), then x + MLP(norm(x))."""
 
+    # the submodules the native block kernel computes, by type
+    _NATIVE_PARTS = (("input_norm", RMSNorm), ("qkv", Linear), ("o", Linear), ("post_norm", RMSNorm),
+                     ("gate_up", Linear), ("down", Linear))
+
     def __init__(self, cfg: ModelConfig, index: int, threads: int = 1):
         super().__init__()
         self.index = index
@@ -262,14 +266,17 @@ class Block(nn.Module):
         ctx.cache.update(self.index, k, v, ctx.write)
 
     def _runs_natively(self, x: torch.Tensor, ctx: "StepContext") -> bool:
-        """Whether the native block kernel computes this call exactly (see m2r2.native); not when hooks expect
-        the submodules to be called."""
-        qkv = self.qkv
-        return ctx.native and ctx.write.mask is ctx.causal_mask \
-            and qkv.weight.dtype == torch.float32 \
+        """Whether the native block kernel computes this call exactly (see m2r2.native): not when a submodule
+        was replaced (e.g. by a LoRA-wrapped linear), nor when hooks expect the submodules to be called."""
+        mods = self._modules  # (direct dict reads: this runs for every block of every step)
+        if not ctx.native or any(type(mods[n]) is not t for n, t in self._NATIVE_PARTS):
+            return False
+        qkv = mods["qkv"]
+        w = qkv._parameters["weight"]
+        return ctx.write.mask is ctx.causal_mask and w.dtype == torch.float32 \
             and (qkv.mode is None or qkv.mode == "fp16" and qkv.half is not None) \
-            and not (torch.is_grad_enabled() and (x.requires_grad or qkv.weight.requires_grad)) \
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in mods.values())
 
     def forward(self, x: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
         # a decode-sized step: the whole block is one C call (not for blocks that borrow this forward,

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -172,22 +173,33 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_f
     return y
 
 
+# block -> {half: (weight pointers, ctypes args)}; kept outside the block so that copies and pickles of a
+# model never meet ctypes objects
+_ARGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _block_args(blk, half: bool) -> tuple:
-    """The ctypes structs describing block ``blk`` with its float32 or half weights (cached on it per kind;
-    rebuilt if a tensor changed)."""
-    lin = [blk.qkv, blk.o, blk.gate_up, blk.down]
-    params = (blk.input_norm.weight, blk.post_norm.weight,
-              *(t for m in lin for t in (m.half if half else m.weight, m.bias)))
+    """The ctypes structs describing block ``blk`` with its float32 or half weights (cached per block and
+    kind; rebuilt if a tensor changed). Runs once per block per step, so the tensors are read from the modules'
+    dicts directly rather than through nn.Module attribute lookup."""
+    mods = blk._modules
+    norms = (mods["input_norm"]._parameters["weight"], mods["post_norm"]._parameters["weight"])
+    params = [*norms]
+    for name in ("qkv", "o", "gate_up", "down"):
+        lin = mods[name]
+        params += (lin.__dict__["half"] if half else lin._parameters["weight"]), lin._parameters.get("bias")
     ptrs = tuple(None if p is None else p.data_ptr() for p in params)
-    key = "_native_args_half" if half else "_native_args"
-    cached = blk.__dict__.get(key)
+    per_block = _ARGS.get(blk)
+    if per_block is None:
+        per_block = _ARGS[blk] = {}
+    cached = per_block.get(half)
     if cached is not None and cached[0] == ptrs:
         return cached[1]
     c = blk.cfg
     dims = Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
                 blk.scale, KINDS[torch.float16 if half else torch.float32])
     args = (ctypes.byref(dims), ctypes.byref(Weights(*ptrs)), dims)
-    blk.__dict__[key] = (ptrs, args)
+    per_block[half] = (ptrs, args)
     return args
 
 

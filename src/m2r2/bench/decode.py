@@ -3,10 +3,11 @@
 
 Every arm gets the chat-templated prompt as token ids (``lm.encode``), decodes greedily up to
 ``--max-new-tokens`` and reports new tokens over wall time (prefill + decode). m2r2-plain and hf-generate
-run the same float32 weights, so their outputs are compared token for token; m2r2-torch is m2r2-plain with
-the native decode kernels switched off (every op through PyTorch), to show what they buy. m2r2-fp16 / m2r2-int8 decode
-from reduced-precision copies of the weights (lossy: the table counts how many outputs still match);
-m2r2-quant-draft drafts from the int8 copy and verifies with the float32 model (lossless).
+run the same float32 weights, so their outputs are compared token for token; m2r2-torch is m2r2-plain
+with the native decode kernels switched off (every op through PyTorch), to show what they buy.
+m2r2-fp16 / m2r2-int8 decode from reduced-precision copies of the weights (lossy: the table counts how
+many outputs still match); m2r2-quant-draft drafts from the int8 copy and verifies with the float32 model
+(lossless).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ..model import WEIGHT_BYTES
 from .harness import (add_common_args, add_rouge_l, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth,
                       pin_threads, roofline, run_benchmark, summarize, write_results)
 
-ARM_NAMES = ("m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld", "llamacpp")
+ARM_NAMES = ("m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld",
+             "llamacpp")
 WARMUP_TEXT = "Write two sentences about why benchmarks need a warm-up run."  # not in any shipped set
 
 
