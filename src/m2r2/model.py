@@ -82,9 +82,10 @@ class Linear(nn.Module):
     partial sum; two threads then read 18-25 GB/s depending on the shape (measured on the 2-core CI
     machine kind). The layout is chosen at load time (``parts`` = intra-op threads); ``dense()`` gives
     back (out, in), and the same memory read as (in, out) is what the native kernels stream (m2r2.native:
-    one-row products run there when they are built, and whole blocks of decode-sized steps). Derived copies, built on demand and never saved: ``packed``
-    for 2..16 rows (see ``build_row_layout``) and ``lowp``, fp16 / int8 copies that ``mode`` selects (see
-    ``build_lowp``; ``half``, the fp16 one for the native kernels).
+    one-row products run there when they are built, and whole blocks of decode-sized steps). Derived
+    copies, built on demand and never saved: ``packed`` for 2..16 rows (see ``build_row_layout``) and
+    ``lowp``, fp16 / int8 copies that ``mode`` selects (see ``build_lowp``; ``half``, the fp16 one for the
+    native kernels).
     """
 
     GEMM_ROWS = 16  # above this many rows (prefill, training) the product is compute-bound: plain gemm

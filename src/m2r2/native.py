@@ -180,8 +180,8 @@ _ARGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _block_args(blk, half: bool) -> tuple:
     """The ctypes structs describing block ``blk`` with its float32 or half weights (cached per block and
-    kind; rebuilt if a tensor changed). Runs once per block per step, so the tensors are read from the modules'
-    dicts directly rather than through nn.Module attribute lookup."""
+    kind; rebuilt if a tensor changed). Runs once per block per step, so the tensors are read from the
+    modules' dicts directly rather than through nn.Module attribute lookup."""
     mods = blk._modules
     norms = (mods["input_norm"]._parameters["weight"], mods["post_norm"]._parameters["weight"])
     params = [*norms]

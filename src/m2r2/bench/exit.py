@@ -80,8 +80,9 @@ def curves(records: list[dict], lm, summary: dict, references: dict[str, str] | 
     for arm in dict.fromkeys(r["arm"] for r in records):
         rows = [r for r in records if r["arm"] == arm]
         with_ref = [r for r in rows if r["prompt_id"] in references]
-        vs_ref = statistics.fmean(scorer.score(references[r["prompt_id"]], output_text(lm, r["token_ids"]))["rougeL"].fmeasure
-                                  for r in with_ref) if with_ref else None
+        vs_ref = statistics.fmean(
+            scorer.score(references[r["prompt_id"]], output_text(lm, r["token_ids"]))["rougeL"].fmeasure
+            for r in with_ref) if with_ref else None
         if arm == "plain":
             out["plain"] = {"method": "plain", "threshold": 0.0, "kv": "", "rouge_l": 1.0,
                             "rouge_l_reference": vs_ref, "n_reference": len(with_ref), "mean_slow_layers": float(L),

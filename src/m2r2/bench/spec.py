@@ -41,8 +41,8 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
 EXTERNAL_ARMS = ("hf-pld", "hf-assist", "llamacpp")
 ARM_NAMES = (*M2R2_ARMS, *EXTERNAL_ARMS)
 DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-confstop", "m2r2-int8", "m2r2-r3", "m2r2-r4",
-                "early-exit", "early-exit-adapter", "quant-draft", "prompt-lookup", "lookahead", "medusa", "draft-model",
-                "hf-pld", "hf-assist", "llamacpp")
+                "early-exit", "early-exit-adapter", "quant-draft", "prompt-lookup", "lookahead", "medusa",
+                "draft-model", "hf-pld", "hf-assist", "llamacpp")
 
 
 class StrategyArm:
