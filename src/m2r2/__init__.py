@@ -1,5 +1,9 @@
 """m2r2: Mixture of Multi-Rate Residuals. Faster generation from a pretrained LM, same output."""
 
+from .threads import configure_openmp as _configure_openmp
+
+_configure_openmp()  # before anything below imports torch (and so loads libgomp)
+
 from .api import LM, GenerationOutput, load
 from .errors import (AdapterError, ContextLengthError, M2R2Error, ModelNotFoundError, PromptFileError,
                      SamplingError, UnsupportedModelError)

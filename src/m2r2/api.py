@@ -14,6 +14,7 @@ from .generate import GenerationStats, Strategy, decode
 from .loading import ModelSource, load_model, resolve
 from .model import WEIGHT_KINDS, lowp_available
 from .sampling import SamplingConfig
+from .threads import available_cpus
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -286,6 +287,8 @@ def load(model: str | os.PathLike | None = None, *, dtype: str = "float32", weig
         if threads < 1:
             raise SamplingError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    elif torch.get_num_threads() > available_cpus():  # a container's CPU quota, a narrower affinity mask
+        torch.set_num_threads(available_cpus())
     t0 = time.perf_counter()
     source = resolve(model)
     m, tok = load_model(source, dtype=DTYPES[dtype], threads=threads)

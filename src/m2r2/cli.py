@@ -64,8 +64,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import m2r2
     from . import native
+    from .threads import available_cpus
 
-    lm = m2r2.load(args.model, dtype=args.dtype, weights=args.weights, threads=args.threads or os.cpu_count())
+    lm = m2r2.load(args.model, dtype=args.dtype, weights=args.weights, threads=args.threads or available_cpus())
     ids_so_far: list[int] = []
     printed = [""]
 
