@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
-from .errors import AdapterError
+from .errors import AdapterError, M2R2Error
 
 
 def save_pair(path: str | os.PathLike, stem: str, tensors: dict[str, torch.Tensor], config: dict,
@@ -39,3 +40,22 @@ def load_pair(path: str | os.PathLike, stem: str, what: str, build):
     except (OSError, json.JSONDecodeError, TypeError, SafetensorError, RuntimeError) as e:
         raise AdapterError(f"{what} in {d}: missing or corrupt ({e})") from e
     return module
+
+
+def load_checkpoint(path: str | os.PathLike, error: type[M2R2Error] = M2R2Error) -> dict:
+    """A training checkpoint or feature cache written by ``torch.save``, read with ``weights_only=True``:
+    only tensors and plain containers/numbers/strings come back, so a crafted file cannot run code (a full
+    unpickle would). Anything else, including files from older formats that pickled other objects, is one
+    ``error`` naming the file."""
+    p = Path(path)
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's refusal to build anything but tensors and plain data
+        raise error(f"{p} holds objects other than tensors and plain data (an older or unknown format, or not "
+                    "an m2r2 file); it was not loaded: delete it to start over") from e
+    except Exception as e:  # RuntimeError/EOFError/OSError when truncated or damaged
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise error(f"{p} is unreadable ({first}); delete it to start over") from e
+    if not isinstance(ck, dict):
+        raise error(f"{p} is not an m2r2 checkpoint (holds a {type(ck).__name__}); delete it to start over")
+    return ck

@@ -1,0 +1,93 @@
+"""Loading never runs code from a user's file and never accepts the wrong thing: checkpoints are read
+with ``weights_only=True``, model weights must match config.json, directory identities hash the full
+content, saved artifacts are validated, and first-load GGUF conversion leaves no junk behind."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import m2r2
+from m2r2.cli import main
+from m2r2.errors import M2R2Error
+from m2r2.files import load_checkpoint
+
+from conftest import make_tiny
+
+SRC = Path(m2r2.__file__).parent
+
+
+class _Planted:
+    """Unpickling this creates ``marker``: what a crafted checkpoint would do with a full unpickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path: Path, marker: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": {}, "step": 1, "payload": _Planted(marker)}, path)
+
+
+# ---- 1. checkpoints and feature caches: no code runs --------------------------------------------
+
+
+def test_no_full_unpickle_in_the_package():
+    """Every torch.load in the package reads weights only; np.load never allows pickles."""
+    bad = []
+    for f in SRC.rglob("*.py"):
+        text = f.read_text()
+        bad += [f"{f.name}: {m.group(0)}" for m in re.finditer(r"weights_only\s*=\s*False|allow_pickle\s*=\s*True"
+                                                                 r"|pickle\.loads?\(", text)]
+        for call in re.finditer(r"torch\.load\(([^()]|\([^()]*\))*\)", text):
+            if "weights_only=True" not in call.group(0):
+                bad.append(f"{f.name}: {call.group(0)}")
+    assert not bad, bad
+
+
+def test_planted_pickle_checkpoint_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    for name in ("checkpoint.pt", "router_features.pt"):
+        _plant(tmp_path / name, marker)
+        with pytest.raises(M2R2Error, match="objects other than tensors") as e:
+            load_checkpoint(tmp_path / name)
+        assert "\n" not in str(e.value)
+        assert not marker.exists()
+    (tmp_path / "short.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(M2R2Error, match="unreadable"):
+        load_checkpoint(tmp_path / "short.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(M2R2Error, match="not an m2r2 checkpoint"):
+        load_checkpoint(tmp_path / "list.pt")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-safety")
+    make_tiny(d, "llama", num_hidden_layers=2)
+    return d
+
+
+def test_train_resume_from_planted_checkpoint_via_cli(tiny_model_dir, tmp_path, capsys):
+    """`m2r2 train` resuming from a crafted checkpoint.pt: one error line, exit 2, the payload never ran."""
+    from m2r2.distill_data import generate_dataset
+    lm = m2r2.load(tiny_model_dir)
+    data = tmp_path / "data"
+    prompts = [[(5 * i + j) % 250 + 2 for j in range(3 + i % 3)] for i in range(4)]
+    generate_dataset(lm, data, None, prompts=prompts, max_new_tokens=4, batch_size=4, shard_size=4, progress=False)
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    _plant(out / "checkpoint.pt", marker)
+    capsys.readouterr()
+    rc = main(["train", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir), "--rank", "4",
+               "--steps", "1", "--batch-size", "2", "--no-progress"])
+    assert not marker.exists()
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("m2r2: error: ") and "checkpoint.pt" in err[0], err
