@@ -91,3 +91,34 @@ def test_train_resume_from_planted_checkpoint_via_cli(tiny_model_dir, tmp_path, 
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("m2r2: error: ") and "checkpoint.pt" in err[0], err
+
+
+# ---- 2. weights must match config.json ---------------------------------------------------------
+
+
+def _edit_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"num_hidden_layers": 2}, r"unexpected layers\.2\.\S+, .*\(9 in all\)"),
+    ({"num_hidden_layers": 4}, r"missing layers\.3\.\S+, .*\(9 in all\)"),
+    ({"hidden_size": 128, "head_dim": 16},
+     r"mis-shaped embed_tokens\.weight \[256, 64\] \(config implies \[256, 128\]\), .*\(30 in all\)"),
+    ({"intermediate_size": 96}, r"mis-shaped layers\.0\.mlp\.gate_proj\.weight \[128, 64\] .*\(9 in all\)"),
+])
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path, changes, match):
+    make_tiny(tmp_path, "llama")
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(m2r2.UnsupportedModelError, match=match) as e:
+        m2r2.load(tmp_path)
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("arch, tie", [("llama", True), ("qwen2", True), ("llama", False)])
+def test_matching_checkpoints_still_load(tmp_path, arch, tie):
+    hf = make_tiny(tmp_path, arch, tie_word_embeddings=tie)
+    lm = m2r2.load(tmp_path)
+    assert torch.equal(lm.model.embed_tokens.weight, hf.model.embed_tokens.weight)

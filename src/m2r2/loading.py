@@ -200,6 +200,54 @@ def _load_state_dict(d: Path) -> dict[str, torch.Tensor]:
     raise UnsupportedModelError(f"{d} has no weights (*.safetensors or pytorch_model*.bin)")
 
 
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of ``cfg`` holds (names without the ``model.`` prefix) and its
+    shape; a tied LM head is left out (a checkpoint may carry it or not)."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, D), "norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+    for i in range(cfg.num_layers):
+        p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        out.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+                    a + "q_proj.weight": (cfg.q_size, D), a + "k_proj.weight": (cfg.kv_size, D),
+                    a + "v_proj.weight": (cfg.kv_size, D), a + "o_proj.weight": (D, cfg.q_size),
+                    m + "gate_proj.weight": (F, D), m + "up_proj.weight": (F, D), m + "down_proj.weight": (D, F)})
+        if cfg.attention_bias:
+            out.update({a + "q_proj.bias": (cfg.q_size,), a + "k_proj.bias": (cfg.kv_size,),
+                        a + "v_proj.bias": (cfg.kv_size,)})
+            if cfg.model_type != "qwen2":
+                out[a + "o_proj.bias"] = (D,)
+        if cfg.mlp_bias:
+            out.update({m + "gate_proj.bias": (F,), m + "up_proj.bias": (F,), m + "down_proj.bias": (D,)})
+    return out
+
+
+def _check_tensors(d: Path, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """The weights must be exactly what config.json implies: a config that says fewer layers than the file
+    holds (or another width) would otherwise load part of the model, or a misfit, and print garbage."""
+    want = expected_tensors(cfg)
+    want_optional = {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)} if cfg.tie_word_embeddings else {}
+    have: dict[str, tuple[int, ...]] = {}
+    for k, t in sd.items():
+        name = k[len("model."):] if k.startswith("model.") else k
+        if not name.endswith("rotary_emb.inv_freq"):  # a buffer older transformers saved; recomputed here
+            have[name] = tuple(t.shape)
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want and k not in want_optional]
+    shapes = {**want_optional, **want}
+    misshaped = [f"{k} {list(have[k])} (config implies {list(shapes[k])})"
+                 for k in shapes if k in have and have[k] != shapes[k]]
+    if missing or unexpected or misshaped:
+        def few(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+        parts = [f"{what} {few(names)}" for what, names in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+        raise UnsupportedModelError(
+            f"the weights in {d} do not match its config.json ({cfg.num_layers} layers, hidden size "
+            f"{cfg.hidden_size}): " + "; ".join(parts))
+
+
 def rope_table(hf_config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for positions [0, max_positions), computed by transformers' own rotary module so that
     every RoPE variant it knows (default, llama3, linear) matches it exactly."""
@@ -225,6 +273,7 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_posi
     n_pos = min(cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings, 1 << 17)
     model = Transformer(cfg, rope_table(hf_config, n_pos), threads)
     sd = _load_state_dict(d)
+    _check_tensors(d, sd, cfg)
     try:
         mapped = hf_state_dict_to_m2r2(sd, cfg)
     except KeyError as e:
