@@ -5,6 +5,7 @@ content, saved artifacts are validated, and first-load GGUF conversion leaves no
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -122,3 +123,33 @@ def test_matching_checkpoints_still_load(tmp_path, arch, tie):
     hf = make_tiny(tmp_path, arch, tie_word_embeddings=tie)
     lm = m2r2.load(tmp_path)
     assert torch.equal(lm.model.embed_tokens.weight, hf.model.embed_tokens.weight)
+
+
+# ---- 3. a directory's identity is its full content, hashed once ---------------------------------
+
+
+def test_dir_identity_hashes_full_content_once(tmp_path, monkeypatch):
+    from m2r2 import loading
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_tiny(a, "llama")
+    b.mkdir()
+    body = bytearray((a / "model.safetensors").read_bytes() + b"\0" * (3 << 20))  # > 2 MB: a middle exists
+    (a / "model.safetensors").write_bytes(bytes(body))
+    body[len(body) // 2] ^= 1  # one byte outside the first and last MB: same names and sizes
+    (b / "model.safetensors").write_bytes(bytes(body))
+    ia, ib = loading._dir_identity(a), loading._dir_identity(b)
+    assert ia.startswith("hf:") and ia != ib
+
+    calls = []
+    real = loading.sha256_file
+    monkeypatch.setattr(loading, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    assert loading._dir_identity(a) == ia and loading._dir_identity(b) == ib
+    assert calls == []  # both read from the cache
+    f = b / "model.safetensors"
+    body = bytearray(f.read_bytes())
+    body[-1] ^= 1
+    f.write_bytes(bytes(body))  # same size, new content: the mtime changes, so it is hashed again
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert loading._dir_identity(b) not in (ia, ib) and calls == [f.resolve()]

@@ -64,6 +64,37 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+DIGESTS = "digests.json"
+
+
+def file_digest(path: Path) -> str:
+    """``sha256_file`` of ``path``, cached in the m2r2 cache by resolved path, size and mtime_ns, so a large
+    file's full hash is paid once; an unwritable cache only costs the hash again."""
+    p = path.resolve()
+    st = p.stat()
+    store = cache_root() / DIGESTS
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(str(p))
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns \
+            and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_file(p)
+    known = {k: v for k, v in known.items() if os.path.exists(k)}  # forget deleted files (test dirs, old snapshots)
+    known[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    tmp = store.with_name(f".{DIGESTS}.tmp-{os.getpid()}")
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, store)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
 @dataclass
 class ModelSource:
     """Where a model comes from and what identifies it (adapters record ``identity``)."""
@@ -136,13 +167,13 @@ def convert_gguf(path: Path, digest: str | None = None) -> Path:
 def resolve(name: str | os.PathLike | None) -> ModelSource:
     if name is None or str(name) in EMBEDDED_NAMES:
         gguf = embedded_gguf_path()
-        digest = sha256_file(gguf)
+        digest = file_digest(gguf)
         return ModelSource("SmolLM2-135M-Instruct (embedded)", convert_gguf(gguf, digest), f"gguf:{digest}", gguf)
     p = Path(name).expanduser()
     if p.is_file():
         if p.suffix != ".gguf":
             raise UnsupportedModelError(f"{p} is a file but not a .gguf; pass a model directory or a GGUF file")
-        digest = sha256_file(p)
+        digest = file_digest(p)
         return ModelSource(str(p), convert_gguf(p, digest), f"gguf:{digest}", p)
     if p.is_dir():
         if (p / "config.json").is_file():
@@ -165,17 +196,12 @@ def resolve(name: str | os.PathLike | None) -> ModelSource:
 
 
 def _dir_identity(d: Path) -> str:
-    """Identity of a Hugging Face directory: hash of its weight files' names, sizes and first/last MB."""
+    """Identity of a Hugging Face directory: hash of its weight files' names and full-content sha256s (two
+    models with equal names and sizes must differ, or one model's adapters would load into the other)."""
     h = hashlib.sha256()
     files = sorted(list(d.glob("*.safetensors")) + list(d.glob("*.bin")))
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 1 << 20:
-                fh.seek(max(0, size - (1 << 20)))
-                h.update(fh.read())
+        h.update(f"{f.name}:{f.stat().st_size}:{file_digest(f)}\n".encode())
     return f"hf:{h.hexdigest()}"
 
 
