@@ -153,3 +153,94 @@ def test_dir_identity_hashes_full_content_once(tmp_path, monkeypatch):
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert loading._dir_identity(b) not in (ia, ib) and calls == [f.resolve()]
+
+
+# ---- 4. saved artifacts are validated on load ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lm2(tiny_model_dir):
+    return m2r2.load(tiny_model_dir)
+
+
+def _edit_weights(f: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(f))
+    edit(sd)
+    save_file(sd, str(f))
+
+
+def _edit_json(f: Path, **changes) -> None:
+    f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+
+
+def _nan_first(sd: dict) -> None:
+    k = sorted(k for k in sd if sd[k].is_floating_point())[0]
+    sd[k].view(-1)[0] = float("nan")
+
+
+def test_adapter_weights_shapes_and_draft_vocab_are_validated(tiny_lm2, tmp_path):
+    from m2r2.accelerator import Accelerator
+    lm, ident = tiny_lm2, tiny_lm2.source.identity
+    good = Accelerator.for_model(lm.model, ident, rate=2, rank=4)
+    cases = {
+        "nan": (lambda d: _edit_weights(d / "adapter.safetensors", _nan_first), "non-finite values in adapters"),
+        "rank": (lambda d: _edit_json(d / "adapter.json", rank=8), r"mis-shaped adapters\.0\.down\.weight \[4, 64\]"),
+        "rate": (lambda d: _edit_json(d / "adapter.json", rate=1), r"missing adapters\.1\."),
+        "negative": (lambda d: (d / "draft_vocab.json").write_text('{"token_ids": [-1, 3]}'), r"outside .*\[-1, 3\]"),
+        "too big": (lambda d: (d / "draft_vocab.json").write_text('{"token_ids": [3, 256]}'), "outside"),
+        "float": (lambda d: (d / "draft_vocab.json").write_text('{"token_ids": [3, 4.5]}'), "integer token ids"),
+        "repeated": (lambda d: (d / "draft_vocab.json").write_text('{"token_ids": [3, 3]}'), "repeated"),
+    }
+    good.save(tmp_path / "ok")
+    (tmp_path / "ok" / "draft_vocab.json").write_text('{"token_ids": [0, 1, 255]}')
+    assert Accelerator.load(tmp_path / "ok", lm.model, ident).draft_vocab.tolist() == [0, 1, 255]
+    for name, (edit, match) in cases.items():
+        d = tmp_path / name
+        good.save(d)
+        edit(d)
+        with pytest.raises(m2r2.AdapterError, match=match) as e:
+            Accelerator.load(d, lm.model, ident)
+        assert str(d) in str(e.value) and "\n" not in str(e.value), name
+
+
+def test_peer_router_and_mod_files_are_validated(tiny_lm2, tmp_path):
+    from m2r2.draft_model import DraftModel
+    from m2r2.medusa import MedusaHeads, read_draft_vocab
+    from m2r2.mod import MoDConfig, MoDRouters
+    from m2r2.router import ARLARouter, RouterConfig
+    lm, ident = tiny_lm2, tiny_lm2.source.identity
+    MedusaHeads(64, 2, ident).save(tmp_path / "medusa")
+    _edit_weights(tmp_path / "medusa" / "medusa.safetensors", _nan_first)
+    with pytest.raises(m2r2.AdapterError, match="non-finite"):
+        MedusaHeads.load(tmp_path / "medusa", ident)
+    _edit_json(tmp_path / "medusa" / "medusa.json", heads=3)
+    with pytest.raises(m2r2.AdapterError, match=r"missing blocks\.2\."):
+        MedusaHeads.load(tmp_path / "medusa", ident)
+    (tmp_path / "medusa" / "draft_vocab.json").write_text('{"token_ids": [-2, 5]}')
+    with pytest.raises(m2r2.AdapterError, match="outside"):
+        read_draft_vocab(tmp_path / "medusa", lm.config.vocab_size)
+
+    DraftModel(lm.model, [0], 4, ident).save(tmp_path / "draft")
+    assert DraftModel.build(tmp_path / "draft", lm.model, ident).cfg.num_layers == 1
+    _edit_json(tmp_path / "draft" / "draft.json", rank=2)
+    with pytest.raises(m2r2.AdapterError, match=r"mis-shaped model\.layers\.0\.qkv\.a \[4, 64\] \(expected \[2, 64\]\)"):
+        DraftModel.build(tmp_path / "draft", lm.model, ident)
+    _edit_json(tmp_path / "draft" / "draft.json", rank=4, layers=[0, 1])
+    with pytest.raises(m2r2.AdapterError, match=r"missing model\.layers\.1\."):
+        DraftModel.build(tmp_path / "draft", lm.model, ident)
+
+    MoDRouters(MoDConfig(64, 2, [0, 1], base_identity=ident)).save(tmp_path / "mod")
+    assert MoDRouters.load(tmp_path / "mod", ident, 2).cfg.routed == [0, 1]
+    _edit_weights(tmp_path / "mod" / "mod.safetensors", lambda sd: sd["bias"].fill_(float("inf")))
+    with pytest.raises(m2r2.AdapterError, match="non-finite values in bias"):
+        MoDRouters.load(tmp_path / "mod", ident, 2)
+    MoDRouters(MoDConfig(64, 2, [0, 1], base_identity=ident)).save(tmp_path / "mod")
+    _edit_json(tmp_path / "mod" / "mod.json", routed=[0, 5])
+    with pytest.raises(m2r2.AdapterError, match="not distinct blocks"):
+        MoDRouters.load(tmp_path / "mod", ident, 2)
+
+    ARLARouter(RouterConfig(64, 1, 8)).save(tmp_path / "router")
+    _edit_weights(tmp_path / "router" / "router.safetensors", _nan_first)
+    with pytest.raises(m2r2.AdapterError, match="non-finite"):
+        ARLARouter.load(tmp_path / "router")

@@ -29,17 +29,60 @@ def save_pair(path: str | os.PathLike, stem: str, tensors: dict[str, torch.Tenso
 
 
 def load_pair(path: str | os.PathLike, stem: str, what: str, build):
-    """``build(config_dict)`` -> module; its state is loaded from the weights. Any failure is one
-    AdapterError naming ``what`` and the directory."""
+    """``build(config_dict)`` -> module; its state is loaded from the weights after ``check_tensors`` against
+    the module's own names and shapes. Any failure is one AdapterError naming ``what`` and the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     d = Path(path)
     try:
         module = build(json.loads((d / f"{stem}.json").read_text()))
-        module.load_state_dict(load_file(str(d / f"{stem}.safetensors")))
-    except (OSError, json.JSONDecodeError, TypeError, SafetensorError, RuntimeError) as e:
+        sd = load_file(str(d / f"{stem}.safetensors"))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError, SafetensorError, RuntimeError) as e:
         raise AdapterError(f"{what} in {d}: missing or corrupt ({e})") from e
+    check_tensors(d / f"{stem}.safetensors", sd, shapes_of(module))
+    module.load_state_dict(sd)
     return module
+
+
+def shapes_of(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The names and shapes a module's saved state must have."""
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_tensors(where: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                  expected: dict[str, tuple[int, ...]] | None = None) -> None:
+    """A saved artifact's tensors must be exactly ``expected`` (names and shapes, as its metadata and the model
+    imply) and finite: NaN adapter weights would otherwise load and turn every output into token 0."""
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+    problems = []
+    if expected is not None:
+        missing = [k for k in expected if k not in tensors]
+        unexpected = [k for k in tensors if k not in expected]
+        misshaped = [f"{k} {list(tensors[k].shape)} (expected {list(v)})" for k, v in expected.items()
+                     if k in tensors and tuple(tensors[k].shape) != tuple(v)]
+        problems += [f"{what} {few(names)}" for what, names in
+                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        problems.append(f"non-finite values in {few(bad)}")
+    if problems:
+        raise AdapterError(f"{where} does not match what it was saved for: " + "; ".join(problems))
+
+
+def check_token_ids(where: str | os.PathLike, ids, vocab_size: int | None) -> torch.Tensor:
+    """A draft vocabulary: a non-empty list of unique integer token ids in [0, vocab_size) (a negative id
+    would index the LM head from its end; a float would silently truncate)."""
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise AdapterError(f"{where} must hold a non-empty list of integer token ids")
+    t = torch.tensor(ids, dtype=torch.long)
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        raise AdapterError(f"{where} holds token ids outside this model's vocabulary "
+                           f"(range [{lo}, {hi}], vocabulary size {vocab_size})")
+    if t.unique().numel() != t.numel():
+        raise AdapterError(f"{where} holds repeated token ids")
+    return t
 
 
 def load_checkpoint(path: str | os.PathLike, error: type[M2R2Error] = M2R2Error) -> dict:
