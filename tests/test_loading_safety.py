@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,108 @@ def test_peer_router_and_mod_files_are_validated(tiny_lm2, tmp_path):
     _edit_weights(tmp_path / "router" / "router.safetensors", _nan_first)
     with pytest.raises(m2r2.AdapterError, match="non-finite"):
         ARLARouter.load(tmp_path / "router")
+
+
+# ---- 5. first-load GGUF conversion: no junk, one converter, versioned cache ---------------------
+
+
+@pytest.fixture
+def gguf_file(tmp_path, monkeypatch):
+    """A file with GGUF magic and an empty cache."""
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    return f, tmp_path / "cache"
+
+
+@pytest.fixture
+def fake_gguf(gguf_file, monkeypatch):
+    """``gguf_file`` and a stand-in for transformers' conversion that records its calls."""
+    from m2r2 import loading
+    calls = []
+
+    def convert(path, tmp, digest, hook=None):
+        calls.append(tmp.name)
+        (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+        if hook:
+            hook()
+        (tmp / "m2r2-cache.json").write_text(json.dumps({"format": loading.CACHE_FORMAT, "sha256": digest}))
+
+    monkeypatch.setattr(loading, "_convert_into", convert)
+    return (*gguf_file, calls)
+
+
+def _leftovers(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_conversion_leaves_no_temp_folder(gguf_file, monkeypatch, how):
+    """Interrupted inside transformers' conversion: the temporary folder goes (``except Exception`` missed it)."""
+    import signal
+    import transformers
+    from m2r2 import loading
+    f, cache = gguf_file
+    seen = []
+
+    def interrupted(*args, **kwargs):
+        seen.append(_leftovers(cache))
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once; never reached
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt if how == "ctrl-c" else SystemExit) as e:
+        loading.convert_gguf(f)
+    assert len(seen) == 1 and len(seen[0]) == 1  # it was interrupted while its temporary folder existed
+    assert _leftovers(cache) == [] and not list(cache.glob("gguf-*"))
+    if how == "sigterm":
+        assert e.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stale_temp_folders_are_swept(fake_gguf):
+    from m2r2 import loading
+    f, cache, calls = fake_gguf
+    cache.mkdir()
+    now = time.time()
+    stale = {".tmp-gguf-aaaa-99999999": None,  # its process is gone
+             f".tmp-gguf-bbbb-{os.getppid()}": now - 2 * loading.REUSED_PID_SECONDS,  # far too old: a reused pid
+             ".tmp-gguf-cccc": now - 2 * loading.STALE_TMP_SECONDS}  # no pid, old
+    live = f".tmp-gguf-dddd-{os.getppid()}"  # a conversion running right now in another process
+    for name in [*stale, live]:
+        (cache / name).mkdir()
+        (cache / name / "model.safetensors").write_bytes(b"partial")
+        if stale.get(name):
+            os.utime(cache / name, (stale[name], stale[name]))
+    target = loading.convert_gguf(f)
+    assert _leftovers(cache) == [live] and (target / "model.safetensors").is_file() and len(calls) == 1
+
+
+def test_cache_format_is_checked_on_read(fake_gguf):
+    from m2r2 import loading
+    f, cache, calls = fake_gguf
+    target = loading.convert_gguf(f)
+    assert loading.convert_gguf(f) == target and len(calls) == 1  # cached
+    meta = target / "m2r2-cache.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": loading.CACHE_FORMAT - 1}))
+    (target / "leftover-from-old-format").write_text("x")
+    assert loading.convert_gguf(f) == target and len(calls) == 2  # another format: converted again
+    assert json.loads(meta.read_text())["format"] == loading.CACHE_FORMAT
+    assert not (target / "leftover-from-old-format").exists() and _leftovers(cache) == []
+
+
+def test_concurrent_first_loads_convert_once(fake_gguf, monkeypatch):
+    import threading
+    from m2r2 import loading
+    f, cache, calls = fake_gguf
+    real = loading._convert_into
+    monkeypatch.setattr(loading, "_convert_into", lambda *a: real(*a, hook=lambda: time.sleep(0.5)))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(loading.convert_gguf(f))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 3 and len(set(results)) == 1 and _leftovers(cache) == []

@@ -4,17 +4,22 @@ Llama-family directory or GGUF file, and a hub id where a hub is reachable.
 A GGUF is converted once by transformers (dequantised to float32, about 20 s) into an ordinary
 Hugging Face directory in the user cache, keyed by the GGUF's sha256; later loads read that directory's
 safetensors directly (about a second). Conversion writes to a temporary directory and renames it into
-place, so an interrupted first load leaves nothing half-written behind.
+place, so an interrupted first load leaves nothing half-written behind: the folder is removed on any exit
+(Ctrl-C and SIGTERM included), and folders of killed processes are swept by the next conversion. A lock file
+makes a second process wait for the first one's result, and an entry of another cache format is redone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,22 +120,118 @@ def _check_gguf_header(path: Path) -> None:
         raise UnsupportedModelError(f"{path} is not a GGUF file (bad magic {magic!r}); the file may be corrupt")
 
 
+STALE_TMP_SECONDS = 3600  # a temporary folder whose owner cannot be told apart is junk after this long
+REUSED_PID_SECONDS = 86400  # ... and one whose owner pid is alive is junk after this (the pid was reused)
+
+
+def _cached(target: Path, digest: str) -> bool:
+    """A finished conversion of this GGUF in the current cache format (anything else is converted again)."""
+    try:
+        meta = json.loads((target / "m2r2-cache.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT and meta.get("sha256") == digest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # it exists but is not ours (or cannot tell): alive
+        pass
+    return True
+
+
+def _sweep_stale_tmp(root: Path) -> None:
+    """Remove ``.tmp-gguf-<digest>-<pid>`` folders left by conversions killed before they could clean up:
+    those whose process is gone, or that are older than any conversion takes."""
+    now = time.time()
+    for tmp in root.glob(".tmp-gguf-*"):
+        try:
+            age = now - tmp.stat().st_mtime
+        except OSError:
+            continue
+        pid = tmp.name.rsplit("-", 1)[-1]
+        dead = not _pid_alive(int(pid)) if pid.isdigit() else age > STALE_TMP_SECONDS
+        if dead or age > REUSED_PID_SECONDS:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (waits for another process converting the same GGUF); where
+    ``fcntl`` is unavailable (Windows), no lock: two conversions then both run and one rename wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While converting, SIGTERM raises SystemExit (exit status 143) so ``finally`` blocks remove the temporary
+    folder; the previous handler is restored after. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def convert_gguf(path: Path, digest: str | None = None) -> Path:
-    """Dequantise a GGUF once into a cached Hugging Face directory; return that directory."""
+    """Dequantise a GGUF once into a cached Hugging Face directory; return that directory. One process converts
+    (others wait on a lock, then read its result); an entry of another cache format is converted again; the
+    temporary folder is removed on any exit, and ones left by killed processes are swept."""
     _check_gguf_header(path)
-    digest = digest or sha256_file(path)
+    digest = digest or file_digest(path)
     target = cache_root() / f"gguf-{digest[:16]}"
-    if (target / "m2r2-cache.json").is_file():
+    if _cached(target, digest):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        if _cached(target, digest):  # another process converted it while this one waited
+            return target
+        _sweep_stale_tmp(target.parent)
+        tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            with _sigterm_unwinds():
+                _convert_into(path, tmp, digest)
+                if target.exists():  # an older cache format or an unfinished entry
+                    shutil.rmtree(target)
+                try:
+                    os.replace(tmp, target)
+                except OSError:  # without a lock (no fcntl), another process may have finished first
+                    if not _cached(target, digest):
+                        raise
+        finally:  # KeyboardInterrupt and SystemExit too: never leave a half-written folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_into(path: Path, tmp: Path, digest: str) -> None:
+    """The conversion itself (transformers reads the GGUF), written into ``tmp``."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     steps = tqdm(total=3, desc=f"converting {path.name} (first load only)", unit="step", file=sys.stderr)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -152,16 +253,10 @@ def convert_gguf(path: Path, digest: str | None = None) -> Path:
             {"format": CACHE_FORMAT, "source": str(path), "sha256": digest, "created": time.time()}))
         steps.update(1)
     except Exception as e:  # the GGUF parsed but transformers could not map it
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UnsupportedModelError(f"cannot convert {path}: {e}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
         steps.close()
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve(name: str | os.PathLike | None) -> ModelSource:
