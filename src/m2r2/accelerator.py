@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterError
+from .files import check_token_ids, check_tensors, shapes_of
 from .model import RMSNorm, StepContext, Transformer
 
 ADAPTER_FORMAT = 1
@@ -227,24 +228,24 @@ class Accelerator(nn.Module):
         acc = cls(cfg)
         try:
             sd = load_file(str(w_file))
-            acc.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
         except (SafetensorError, RuntimeError, OSError) as e:
-            raise AdapterError(f"{w_file} is unreadable or does not match its config: {e}") from e
+            raise AdapterError(f"{w_file} is unreadable: {e}") from e
+        check_tensors(w_file, sd, shapes_of(acc))  # the rate and rank in adapter.json fix every name and shape
+        acc.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
         vocab_file = d / DRAFT_VOCAB
         if vocab_file.is_file():
             try:
                 ids = json.loads(vocab_file.read_text())["token_ids"]
-                acc.draft_vocab = torch.tensor(ids, dtype=torch.long)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise AdapterError(f"{vocab_file} is corrupt: {e}") from e
-            if acc.draft_vocab.numel() == 0 or (model is not None and int(acc.draft_vocab.max()) >= model.cfg.vocab_size):
-                raise AdapterError(f"{vocab_file} holds token ids outside this model's vocabulary")
+            acc.draft_vocab = check_token_ids(vocab_file, ids, model.cfg.vocab_size if model is not None else None)
         if (d / "router.json").is_file():  # ARLA, trained for these adapters (m2r2 train-router)
             from .router import ARLARouter
             object.__setattr__(acc, "router", ARLARouter.load(d))
-            if acc.router.cfg.fast_layers != acc.fast_layers:
-                raise AdapterError(f"the router in {d} is for {acc.router.cfg.fast_layers} fast layers, "
-                                   f"the adapter has {acc.fast_layers}")
+            rc = acc.router.cfg
+            if (rc.fast_layers, rc.hidden_size) != (acc.fast_layers, cfg.hidden_size):
+                raise AdapterError(f"the router in {d} is for {rc.fast_layers} fast layers of width {rc.hidden_size}, "
+                                   f"the adapter has {acc.fast_layers} of width {cfg.hidden_size}")
         if model is not None:
             acc = acc.to(model.embed_tokens.weight.dtype)
         return acc.eval().requires_grad_(False)

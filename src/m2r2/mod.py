@@ -91,6 +91,10 @@ class MoDRouters(nn.Module):
              num_layers: int | None = None) -> "MoDRouters":
         r = load_pair(path, "mod", "MoD routers", lambda raw: cls(MoDConfig(**raw)))
         cfg, d = r.cfg, Path(path)
+        if not all(isinstance(i, int) and 0 <= i < cfg.num_layers for i in cfg.routed) \
+                or len(set(cfg.routed)) != len(cfg.routed):
+            raise AdapterError(f"the MoD routers in {d} route blocks {cfg.routed}: not distinct blocks of a "
+                               f"{cfg.num_layers}-layer model")
         if identity is not None and cfg.base_identity and cfg.base_identity != identity:
             raise AdapterError(f"the MoD routers in {d} were trained for another model ({cfg.base_identity}), "
                                f"not {identity}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import M2R2Error
+from .files import load_checkpoint
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     ckpt = out / "checkpoint.pt"
     step, tokens, secs = 0, 0, {"teacher": 0.0, "medusa": 0.0, "draft": 0.0, "wall": 0.0}
     if ckpt.is_file():
-        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(ckpt)
         if ck["identity"] != identity:
             raise M2R2Error(f"{out} holds a run with other settings; pass another --out or delete it")
         medusa.load_state_dict(ck["medusa"])

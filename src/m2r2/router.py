@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import load_pair, save_pair
+from .files import load_checkpoint, load_pair, save_pair
 
 ROUTER_FORMAT = 1
 
@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
            "seed": args.seed, "max_len": args.max_len, "data": str(args.data)}
     feats = None
     if cache.is_file():  # resumable: features are the long part
-        saved = torch.load(cache, weights_only=False)
+        saved = load_checkpoint(cache)
         if saved.get("key") == key:
             feats, val = saved["train"], saved["val"]
             print(f"m2r2: reusing router features from {cache}", file=sys.stderr)

@@ -31,6 +31,7 @@ from .accelerator import Accelerator as M2R2Accelerator
 from .accelerator import LossWeights, distill_loss, write_draft_vocab
 from .bench.harness import _command_line
 from .errors import M2R2Error
+from .files import load_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -179,10 +180,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     wall_before = 0.0
     tokens_seen_total = 0
     if ckpt_path.is_file():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a checkpoint is written atomically; unreadable means damaged on disk
-            raise TrainError(f"{ckpt_path} is unreadable ({e}); delete it to start over") from e
+        ck = load_checkpoint(ckpt_path, TrainError)  # written atomically: unreadable means damaged or foreign
         # settings added after a checkpoint was written count as their defaults
         saved = {**{k: v for k, v in TrainConfig(data=cfg.data).identity().items() if k not in ck.get("config", {})},
                  **ck.get("config", {})}

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..bench.harness import _command_line
 from ..errors import M2R2Error
+from ..files import load_checkpoint
 from ..train import _atomic_save
 from .data import TokenData
 from .model import ARCHS, Counter, FamilyConfig, FamilyModel
@@ -154,10 +155,7 @@ def train(cfg: FamilyTrainConfig, progress: bool = True, stop_after: int | None 
     step, spent, tokens, wall_before = 0, 0.0, 0, 0.0
     last_saved: dict = {}
     if ckpt_path.is_file():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise FamilyTrainError(f"{ckpt_path} is unreadable ({e}); delete it to start over") from e
+        ck = load_checkpoint(ckpt_path, FamilyTrainError)
         if ck["config"] != cfg.identity():
             diff = {k: (ck["config"].get(k), v) for k, v in cfg.identity().items() if ck["config"].get(k) != v}
             raise FamilyTrainError(f"{out} holds a run with other settings ({diff}); pass another --out or delete it")
