@@ -370,8 +370,9 @@ def test_process_arms_run_in_their_own_pinned_workers_and_skip_unavailable(capsy
     recs = run_benchmark(arms, PROMPTS[:2], 3, warmup=1, progress=False, skipped=skipped)
     assert skipped == {"c": "not here"}
     assert "skipping arm c: not here" in capsys.readouterr().err
-    pids = {r["arm"]: {r["extra"]["pid"] for r in recs if r["arm"] == a} for a in "ab" for r in recs}
-    assert len(pids["a"]) == len(pids["b"]) == 1 and pids["a"] != pids["b"] and os.getpid() not in pids["a"] | pids["b"]
+    pids = {a: {r["extra"]["pid"] for r in recs if r["arm"] == a} for a in "ab"}
+    assert len(pids["a"]) == len(pids["b"]) == 1 and pids["a"] != pids["b"]
+    assert os.getpid() not in pids["a"] | pids["b"]
     assert {r["extra"]["threads"] for r in recs} == {1}  # the pinned count, in every worker
     assert torch.get_num_threads() == 2
 
@@ -426,6 +427,7 @@ def test_provenance_is_read_at_the_start_and_warns(monkeypatch, tmp_path, capsys
     md = paths["md"].read_text()
     assert "**dirty tree** (src/m2r2/x.py)" in md and "at start: load 3.50/2.00/1.00" in md and "at end: load 0.50" in md
     # a clean, quiet start: no warning
+    capsys.readouterr()
     harness.run_start(8)
     assert capsys.readouterr().err == ""
 
@@ -453,10 +455,10 @@ def test_git_state_counts_untracked_sources(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- Rouge-L and near ties
 
 class EmojiLM:
-    """decode_text for Rouge-L: token ids 1-9 are emoji, others words."""
+    """decode_text for Rouge-L: token ids 1-9 are emoji (one each), others words."""
 
     def decode_text(self, ids):
-        return "".join("\U0001F600" if 0 < t < 10 else f" w{t}" for t in ids)
+        return "".join(chr(0x1F600 + t) if 0 < t < 10 else f" w{t}" for t in ids)
 
 
 def test_rouge_l_scores_identical_outputs_1_even_when_all_emoji():

@@ -213,7 +213,8 @@ def _git_state() -> dict:
             return {}
         top = git("rev-parse", "--show-toplevel").stdout.strip()
         changed = git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()
-        untracked = git("ls-files", "--others", "--exclude-standard", "--", str(Path(top) / "src")).stdout.splitlines()
+        untracked = git("ls-files", "--others", "--exclude-standard", "--full-name", "--",
+                        str(Path(top) / "src")).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return {}
     files = [line[3:] for line in changed] + [f"{f} (untracked)" for f in untracked]
