@@ -314,7 +314,8 @@ def main(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "decode", help="greedy decoding speed: m2r2 vs transformers generate (plain, prompt lookup) vs llama.cpp",
-        description="Greedy decoding speed of every arm on the same prompts (token ids) in one process; "
+        description="Greedy decoding speed of every arm on the same prompts (token ids), each arm in its own "
+                    "worker process; "
                     "writes benchmarks/results/<out>.json, .md and .png.")
     p.add_argument("--arms", default=",".join(ARM_NAMES), help=f"comma-separated (default: {','.join(ARM_NAMES)})")
     p.add_argument("--baseline", default="hf-generate", help="arm the speed ratios are relative to "
