@@ -412,7 +412,7 @@ def test_process_mode_gives_the_in_process_tokens(bench_dir):
 
 def test_provenance_is_read_at_the_start_and_warns(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(harness, "_git_state", lambda: {"git_commit": "c0ffee" * 6 + "abcd", "git_dirty": True,
-                                                        "git_dirty_files": ["src/m2r2/x.py"]})
+                                                        "git_dirty_count": 1, "git_dirty_files": ["src/m2r2/x.py"]})
     monkeypatch.setattr(harness.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
     harness.pin_threads(1)
     start = harness.run_start(8)
@@ -421,7 +421,7 @@ def test_provenance_is_read_at_the_start_and_warns(monkeypatch, tmp_path, capsys
     assert start["git_dirty"] and start["loadavg"] == [3.5, 2.0, 1.0] and start["bandwidth_gbps"] > 0
     # the tree becomes clean and the machine quiet during the run: the result still says how it started
     monkeypatch.setattr(harness, "_git_state", lambda: {"git_commit": "f" * 40, "git_dirty": False,
-                                                        "git_dirty_files": []})
+                                                        "git_dirty_count": 0, "git_dirty_files": []})
     monkeypatch.setattr(harness.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     harness.run_end(8)
     recs = synthetic_records()
@@ -456,6 +456,9 @@ def test_git_state_counts_untracked_sources(tmp_path, monkeypatch):
     (repo / "src" / "pkg" / "new.py").write_text("y = 2\n")
     st = harness._git_state()
     assert st["git_dirty"] is True and st["git_dirty_files"] == ["src/pkg/new.py (untracked)"]
+    mod.write_text("x = 2\n")  # and a modified tracked file, named from the repository root
+    st = harness._git_state()
+    assert st["git_dirty_count"] == 2 and st["git_dirty_files"] == ["src/pkg/harness.py", "src/pkg/new.py (untracked)"]
 
 
 # ---------------------------------------------------------------- Rouge-L and near ties

@@ -218,7 +218,8 @@ def _git_state() -> dict:
     except (OSError, subprocess.SubprocessError):
         return {}
     files = [line[3:] for line in changed] + [f"{f} (untracked)" for f in untracked]
-    return {"git_commit": head.stdout.strip(), "git_dirty": bool(files), "git_dirty_files": files[:20]}
+    return {"git_commit": head.stdout.strip(), "git_dirty": bool(files), "git_dirty_count": len(files),
+            "git_dirty_files": files[:20]}
 
 
 def _loadavg() -> list[float] | None:
@@ -235,8 +236,7 @@ def run_start(bandwidth_mb: int = 256) -> dict:
     _run["start"] = start
     why = []
     if start.get("git_dirty"):
-        n = len(start["git_dirty_files"])
-        why.append(f"the source tree is dirty ({n}{'+' if n == 20 else ''} changed files)")
+        why.append(f"the source tree is dirty ({start['git_dirty_count']} changed files)")
     if start["loadavg"] and start["loadavg"][0] > LOAD_WARNING:
         why.append(f"the machine is busy (load {start['loadavg'][0]:.2f} > {LOAD_WARNING})")
     if why:
@@ -266,8 +266,8 @@ def machine_info() -> dict:
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     start = _run.get("start")
-    git = ({k: start[k] for k in ("git_commit", "git_dirty", "git_dirty_files") if k in start} if start
-           else _git_state())
+    git = ({k: start[k] for k in ("git_commit", "git_dirty", "git_dirty_count", "git_dirty_files") if k in start}
+           if start else _git_state())
     return {
         "cpu": _cpu_model(), "cores": cores, "usable_cores": usable, "threads": pinned_threads(),
         "loadavg": _loadavg(),
@@ -752,8 +752,9 @@ def provenance_lines(meta: dict) -> list[str]:
     lines = []
     if meta.get("git_commit"):
         dirty = meta.get("git_dirty_files") or []
+        more = meta.get("git_dirty_count", len(dirty)) - 5
         lines.append(f"- commit {meta['git_commit'][:10]}, " + (
-            f"**dirty tree** ({', '.join(dirty[:5])}{', ...' if len(dirty) > 5 else ''})" if meta.get("git_dirty")
+            f"**dirty tree** ({', '.join(dirty[:5])}{f' and {more} more' if more > 0 else ''})" if meta.get("git_dirty")
             else "clean tree"))
     if meta.get("start"):
         end = f"; at end: {cond(meta['end'])}" if meta.get("end") else ""
