@@ -73,7 +73,8 @@ def test_run_benchmark_interleaves_warms_up_and_skips():
     arms = [FakeArm("a", log, 10), FakeArm("b", log, 20), FakeArm("c", log, unavailable=True)]
     skipped: dict = {}
     warm = BenchPrompt("w", "warmup", (1, 2))
-    recs = run_benchmark(arms, PROMPTS, 4, warmup=1, repeats=3, progress=False, warmup_prompt=warm, skipped=skipped)
+    recs = run_benchmark(arms, PROMPTS, 4, warmup=1, repeats=3, progress=False, warmup_prompt=warm, skipped=skipped,
+                         isolate=False)  # in this process, so the shared log sees every call
     assert skipped == {"c": "not here"}
     assert log[:2] == [("w", "a"), ("w", "b")]  # warm-up first, on the warm-up prompt
     measured = log[2:]
@@ -167,7 +168,7 @@ def test_bandwidth_and_roofline(bench_lm):
 def test_m2r2_and_hf_arms_agree_on_tiny_model(bench_lm):
     prompts = [BenchPrompt("a", "all", (3, 17, 99, 4, 17, 99)), BenchPrompt("b", "all", (200, 1, 7))]
     arms = [M2R2PlainArm(bench_lm), HFGenerateArm(bench_lm), HFGenerateArm(bench_lm, "hf-pld", 3)]
-    recs = run_benchmark(arms, prompts, 12, progress=False)
+    recs = run_benchmark(arms, prompts, 12, progress=False, isolate=False)
     by = {(r["arm"], r["prompt_id"]): r for r in recs}
     for p in prompts:
         m, h, pld = by["m2r2-plain", p.id], by["hf-generate", p.id], by["hf-pld", p.id]
@@ -199,7 +200,7 @@ def test_decode_command_end_to_end(bench_dir, tmp_path, capsys):
     assert doc["meta"]["native_kernels"] == native.available()
     arms = doc["summary"]["arms"]
     for lossless in ("m2r2-plain", "m2r2-torch", "m2r2-quant-draft"):
-        assert arms[lossless]["equality"] == {"compared": 2, "identical": 2, "mismatches": []}
+        assert arms[lossless]["equality"] == {"compared": 2, "identical": 2, "mismatches": [], "near_ties": 0}
         assert arms[lossless]["rouge_l"] == 1.0
     assert 0 <= arms["m2r2-int8"]["rouge_l"] <= 1 and "rouge_l" not in arms["hf-generate"]
     assert "Rouge-L vs hf-generate" in (tmp_path / "tiny.md").read_text()
@@ -240,10 +241,16 @@ def test_decode_errors(bench_dir, tmp_path):
         _parse(["--max-new-tokens", "0"])
 
 
-def test_spec_command_end_to_end(bench_dir, bench_lm, tmp_path, capsys):
-    """Every drafter on the same loop and verifier: lossless (token-equal to plain), with drafting stats."""
+def test_spec_command_end_to_end(bench_dir, bench_lm, tmp_path, capsys, monkeypatch):
+    """Every drafter on the same loop and verifier: lossless (token-equal to plain), with drafting stats
+    (which the arms report as data, as they do from their workers; run here, to keep the test short: the
+    worker path is tested by the decode command and the process tests)."""
+    import functools
+
     from m2r2.accelerator import Accelerator
+    from m2r2.bench import spec as spec_mod
     from m2r2.bench.spec import add_parser as add_spec
+    monkeypatch.setattr(spec_mod, "run_benchmark", functools.partial(run_benchmark, isolate=False))
 
     acc = Accelerator.for_model(bench_lm.model, bench_lm.source.identity, rate=2, rank=4)
     with torch.no_grad():
@@ -328,3 +335,208 @@ def test_exit_curves_score_against_reference_answers_where_a_prompt_has_one(benc
     assert c["calm@0.5/propagate"]["rouge_l_reference"] == 1.0  # only prompt a has a reference
     assert c["calm@0.5/propagate"]["rouge_l"] < 1.0  # prompt b differs from plain
     assert curves(records, bench_lm, summary)["calm@0.5/propagate"]["rouge_l_reference"] is None
+
+
+# ---------------------------------------------------------------- one worker process per arm
+
+class ProbeArm:
+    """Reports the process and torch thread count it runs under; ``fail`` makes setup or run go wrong."""
+
+    kind = "m2r2"
+
+    def __init__(self, name: str, fail: str | None = None):
+        self.name, self.fail = name, fail
+
+    def setup(self) -> None:
+        if self.fail == "unavailable":
+            raise ArmUnavailable("not here")
+        if self.fail == "setup":
+            raise RuntimeError("broken setup")
+        if self.fail == "user":
+            raise M2R2Error("a user mistake found in the worker")
+
+    def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
+        if self.fail == "die":
+            import os
+            os._exit(3)
+        import os
+        return ArmResult(max_new_tokens, 0.01, [1] * max_new_tokens, None,
+                         {"pid": os.getpid(), "threads": torch.get_num_threads()})
+
+    def close(self) -> None:
+        pass
+
+
+def test_process_arms_run_in_their_own_pinned_workers_and_skip_unavailable(capsys):
+    import os
+    harness.pin_threads(1)
+    torch.set_num_threads(2)  # this process's own setting must survive the run
+    skipped: dict = {}
+    arms = [ProbeArm("a"), ProbeArm("b"), ProbeArm("c", "unavailable")]
+    recs = run_benchmark(arms, PROMPTS[:2], 3, warmup=1, progress=False, skipped=skipped)
+    assert skipped == {"c": "not here"}
+    assert "skipping arm c: not here" in capsys.readouterr().err
+    pids = {a: {r["extra"]["pid"] for r in recs if r["arm"] == a} for a in "ab"}
+    assert len(pids["a"]) == len(pids["b"]) == 1 and pids["a"] != pids["b"]
+    assert os.getpid() not in pids["a"] | pids["b"]
+    assert {r["extra"]["threads"] for r in recs} == {1}  # the pinned count, in every worker
+    assert torch.get_num_threads() == 2
+
+
+def test_process_arm_failures_are_clear():
+    with pytest.raises(harness.ArmWorkerError, match=r"arm x: its worker process died \(exit code 3\) while running"):
+        run_benchmark([ProbeArm("ok"), ProbeArm("x", "die")], PROMPTS[:1], 2, warmup=0, progress=False)
+    with pytest.raises(harness.ArmWorkerError, match="arm y failed in its worker process while setting up: "
+                                                     "RuntimeError: broken setup"):
+        run_benchmark([ProbeArm("y", "setup")], PROMPTS[:1], 2, warmup=0, progress=False)
+    with pytest.raises(M2R2Error, match="a user mistake found in the worker"):  # user errors stay themselves
+        run_benchmark([ProbeArm("z", "user")], PROMPTS[:1], 2, warmup=0, progress=False)
+
+
+def test_process_mode_gives_the_in_process_tokens(bench_dir):
+    """m2r2 and transformers arms, each built from its description in its own worker, produce exactly what
+    they produce here."""
+    from m2r2.bench.decode import make_arm
+    harness.pin_threads(1)
+    specs = [harness.ArmSpec(n, "m2r2", make_arm, {"name": n, "model": str(bench_dir), "threads": 1, "n_ctx": 64,
+                                                    "pld_tokens": 3, "llamacpp_token_ids": False})
+             for n in ("m2r2-plain", "hf-generate")]
+    prompts = [BenchPrompt("a", "all", (3, 17, 99, 4, 17, 99)), BenchPrompt("b", "all", (200, 1, 7))]
+    isolated = run_benchmark(specs, prompts, 10, warmup=0, progress=False)
+    here = run_benchmark(specs, prompts, 10, warmup=0, progress=False, isolate=False)
+    key = lambda recs: [(r["arm"], r["prompt_id"], r["token_ids"], r["forward_passes"]) for r in recs]  # noqa: E731
+    assert key(isolated) == key(here) and all(len(r["token_ids"]) == 10 for r in here)
+
+
+# ---------------------------------------------------------------- provenance
+
+def test_provenance_is_read_at_the_start_and_warns(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(harness, "_git_state", lambda: {"git_commit": "c0ffee" * 6 + "abcd", "git_dirty": True,
+                                                        "git_dirty_count": 1, "git_dirty_files": ["src/m2r2/x.py"]})
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
+    harness.pin_threads(1)
+    start = harness.run_start(8)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "dirty" in err[0] and "load 3.50" in err[0]
+    assert start["git_dirty"] and start["loadavg"] == [3.5, 2.0, 1.0] and start["bandwidth_gbps"] > 0
+    # the tree becomes clean and the machine quiet during the run: the result still says how it started
+    monkeypatch.setattr(harness, "_git_state", lambda: {"git_commit": "f" * 40, "git_dirty": False,
+                                                        "git_dirty_count": 0, "git_dirty_files": []})
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    harness.run_end(8)
+    recs = synthetic_records()
+    paths = write_results("prov", {}, recs, summarize(recs, "base"), tmp_path)
+    meta = json.loads(paths["json"].read_text())["meta"]
+    assert meta["git_dirty"] is True and meta["git_commit"].startswith("c0ffee")
+    assert meta["start"]["loadavg"][0] == 3.5 and meta["end"]["loadavg"][0] == 0.5
+    assert meta["end"]["bandwidth_gbps"] > 0 and meta["command"] == start["command"]
+    md = paths["md"].read_text()
+    assert "**dirty tree** (src/m2r2/x.py)" in md and "at start: load 3.50/2.00/1.00" in md and "at end: load 0.50" in md
+    # a clean, quiet start: no warning
+    capsys.readouterr()
+    harness.run_start(8)
+    assert capsys.readouterr().err == ""
+
+
+def test_git_state_counts_untracked_sources(tmp_path, monkeypatch):
+    import subprocess
+    repo = tmp_path / "repo"
+    (repo / "src" / "pkg").mkdir(parents=True)
+    mod = repo / "src" / "pkg" / "harness.py"
+    mod.write_text("x = 1\n")
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(harness, "__file__", str(mod))
+    assert harness._git_state()["git_dirty"] is False
+    (repo / "notes.txt").write_text("not code")  # untracked outside src/: still clean
+    assert harness._git_state()["git_dirty"] is False
+    (repo / "src" / "pkg" / "new.py").write_text("y = 2\n")
+    st = harness._git_state()
+    assert st["git_dirty"] is True and st["git_dirty_files"] == ["src/pkg/new.py (untracked)"]
+    mod.write_text("x = 2\n")  # and a modified tracked file, named from the repository root
+    st = harness._git_state()
+    assert st["git_dirty_count"] == 2 and st["git_dirty_files"] == ["src/pkg/harness.py", "src/pkg/new.py (untracked)"]
+
+
+# ---------------------------------------------------------------- Rouge-L and near ties
+
+class EmojiLM:
+    """decode_text for Rouge-L: token ids 1-9 are emoji (one each), others words."""
+
+    def decode_text(self, ids):
+        return "".join(chr(0x1F600 + t) if 0 < t < 10 else f" w{t}" for t in ids)
+
+
+def test_rouge_l_scores_identical_outputs_1_even_when_all_emoji():
+    recs = [_rec("ref", "p", "x", 3, 1.0, [1, 2, 3]), _rec("same", "p", "x", 3, 1.0, [1, 2, 3]),
+            _rec("other", "p", "x", 3, 1.0, [1, 2, 4]), _rec("ref", "q", "x", 2, 1.0, [20, 21]),
+            _rec("same", "q", "x", 2, 1.0, [20, 21]), _rec("other", "q", "x", 2, 1.0, [20, 21])]
+    s = summarize(recs, "ref", reference_arm="ref")
+    harness.add_rouge_l(s, recs, EmojiLM())
+    assert s["arms"]["same"]["rouge_l"] == 1.0
+    # all-emoji texts differ in one of three token ids: scored on the ids as words, 2/3
+    assert s["arms"]["other"]["rouge_l"] == pytest.approx((2 / 3 + 1) / 2, rel=1e-12)
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    assert harness.rouge_l(scorer, "\U0001F600", "\U0001F600") == 1.0  # identical texts, no ids
+    assert harness.rouge_l(scorer, "a b c", "a b d") == pytest.approx(2 / 3, rel=1e-12)
+
+
+def test_near_ties_measure_the_reference_gap_at_the_first_difference(bench_lm, monkeypatch):
+    prompt = BenchPrompt("p", "x", (5, 6, 7))
+    ref_out = bench_lm.generate(list(prompt.token_ids), max_new_tokens=4, temperature=0.0).token_ids
+    other = ref_out[:2] + [(ref_out[2] + 1) % 256, 0]
+    recs = [_rec("ref", "p", "x", 4, 1.0, ref_out), _rec("same", "p", "x", 4, 1.0, list(ref_out)),
+            _rec("lossy", "p", "x", 4, 1.0, other)]
+    s = summarize(recs, "ref", reference_arm="ref")
+    harness.add_near_ties(s, recs, [prompt], bench_lm)
+    m = s["arms"]["lossy"]["equality"]["mismatches"][0]
+    assert s["arms"]["lossy"]["equality"]["identical"] == 0 and s["arms"]["same"]["equality"]["near_ties"] == 0
+    # the gap agrees with m2r2's own float32 logits at that position, to float32 noise relative to the logits
+    logits = bench_lm.model.forward(torch.tensor([list(prompt.token_ids) + ref_out[:2]]),
+                                    bench_lm.model.new_cache(1, 16), torch.arange(5).unsqueeze(0)).double()[0, -1]
+    top = torch.topk(logits, 2).values
+    assert m["top2_gap"] == pytest.approx(float(top[0] - top[1]), abs=1e-5 * float(logits.abs().max()))
+    assert 0 < m["float32_noise"] < 1e-4 * float(logits.abs().max())
+    assert m["near_tie"] is (m["top2_gap"] < harness.NEAR_TIE_FACTOR * m["float32_noise"])
+    # a gap inside the noise counts as a near tie, separately from exact identity
+    monkeypatch.setattr(harness, "top2_gaps", lambda hf_dir, ctxs: [{"gap": 1e-7, "float32_noise": 1e-6}] * len(ctxs))
+    s = summarize(recs, "ref", reference_arm="ref")
+    harness.add_near_ties(s, recs, [prompt], bench_lm)
+    assert s["arms"]["lossy"]["equality"]["near_ties"] == 1 and s["arms"]["lossy"]["equality"]["identical"] == 0
+    header, rows = harness.summary_table(s)
+    assert "near-tie divergences" in header and rows[2][header.index("near-tie divergences")] == "1/1"
+    assert rows[2][header.index("same as ref")] == "0/1"
+
+
+# ---------------------------------------------------------------- input validation before any setup
+
+@pytest.mark.parametrize("ids, message", [([5, 256], "token id 256 outside"), ([5, -1], "non-negative integer"),
+                                          ([5, 1.5], "non-negative integer"), ([5, True], "non-negative integer"),
+                                          ([], "non-negative integer"), (list(range(200)) * 2, "context window")])
+def test_bad_prompt_ids_fail_before_any_arm_is_built(bench_dir, tmp_path, monkeypatch, capsys, ids, message):
+    from m2r2.bench import decode
+    from m2r2.cli import main as cli_main
+    f = tmp_path / "ids.jsonl"
+    f.write_text(json.dumps({"id": "q", "token_ids": ids}) + "\n")
+
+    def no_setup(*a, **k):
+        raise AssertionError("arms were built before the inputs were checked")
+    monkeypatch.setattr(decode, "make_arms", no_setup)
+    assert cli_main(["bench", "decode", "--model", str(bench_dir), "--prompt-ids", str(f), "--threads", "1",
+                     "--out-dir", str(tmp_path), "--bandwidth-mb", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("m2r2: error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_empty_prompt_id_file_fails_before_any_arm_is_built(bench_dir, tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("")
+    args = _parse(["--model", str(bench_dir), "--prompt-ids", str(f), "--threads", "1", "--out-dir", str(tmp_path),
+                   "--bandwidth-mb", "8"])
+    with pytest.raises(PromptFileError, match="no prompts"):
+        args.func(args)

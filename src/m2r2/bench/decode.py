@@ -1,5 +1,5 @@
 """``m2r2 bench decode``: greedy decoding speed of m2r2's plain decoder against transformers' ``generate``
-(plain and prompt-lookup) and llama.cpp, on the same prompts and token ids, in one process.
+(plain and prompt-lookup) and llama.cpp, on the same prompts and token ids, each arm in its own worker process.
 
 Every arm gets the chat-templated prompt as token ids (``lm.encode``), decodes greedily up to
 ``--max-new-tokens`` and reports new tokens over wall time (prefill + decode). m2r2-plain and hf-generate
@@ -27,8 +27,9 @@ from .. import native
 from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error, PromptFileError
 from ..model import WEIGHT_BYTES
-from .harness import (add_common_args, add_rouge_l, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth,
-                      pin_threads, roofline, run_benchmark, summarize, write_results)
+from .harness import (add_common_args, add_near_ties, add_rouge_l, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt,
+                      pin_threads, roofline, run_benchmark, run_end, run_start, summarize, validate_prompts,
+                      worker_lm, write_results)
 
 ARM_NAMES = ("m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld",
              "llamacpp")
@@ -203,8 +204,9 @@ def load_prompt_ids(path: str | os.PathLike, limit: int | None = None) -> list[B
     out: list[BenchPrompt] = []
     for lineno, r in iter_jsonl(p):
         ids = r.get("token_ids", r.get("prompt_token_ids")) if isinstance(r, dict) else None
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
-            raise PromptFileError(f"{p}:{lineno}: needs a non-empty list of token ids in 'token_ids'")
+        if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
+            raise PromptFileError(f"{p}:{lineno}: needs a non-empty list of non-negative integer token ids "
+                                  "in 'token_ids'")
         out.append(BenchPrompt(str(r.get("id", lineno)), str(r.get("category", "all")), tuple(ids)))
         if limit is not None and len(out) >= limit:
             break
@@ -219,29 +221,43 @@ def build_prompts(lm, args: argparse.Namespace) -> tuple[list[BenchPrompt], Benc
 
     if args.prompt_ids:
         prompts = load_prompt_ids(args.prompt_ids, args.limit)
-        return prompts, prompts[0]
-    recs = load_prompts(args.prompts, limit=args.limit)
-    prompts = [BenchPrompt(r.id, r.category, tuple(lm.encode(r.text)), r.text) for r in recs]
-    return prompts, BenchPrompt("warmup", "warmup", tuple(lm.encode(WARMUP_TEXT)), WARMUP_TEXT)
+        warm = prompts[0]
+    else:
+        recs = load_prompts(args.prompts, limit=args.limit)
+        prompts = [BenchPrompt(r.id, r.category, tuple(lm.encode(r.text)), r.text) for r in recs]
+        warm = BenchPrompt("warmup", "warmup", tuple(lm.encode(WARMUP_TEXT)), WARMUP_TEXT)
+    validate_prompts(prompts, lm.config, args.prompt_ids or args.prompts)  # before any arm is built
+    return prompts, warm
 
 
 # ---------------------------------------------------------------- command
 
-def make_arms(names: list[str], lm, args: argparse.Namespace, n_ctx: int) -> list:
-    factories: dict[str, Callable[[], object]] = {
-        "m2r2-plain": lambda: M2R2PlainArm(lm),
-        "m2r2-torch": lambda: M2R2PlainArm(lm, "m2r2-torch", use_native=False),
-        "m2r2-fp16": lambda: M2R2PlainArm(lm, "m2r2-fp16", weights="fp16"),
-        "m2r2-int8": lambda: M2R2PlainArm(lm, "m2r2-int8", weights="int8"),
-        "m2r2-quant-draft": lambda: M2R2PlainArm(lm, "m2r2-quant-draft", strategy="quant-draft"),
-        "hf-generate": lambda: HFGenerateArm(lm),
-        "hf-pld": lambda: HFGenerateArm(lm, "hf-pld", prompt_lookup_num_tokens=args.pld_tokens),
-        "llamacpp": lambda: LlamaCppArm(lm, args.threads, n_ctx, token_ids=args.llamacpp_token_ids),
-    }
-    unknown = [n for n in names if n not in factories]
+ARM_WEIGHTS = {"m2r2-fp16": "fp16", "m2r2-int8": "int8"}  # arms that read reduced-precision weight copies
+
+
+def make_arm(name: str, model: str | None, threads: int, n_ctx: int, pld_tokens: int,
+             llamacpp_token_ids: bool):
+    """Build arm ``name`` on its own copy of the model (``worker_lm``): runs inside the arm's worker process."""
+    lm = worker_lm(model)
+    if name in ("m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft"):
+        return M2R2PlainArm(lm, name, strategy="quant-draft" if name == "m2r2-quant-draft" else "plain",
+                            weights=ARM_WEIGHTS.get(name, "fp32"), use_native=name != "m2r2-torch")
+    if name in ("hf-generate", "hf-pld"):
+        return HFGenerateArm(lm, name, prompt_lookup_num_tokens=pld_tokens if name == "hf-pld" else None)
+    if name == "llamacpp":
+        return LlamaCppArm(lm, threads, n_ctx, token_ids=llamacpp_token_ids)
+    raise ValueError(f"unknown arm {name!r}")
+
+
+def make_arms(names: list[str], args: argparse.Namespace, n_ctx: int) -> list[ArmSpec]:
+    """Picklable descriptions of the arms (``make_arm`` builds each in its worker)."""
+    unknown = [n for n in names if n not in ARM_NAMES]
     if unknown:
         raise M2R2Error(f"unknown arm(s) {', '.join(unknown)} (available: {', '.join(ARM_NAMES)})")
-    return [factories[n]() for n in dict.fromkeys(names)]
+    return [ArmSpec(n, "m2r2" if n.startswith("m2r2") else "external", make_arm,
+                    {"name": n, "model": args.model, "threads": args.threads, "n_ctx": n_ctx,
+                     "pld_tokens": args.pld_tokens, "llamacpp_token_ids": args.llamacpp_token_ids})
+            for n in dict.fromkeys(names)]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -251,17 +267,19 @@ def main(args: argparse.Namespace) -> int:
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not names:
         raise M2R2Error("--arms is empty")
-    load_avg = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    start = run_start(args.bandwidth_mb)
+    # this process only tokenizes, checks and scores: every arm loads its engine in its own worker
     lm = m2r2.load(args.model, dtype="float32")
     prompts, warm = build_prompts(lm, args)
     longest = max(len(p.token_ids) for p in [*prompts, warm])
     n_ctx = min(lm.config.max_position_embeddings, -(-(longest + args.max_new_tokens + 16) // 256) * 256)
-    arms = make_arms(names, lm, args, n_ctx)
+    arms = make_arms(names, args, n_ctx)
 
-    bandwidth = measure_bandwidth(args.bandwidth_mb)
+    bandwidth = start["bandwidth_gbps"]
     roof = roofline(lm.config, bandwidth, 4.0)  # the float32 arms read 4 bytes per weight
-    arm_roofs: dict[str, float] = {a.name: roofline(lm.config, bandwidth, WEIGHT_BYTES[a.weights])["tokens_per_s"]
-                                   for a in arms if getattr(a, "weights", "fp32") != "fp32"}
+    arm_roofs: dict[str, float] = {
+        a.name: roofline(lm.config, bandwidth, WEIGHT_BYTES[ARM_WEIGHTS[a.name]])["tokens_per_s"]
+        for a in arms if a.name in ARM_WEIGHTS}
     meta_extra: dict = {}
     if lm.source.gguf is not None and "llamacpp" in names:
         # llama.cpp reads the quantised GGUF: about its file size per token (tied embedding = head)
@@ -276,16 +294,18 @@ def main(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     records = run_benchmark(arms, prompts, args.max_new_tokens, warmup=args.warmup, repeats=args.repeats,
                             progress=not args.no_progress, warmup_prompt=warm, skipped=skipped)
+    run_end(args.bandwidth_mb)
     baseline = args.baseline
     summary = summarize(records, baseline, reference_arm="hf-generate",
                         also_against=[a for a in ("m2r2-plain",) if a != baseline],
                         roofline_tokens_per_s=roof["tokens_per_s"], arm_rooflines=arm_roofs)
     add_rouge_l(summary, records, lm)
+    add_near_ties(summary, records, prompts, lm)
     meta = {"model": lm.source.name, "model_identity": lm.source.identity,
             "prompts": args.prompt_ids or args.prompts, "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "warmup": args.warmup,
             "arms": [a.name for a in arms if a.name not in skipped], "skipped_arms": skipped,
-            "pld_tokens": args.pld_tokens, "loadavg_start": load_avg,
+            "pld_tokens": args.pld_tokens, "loadavg_start": start["loadavg"], "isolation": "process-per-arm",
             "bandwidth_gbps": bandwidth, "roofline": roof, "native_kernels": native.available(), **meta_extra}
     write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=args.keep_token_ids)
     return 0
@@ -294,7 +314,8 @@ def main(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "decode", help="greedy decoding speed: m2r2 vs transformers generate (plain, prompt lookup) vs llama.cpp",
-        description="Greedy decoding speed of every arm on the same prompts (token ids) in one process; "
+        description="Greedy decoding speed of every arm on the same prompts (token ids), each arm in its own "
+                    "worker process; "
                     "writes benchmarks/results/<out>.json, .md and .png.")
     p.add_argument("--arms", default=",".join(ARM_NAMES), help=f"comma-separated (default: {','.join(ARM_NAMES)})")
     p.add_argument("--baseline", default="hf-generate", help="arm the speed ratios are relative to "

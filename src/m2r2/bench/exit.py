@@ -19,12 +19,16 @@ from pathlib import Path
 
 from ..errors import M2R2Error
 from .decode import build_prompts
-from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, output_text,
-                      pin_threads, roofline, run_benchmark, summarize, write_results)
+from .harness import (add_common_args, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, output_text, pin_threads,
+                      roofline, rouge_l, run_benchmark, run_end, run_start, summarize, worker_lm, write_results)
 
 METHODS = ("calm", "calm-adapter", "m2r2-exit", "m2r2-exit-conf", "skipdecode", "mod")
 EXTRA_METHODS = ("m2r2-exit-alone",)  # m2r2-exit without the slow row riding along (an ablation)
 DEFAULT_THRESHOLDS = (0.95, 0.8, 0.6, 0.4)
+
+
+def point_name(method: str, threshold: float | None, kv: str) -> str:
+    return "plain" if method == "plain" else f"{method}@{threshold:g}/{kv}"
 
 
 class ExitArm:
@@ -35,7 +39,7 @@ class ExitArm:
         self.lm, self.method, self.threshold, self.kv, self.adapter = lm, method, threshold, kv, adapter
         self.routers = routers
         self.span = span
-        self.name = "plain" if method == "plain" else f"{method}@{threshold:g}/{kv}"
+        self.name = point_name(method, threshold, kv)
         self.strategy = None
 
     def setup(self) -> None:
@@ -66,6 +70,19 @@ class ExitArm:
         pass
 
 
+def make_arm(model: str | None, method: str, threshold: float | None, kv: str, adapter: str | None = None,
+             span: int = 64, routers: str | None = None) -> ExitArm:
+    """Build one sweep point on its own copy of the model (``worker_lm``): runs inside the arm's worker."""
+    return ExitArm(worker_lm(model), method, threshold, kv, adapter, span, routers)
+
+
+def arm_spec(model: str | None, method: str, threshold: float | None, kv: str, **kw) -> ArmSpec:
+    """A sweep point's description. All points share one worker process and one model (``group``): they
+    are one engine (m2r2's), as many as 40, and a model copy each would not fit in memory."""
+    return ArmSpec(point_name(method, threshold, kv), "m2r2", make_arm,
+                   {"model": model, "method": method, "threshold": threshold, "kv": kv, **kw}, group="exit-points")
+
+
 def curves(records: list[dict], lm, summary: dict, references: dict[str, str] | None = None) -> dict:
     """Per arm: Rouge-L against the plain output (mean over prompts) and, over the prompts that have a
     reference answer, against it (``rouge_l_reference``; plain decoding's own score is the ceiling to
@@ -73,22 +90,23 @@ def curves(records: list[dict], lm, summary: dict, references: dict[str, str] | 
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    ref = {r["prompt_id"]: output_text(lm, r["token_ids"]) for r in records if r["arm"] == "plain"}
+    ref_ids = {r["prompt_id"]: r["token_ids"] for r in records if r["arm"] == "plain"}
+    ref = {pid: output_text(lm, ids) for pid, ids in ref_ids.items()}
     L = lm.config.num_layers
     references = references or {}
     out: dict = {}
     for arm in dict.fromkeys(r["arm"] for r in records):
         rows = [r for r in records if r["arm"] == arm]
         with_ref = [r for r in rows if r["prompt_id"] in references]
-        vs_ref = statistics.fmean(
-            scorer.score(references[r["prompt_id"]], output_text(lm, r["token_ids"]))["rougeL"].fmeasure
-            for r in with_ref) if with_ref else None
+        vs_ref = statistics.fmean(rouge_l(scorer, references[r["prompt_id"]], output_text(lm, r["token_ids"]))
+                                  for r in with_ref) if with_ref else None
         if arm == "plain":
             out["plain"] = {"method": "plain", "threshold": 0.0, "kv": "", "rouge_l": 1.0,
                             "rouge_l_reference": vs_ref, "n_reference": len(with_ref), "mean_slow_layers": float(L),
                             "theoretical_speedup": 1.0, "measured_speedup": 1.0, "exit_rate": 0.0}
             continue
-        rouge = [scorer.score(ref[r["prompt_id"]], output_text(lm, r["token_ids"]))["rougeL"].fmeasure for r in rows]
+        rouge = [rouge_l(scorer, ref[r["prompt_id"]], output_text(lm, r["token_ids"]), ref_ids[r["prompt_id"]],
+                         r["token_ids"]) for r in rows]
         st = [r["extra"].get("strategy", {}) for r in rows]
         toks = sum(s.get("tokens", 0) for s in st)
         layers = sum(s.get("mean_slow_layers", 0) * s.get("tokens", 0) for s in st) / toks if toks else float(L)
@@ -167,21 +185,25 @@ def main(args: argparse.Namespace) -> int:
     kvs = [k.strip() for k in args.kv.split(",") if k.strip()]
     if any(k not in ("recompute", "propagate") for k in kvs) or not kvs:
         raise M2R2Error("--kv takes recompute and/or propagate")
+    start = run_start(args.bandwidth_mb)
+    # this process only tokenizes and scores: every sweep point loads the model in its own worker
     lm = m2r2.load(args.model, dtype="float32")
     prompts, warm = build_prompts(lm, args)
-    arms = [ExitArm(lm, "plain", None, "")] + [ExitArm(lm, m, t, k, args.adapter) for m in methods
-                                                  if m not in ("skipdecode", "mod") for k in kvs for t in thresholds]
+    m_ = args.model
+    arms = [arm_spec(m_, "plain", None, "")] + [arm_spec(m_, m, t, k, adapter=args.adapter) for m in methods
+                                                if m not in ("skipdecode", "mod") for k in kvs for t in thresholds]
     if "skipdecode" in methods:
-        arms += [ExitArm(lm, "skipdecode", d, "none", span=args.max_new_tokens) for d in args.skip_min_layers]
+        arms += [arm_spec(m_, "skipdecode", d, "none", span=args.max_new_tokens) for d in args.skip_min_layers]
     if "mod" in methods:  # skipped blocks still write K/V from their input state: "kvproj"
-        arms += [ExitArm(lm, "mod", s, "kvproj", routers=args.mod_routers) for s in args.mod_skip]
-    bandwidth = measure_bandwidth(args.bandwidth_mb)
+        arms += [arm_spec(m_, "mod", s, "kvproj", routers=args.mod_routers) for s in args.mod_skip]
+    bandwidth = start["bandwidth_gbps"]
     roof = roofline(lm.config, bandwidth, 4.0)
     print(f"m2r2 bench exit: {lm!r}; {len(prompts)} prompts, {len(arms)} arms, {args.threads} threads",
           file=sys.stderr)
     skipped: dict[str, str] = {}
     records = run_benchmark(arms, prompts, args.max_new_tokens, warmup=args.warmup, repeats=1,
                             progress=not args.no_progress, warmup_prompt=warm, skipped=skipped)
+    run_end(args.bandwidth_mb)
     summary = summarize(records, "plain", reference_arm="plain", roofline_tokens_per_s=roof["tokens_per_s"])
     curve = curves(records, lm, summary, references(args, prompts))
     summary["curves"] = curve
@@ -189,6 +211,7 @@ def main(args: argparse.Namespace) -> int:
             "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "methods": methods,
             "thresholds": thresholds, "kv": kvs, "skip_min_layers": args.skip_min_layers,
             "mod_skip": args.mod_skip, "skipped_arms": skipped,
+            "isolation": "one worker process for all points (one engine), none in the main process",
             "bandwidth_gbps": bandwidth, "roofline": roof}
     paths = write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=True)
     table = render(curve, Path(args.out_dir) / f"{args.out}-curve.png",

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .harness import ArmResult, ArmUnavailable, BenchPrompt, _md_table, pin_threads, run_benchmark, summarize, write_results
+from .harness import (ArmResult, ArmUnavailable, BenchPrompt, _md_table, pin_threads, run_benchmark, run_end, run_start,
+                      summarize, write_results)
 
 PROMPT_CATEGORIES = ("summarization", "rag")
 
@@ -205,6 +206,7 @@ def main(args: argparse.Namespace) -> int:
     from ..family.data import TokenData
     from ..family.train import load_model
     pin_threads(args.threads)
+    run_start()
     root = Path(args.models)
     archs = [a for a in args.archs.split(",") if a]
     data = TokenData(args.data)
@@ -227,7 +229,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("m2r2 bench family: no trained models found")
     arms = [FamilyArm(a, root / a, masks) for a in evals]
     records = run_benchmark(arms, [p for p, _ in prompts], args.max_new_tokens, warmup=args.warmup,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress)  # each arm (a FamilyArm, pickled) in its own worker
+    run_end()
     base = "vanilla" if "vanilla" in evals else next(iter(evals))
     summary = summarize(records, base)
     rows = []
@@ -257,7 +260,8 @@ def main(args: argparse.Namespace) -> int:
     meta = {"family": rows, "token_type": token_type, "max_new_tokens": args.max_new_tokens,
             "prompts": f"spec-bench summarization+rag, {args.prompts_per_category} each, document <= "
                        f"{args.max_doc_tokens} tokens (designated)",
-            "validation": f"{args.windows} windows x {args.seq_len} tokens, first half designated", "data": args.data}
+            "validation": f"{args.windows} windows x {args.seq_len} tokens, first half designated", "data": args.data,
+            "isolation": "process-per-arm"}
     paths = write_results(args.out, meta, records, summary, args.out_dir)
     header, body = family_table(rows)
     lines = ["", "## The family at equal training FLOPs", "",

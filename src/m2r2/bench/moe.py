@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from ..cli import int_at_least
 from ..errors import M2R2Error
-from .harness import _md_table, geomean, machine_info, pin_threads
+from .harness import _md_table, geomean, machine_info, pin_threads, provenance_lines, run_end, run_start
 
 STRATEGIES = ("on-demand-lru", "on-demand-lfu", "slow-prefetch", "m2r2-prefetch", "m2r2-hybrid", "oracle")
 BASELINE = "on-demand-lru"
@@ -133,7 +132,7 @@ def render_markdown(doc: dict) -> str:
     lines = [f"# Benchmark: {doc['benchmark']}", "",
              f"- machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}; "
              f"loadavg at start {m.get('loadavg_start')}",
-             f"- date: {m['date']}; command: `{m['command']}`",
+             f"- date: {m['date']}; command: `{m['command']}`", *provenance_lines(m),
              f"- model: {m['model']} MoEfied, {m['experts_per_layer']} experts/layer x {m['layers']} layers = "
              f"{m['total_experts']} experts of {m['expert_mb']:.2f} MB; top-k {m['top_k']}, prefetch top-k' "
              f"{m['prefetch_k']}; M2R2 adapter R={m['rate']}",
@@ -233,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
         raise M2R2Error(f"unknown strategies {bad} (available: {', '.join(STRATEGIES)})")
     if BASELINE not in names:
         names.insert(0, BASELINE)
-    load_avg = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load_avg = run_start()["loadavg"]
     lm = m2r2.load(args.model, dtype="float32", threads=args.threads)
     prompts, warm = build_prompts(lm, args)
     acc = (lm.load_accelerator(args.adapter, rate=args.rate)
@@ -277,6 +276,7 @@ def main(args: argparse.Namespace) -> int:
                     records.append({**r, "memory": mem, "budget": f"{100 * b:g}%", "budget_experts": n})
                     bar.update(1)
     bar.close()
+    run_end()
     for _, store in mems:
         store.close()
     summary: dict = {}

@@ -1,6 +1,7 @@
 """``m2r2 bench spec``: every speculative strategy against m2r2's plain decoding, on the same prompts, in one
-run. The m2r2 arms share the engine, the cache and the verifier (``m2r2.speculative``): only the drafter
-differs. External arms: transformers' prompt-lookup assisted generation and llama.cpp plain decoding.
+run. The m2r2 arms use the same engine, cache and verifier (``m2r2.speculative``): only the drafter
+differs. Every arm runs in its own worker process, on its own copy of the model. External arms:
+transformers' prompt-lookup assisted generation and llama.cpp plain decoding.
 
 Per arm and prompt category: tokens/s, speedup over m2r2-plain (per prompt, then geometric mean), tokens
 per verification, acceptance rate, draft cost relative to a full forward (measured, and in weight bytes
@@ -17,8 +18,8 @@ import time
 from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error
 from .decode import HFGenerateArm, LlamaCppArm, build_prompts
-from .harness import (add_common_args, ArmResult, ArmUnavailable, BenchPrompt, measure_bandwidth, pin_threads, roofline,
-                      run_benchmark, summarize, write_results)
+from .harness import (add_common_args, add_near_ties, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, pin_threads,
+                      roofline, run_benchmark, run_end, run_start, summarize, worker_lm, write_results)
 
 # arm name -> (strategy, options); the draft vocabulary is the adapter's frequent-token subset
 M2R2_ARMS: dict[str, tuple[str, dict]] = {
@@ -71,13 +72,16 @@ class StrategyArm:
                                seed=self.seed, strategy=self.strategy)
         seconds = time.perf_counter() - t0
         s = out.stats
+        # the drafter's read cost is computed here, where the drafter lives (the arm's worker process)
+        cost = draft_bytes(self.lm, self.name, self.strategy) if self.strategy_name != "plain" else None
         return ArmResult(len(out.token_ids), seconds, out.token_ids, s.forward_passes,
                          {"engine_seconds": s.seconds, "prefill_seconds": s.prefill_seconds,
                           "decode_tokens_per_s": s.decode_tokens_per_s, "steps": s.steps,
-                          "finish_reason": out.finish_reason, **({"strategy": s.extra} if s.extra else {})})
+                          "finish_reason": out.finish_reason, **({"strategy": s.extra} if s.extra else {}),
+                          **({"draft_cost_bytes": cost} if cost is not None else {})})
 
     def close(self) -> None:
-        pass  # the strategy stays for the summary (its drafter's depth and vocabulary)
+        pass
 
 
 class HFAssistArm(HFGenerateArm):
@@ -144,8 +148,9 @@ def draft_bytes(lm, name: str, strategy) -> float | None:
     return (per_layer * depth + extra + head.size * m.cfg.hidden_size * 4) * scale / full
 
 
-def speculative_summary(records: list[dict], arms: dict[str, object], lm, categories: list[str]) -> dict:
-    """Per arm (all prompts and per category): tokens per verification, acceptance, draft cost."""
+def speculative_summary(records: list[dict], categories: list[str]) -> dict:
+    """Per arm (all prompts and per category): tokens per verification, acceptance, draft cost (measured
+    from the records' timings; in bytes as the arm's worker reported it)."""
     plain = [r for r in records if r["arm"] == "m2r2-plain"]
     plain_tok_s = sorted(r["extra"].get("decode_tokens_per_s") or 0 for r in plain)
     plain_token_seconds = 1 / plain_tok_s[len(plain_tok_s) // 2] if plain_tok_s and plain_tok_s[len(plain_tok_s) // 2] else None
@@ -168,34 +173,49 @@ def speculative_summary(records: list[dict], arms: dict[str, object], lm, catego
         return out
 
     summary = {}
-    for name, arm in arms.items():
+    for name in dict.fromkeys(r["arm"] for r in records):
         rows = [r for r in records if r["arm"] == name]
-        if not rows or not any("strategy" in r["extra"] for r in rows):
+        if not any("strategy" in r["extra"] for r in rows):
             continue
         entry = {"all": agg(rows), "by_category": {c: agg([r for r in rows if r["category"] == c])
                                                    for c in categories if any(r["category"] == c for r in rows)},
-                 "draft_cost_bytes": draft_bytes(lm, name, getattr(arm, "strategy", None))}
+                 "draft_cost_bytes": rows[-1]["extra"].get("draft_cost_bytes")}
         summary[name] = entry
     return summary
 
 
-def make_arms(names: list[str], lm, args: argparse.Namespace, n_ctx: int) -> list:
+def make_arm(name: str, model: str | None, threads: int, n_ctx: int, strategy: str | None = None,
+             options: dict | None = None, gamma: int = 4, temperature: float = 0.0, seed: int = 0,
+             pld_tokens: int = 3):
+    """Build arm ``name`` on its own copy of the model (``worker_lm``): runs inside the arm's worker process."""
+    lm = worker_lm(model)
+    if strategy is not None:
+        return StrategyArm(lm, name, strategy, options or {}, gamma, temperature, seed)
+    if name == "hf-pld":
+        return GreedyOnly(HFGenerateArm(lm, "hf-pld", prompt_lookup_num_tokens=pld_tokens), temperature)
+    if name == "hf-assist":
+        return GreedyOnly(HFAssistArm(lm), temperature)
+    if name == "hf-generate":
+        return GreedyOnly(HFGenerateArm(lm), temperature)
+    if name == "llamacpp":
+        return GreedyOnly(LlamaCppArm(lm, threads, n_ctx), temperature)
+    raise ValueError(f"unknown arm {name!r}")
+
+
+def make_arms(names: list[str], args: argparse.Namespace, n_ctx: int) -> list[ArmSpec]:
+    """Picklable descriptions of the arms (``make_arm`` builds each in its worker)."""
     arms = []
     for n in dict.fromkeys(names):
+        common = {"name": n, "model": args.model, "threads": args.threads, "n_ctx": n_ctx,
+                  "temperature": args.temperature}
         if n in M2R2_ARMS:
             strat, opts = M2R2_ARMS[n]
             if args.adapter and n in ("m2r2", "m2r2-full-vocab", "m2r2-confstop"):
                 opts = {**opts, "adapter": args.adapter}
-            arms.append(StrategyArm(lm, n, strat, opts, args.gamma, args.temperature, args.seed))
-        elif n == "hf-pld":
-            arms.append(GreedyOnly(HFGenerateArm(lm, "hf-pld", prompt_lookup_num_tokens=args.pld_tokens),
-                                   args.temperature))
-        elif n == "hf-assist":
-            arms.append(GreedyOnly(HFAssistArm(lm), args.temperature))
-        elif n == "hf-generate":
-            arms.append(GreedyOnly(HFGenerateArm(lm), args.temperature))
-        elif n == "llamacpp":
-            arms.append(GreedyOnly(LlamaCppArm(lm, args.threads, n_ctx), args.temperature))
+            arms.append(ArmSpec(n, "m2r2", make_arm, {**common, "strategy": strat, "options": opts,
+                                                      "gamma": args.gamma, "seed": args.seed}))
+        elif n in (*EXTERNAL_ARMS, "hf-generate"):
+            arms.append(ArmSpec(n, "external", make_arm, {**common, "pld_tokens": args.pld_tokens}))
         else:
             raise M2R2Error(f"unknown arm {n!r} (available: {', '.join(ARM_NAMES)}, hf-generate)")
     return arms
@@ -210,7 +230,8 @@ def main(args: argparse.Namespace) -> int:
         names.insert(0, "m2r2-plain")  # the baseline every ratio and equality check refers to
     if args.temperature < 0:
         raise M2R2Error(f"--temperature must be >= 0, got {args.temperature}")
-    load_avg = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    start = run_start(args.bandwidth_mb)
+    # this process only tokenizes, checks and scores: every arm loads its engine in its own worker
     lm = m2r2.load(args.model, dtype="float32")
     prompts, warm = build_prompts(lm, args)
     if args.per_category:  # a stratified subset: the first N prompts of every category
@@ -223,8 +244,8 @@ def main(args: argparse.Namespace) -> int:
         prompts = keep
     longest = max(len(p.token_ids) for p in [*prompts, warm])
     n_ctx = min(lm.config.max_position_embeddings, -(-(longest + args.max_new_tokens + 32) // 256) * 256)
-    arms = make_arms(names, lm, args, n_ctx)
-    bandwidth = measure_bandwidth(args.bandwidth_mb)
+    arms = make_arms(names, args, n_ctx)
+    bandwidth = start["bandwidth_gbps"]
     roof = roofline(lm.config, bandwidth, 4.0)
     arm_roofs = {}
     if lm.source.gguf is not None and "llamacpp" in names:
@@ -235,15 +256,19 @@ def main(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     records = run_benchmark(arms, prompts, args.max_new_tokens, warmup=args.warmup, repeats=args.repeats,
                             progress=not args.no_progress, warmup_prompt=warm, skipped=skipped)
+    run_end(args.bandwidth_mb)
     greedy = args.temperature == 0
     summary = summarize(records, "m2r2-plain", reference_arm="m2r2-plain" if greedy else None,
                         roofline_tokens_per_s=roof["tokens_per_s"], arm_rooflines=arm_roofs)
-    summary["speculative"] = speculative_summary(records, {a.name: a for a in arms}, lm, summary["categories"])
+    if greedy:
+        add_near_ties(summary, records, prompts, lm)
+    summary["speculative"] = speculative_summary(records, summary["categories"])
     meta = {"model": lm.source.name, "model_identity": lm.source.identity, "prompts": args.prompt_ids or args.prompts, "adapter": args.adapter,
             "n_prompts": len(prompts), "per_category": args.per_category, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "seed": args.seed, "gamma": args.gamma, "repeats": args.repeats, "warmup": args.warmup,
             "arms": [a.name for a in arms if a.name not in skipped], "skipped_arms": skipped,
-            "pld_tokens": args.pld_tokens, "loadavg_start": load_avg, "bandwidth_gbps": bandwidth, "roofline": roof,
+            "pld_tokens": args.pld_tokens, "loadavg_start": start["loadavg"], "isolation": "process-per-arm",
+            "bandwidth_gbps": bandwidth, "roofline": roof,
             "lossless_check": "token equality with m2r2-plain" if greedy else
             "none per output (sampling); exactness is tested statistically in tests/test_speculative.py"}
     write_results(args.out, meta, records, summary, args.out_dir, keep_token_ids=args.keep_token_ids)
