@@ -26,6 +26,7 @@ import torch
 from .. import native
 from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error, PromptFileError
+from ..threads import available_cpus
 from ..model import WEIGHT_BYTES
 from .harness import (add_common_args, add_near_ties, add_rouge_l, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt,
                       pin_threads, roofline, run_benchmark, run_end, run_start, summarize, validate_prompts,
@@ -263,7 +264,7 @@ def make_arms(names: list[str], args: argparse.Namespace, n_ctx: int) -> list[Ar
 def main(args: argparse.Namespace) -> int:
     import m2r2
 
-    args.threads = pin_threads(args.threads or os.cpu_count() or 1)
+    args.threads = pin_threads(args.threads or available_cpus())
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not names:
         raise M2R2Error("--arms is empty")

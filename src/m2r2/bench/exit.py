@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import M2R2Error
+from ..threads import available_cpus
 from .decode import build_prompts
 from .harness import (add_common_args, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, output_text, pin_threads,
                       roofline, rouge_l, run_benchmark, run_end, run_start, summarize, worker_lm, write_results)
@@ -171,7 +172,7 @@ def render(curve: dict, path: Path, title: str) -> str:
 def main(args: argparse.Namespace) -> int:
     import m2r2
 
-    args.threads = pin_threads(args.threads or os.cpu_count() or 1)
+    args.threads = pin_threads(args.threads or available_cpus())
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS + EXTRA_METHODS]
     if bad:

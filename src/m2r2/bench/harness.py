@@ -263,14 +263,15 @@ def _command_line() -> str:
 def machine_info() -> dict:
     """The machine and software; command, commit and dirty state as ``run_start`` read them at the start of
     the run (read now only when the run never called it), plus ``start`` / ``end`` where recorded."""
+    from ..threads import available_cpus, spin_policy
     cores = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    usable = available_cpus()
     start = _run.get("start")
     git = ({k: start[k] for k in ("git_commit", "git_dirty", "git_dirty_count", "git_dirty_files") if k in start}
            if start else _git_state())
     return {
         "cpu": _cpu_model(), "cores": cores, "usable_cores": usable, "threads": pinned_threads(),
-        "loadavg": _loadavg(),
+        "loadavg": _loadavg(), "openmp_wait": spin_policy(),
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": _version("transformers"), "m2r2": _version("m2r2"),
         "xllamacpp": _version("xllamacpp"),

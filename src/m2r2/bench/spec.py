@@ -17,6 +17,7 @@ import time
 
 from ..cli import int_at_least as _int_at_least
 from ..errors import M2R2Error
+from ..threads import available_cpus
 from .decode import HFGenerateArm, LlamaCppArm, build_prompts
 from .harness import (add_common_args, add_near_ties, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, pin_threads,
                       roofline, run_benchmark, run_end, run_start, summarize, worker_lm, write_results)
@@ -224,7 +225,7 @@ def make_arms(names: list[str], args: argparse.Namespace, n_ctx: int) -> list[Ar
 def main(args: argparse.Namespace) -> int:
     import m2r2
 
-    args.threads = pin_threads(args.threads or os.cpu_count() or 1)
+    args.threads = pin_threads(args.threads or available_cpus())
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
     if "m2r2-plain" not in names:
         names.insert(0, "m2r2-plain")  # the baseline every ratio and equality check refers to
