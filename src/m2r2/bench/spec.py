@@ -11,7 +11,6 @@ read), and, under greedy decoding, whether every lossless arm produced the plain
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
