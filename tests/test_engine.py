@@ -35,6 +35,27 @@ def test_greedy_equals_transformers(tmp_path, arch, overrides):
         assert_same_tokens(out.token_ids, ref, hf, p, lm.model)
 
 
+def test_same_tokens_allows_only_float_ties(tmp_path):
+    """assert_same_tokens rejects a divergence between tokens whose logits differ, and accepts (and counts) one
+    between two tokens tied in exact arithmetic (two identical rows of the LM head)."""
+    import conftest
+    hf = make_tiny(tmp_path, "llama")
+    p = PROMPTS[0]
+    ref = greedy_reference(hf, p, 6)
+    lm = m2r2.load(tmp_path)
+    with pytest.raises(AssertionError, match="float64 logits"):
+        assert_same_tokens(ref[:3] + [(ref[3] + 1) % 256] + ref[4:], ref, hf, p, lm.model)
+    twin = (ref[0] + 1) % 256
+    with torch.no_grad():
+        hf.lm_head.weight[twin] = hf.lm_head.weight[ref[0]]
+    hf.save_pretrained(tmp_path)
+    lm = m2r2.load(tmp_path)
+    n = len(conftest._tie_allowances)
+    assert_same_tokens([twin] + ref[1:], ref, hf, p, lm.model)
+    assert len(conftest._tie_allowances) == n + 1
+    del conftest._tie_allowances[n:]  # the session's count is of real divergences only
+
+
 def test_uncached_forward_equals_cached_decode(tiny_lm):
     """Logits from step-by-step decoding with the KV cache equal one uncached forward over the sequence."""
     model = tiny_lm.model
