@@ -3,6 +3,7 @@ attention (parallel training == step-by-step inference), adapter files, and resu
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from m2r2.accelerator import Accelerator, LossWeights, distill_loss, slow_trace
 from m2r2.distill_data import generate_dataset
 from m2r2.train import TrainConfig, TrainError, batch_indices, train
 
-from conftest import make_tiny
+from conftest import FAR, assert_close_rel, interrupt_after, make_tiny, ulps_apart
 
 SEQ = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]])
 
@@ -53,7 +54,7 @@ def test_untrained_fast_stream_is_the_slow_stream(lm, rate):
             slow_pt, cache_pt = slow_trace(lm.model, SEQ)
         fast = acc.parallel_fast_states(lm.model, SEQ, cache_pt.k, cache_pt.v)
     for l in range(acc.fast_layers + 1):
-        torch.testing.assert_close(fast[l], slow_pt[l], rtol=1e-5, atol=1e-5)
+        assert_close_rel(fast[l], slow_pt[l])
 
 
 def test_parallel_training_attention_equals_step_by_step_inference(lm):
@@ -71,10 +72,10 @@ def test_parallel_training_attention_equals_step_by_step_inference(lm):
             step = acc.fast_forward(lm.model, SEQ[:, t:t + 1], lm.model.context(c, torch.tensor([[t]])),
                                     return_states=True)
             for l in range(1, acc.fast_layers + 1):
-                torch.testing.assert_close(step[l][0, 0], par[l][0, t], rtol=1e-4, atol=1e-4)
+                assert_close_rel(step[l][0, 0], par[l][0, t])
     # and the perturbation really changed the stream (the test is not vacuous)
     slow, _ = slow_trace(lm.model, SEQ)
-    assert not torch.allclose(par[acc.fast_layers], slow[acc.fast_layers], atol=1e-3)
+    assert ulps_apart(par[acc.fast_layers], slow[acc.fast_layers]) > FAR
 
 
 def test_loss_reaches_only_the_adapters(lm):
@@ -130,8 +131,14 @@ def data_dir(lm, tmp_path_factory):
     return d
 
 
-def test_training_resumes_exactly(lm, data_dir, tmp_path):
-    """Killed after 3 of 6 steps and resumed == 6 steps in one go, bit for bit; then refuses other settings."""
+def _log(d) -> list[dict]:
+    return [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_training_resumes_exactly(lm, data_dir, tmp_path, monkeypatch):
+    """Stopped after 3 of 6 steps (at a checkpoint), or killed after 4 (between checkpoints: steps 4.. are
+    trained again), and resumed == 6 steps in one go, bit for bit, each step logged once; then refuses other
+    settings."""
     base = dict(data=str(data_dir), rate=2, rank=4, steps=6, batch_size=3, max_len=24, lr=1e-2, warmup_steps=2,
                 checkpoint_every=3, kl_layers=(1, 3))
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **base), lm=lm, progress=False)
@@ -139,17 +146,24 @@ def test_training_resumes_exactly(lm, data_dir, tmp_path):
     part = train(TrainConfig(out=str(tmp_path / "part"), **base), lm=lm, progress=False, stop_after=3)
     assert not part["done"] and not (tmp_path / "part" / "adapter.safetensors").exists()
     train(TrainConfig(out=str(tmp_path / "part"), **base), lm=lm, progress=False)
+    with monkeypatch.context() as mp:
+        interrupt_after(mp, importlib.import_module("m2r2.train"), "make_batch", 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(out=str(tmp_path / "killed"), **base), lm=lm, progress=False)
+    assert [r["step"] for r in _log(tmp_path / "killed")] == [1, 2, 3, 4]  # the checkpoint is step 3's
+    train(TrainConfig(out=str(tmp_path / "killed"), **base), lm=lm, progress=False)
     a = Accelerator.load(tmp_path / "whole", lm.model, lm.source.identity)
-    b = Accelerator.load(tmp_path / "part", lm.model, lm.source.identity)
-    for (k, v), (_, v2) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(v, v2), k
     assert any(p.abs().sum() > 0 for n, p in a.named_parameters() if n.endswith("up.weight"))
     meta = json.loads((tmp_path / "whole" / "adapter.json").read_text())
     assert meta["training"]["steps"] == 6 and meta["base_identity"] == lm.source.identity
-    resumed = json.loads((tmp_path / "part" / "adapter.json").read_text())
-    assert resumed["training"]["tokens_seen"] == meta["training"]["tokens_seen"] > 0
-    logs = (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in logs] == list(range(1, 7))
+    assert [r["step"] for r in _log(tmp_path / "whole")] == list(range(1, 7))
+    for d in ("part", "killed"):
+        b = Accelerator.load(tmp_path / d, lm.model, lm.source.identity)
+        for (k, v), (_, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(v, v2), (d, k)
+        resumed = json.loads((tmp_path / d / "adapter.json").read_text())
+        assert resumed["training"]["tokens_seen"] == meta["training"]["tokens_seen"] > 0
+        assert _log(tmp_path / d) == _log(tmp_path / "whole"), d  # each step once, with the same values
     with pytest.raises(TrainError, match="other settings"):
         train(TrainConfig(out=str(tmp_path / "part"), **{**base, "rank": 8}), lm=lm, progress=False)
 
@@ -201,8 +215,8 @@ def test_exit_adapter_peer(lm, tmp_path):
         par = acc.parallel_fast_states(lm.model, SEQ, cache.k, cache.v)
         c = lm.model.new_cache(1, T)
         step = acc.fast_forward(lm.model, SEQ, lm.model.context(c, torch.arange(T).unsqueeze(0)))
-    torch.testing.assert_close(step, par[3], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(par[3], slow[3], atol=1e-3)
+    assert_close_rel(step, par[3])
+    assert ulps_apart(par[3], slow[3]) > FAR
     loss, stats = distill_loss(lm.model, acc, SEQ, torch.ones_like(SEQ, dtype=torch.bool))
     loss.backward()
     assert len(stats["align_by_layer"]) == 1
@@ -226,7 +240,7 @@ def test_arla_router_trains_ships_with_the_adapter_and_drives_exits(lm, data_dir
     s = torch.randn(5, 3, 64)
     full = r(s)
     for l in (1, 2):
-        torch.testing.assert_close(r(s[:, :l])[:, -1], full[:, l - 1])
+        assert_close_rel(r(s[:, :l])[:, -1], full[:, l - 1])
     acc = _perturbed(Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=4))
     acc.save(tmp_path / "ad")
     assert cli_main(["train-router", "--model", str(lm.source.hf_dir), "--data", str(data_dir), "--adapter",
@@ -263,4 +277,41 @@ def test_router_fit_keeps_the_best_validation_epoch():
     res = fit(r, train, val, epochs=30, lr=3e-2, batch=16, progress=False)
     bces = [h["val_bce"] for h in res["history"]]
     assert res["final"]["val_bce"] == min(bces) and bces[-1] > min(bces)  # overfitting happened
-    assert evaluate(r, val)["val_bce"] == pytest.approx(min(bces), abs=1e-6)  # and its best state was restored
+    assert_close_rel(evaluate(r, val)["val_bce"], min(bces))  # and its best state was restored
+
+
+def test_peer_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_path, monkeypatch):
+    """python -m m2r2.peer_train killed between checkpoints (after step 3; the checkpoint is step 2's) and re-run
+    == one uninterrupted run: the same Medusa heads and draft, and each step logged once with the same values."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    from m2r2 import peer_train
+    monkeypatch.setattr(importlib.import_module("m2r2.api"), "load", lambda **kw: lm)
+    p = argparse.ArgumentParser()
+    peer_train._add_args(p)
+
+    def run(out: str) -> int:
+        return peer_train.main(p.parse_args([
+            "--data", str(data_dir), "--out", str(tmp_path / out), "--steps", "4", "--warmup-steps", "1",
+            "--batch-size", "2", "--max-len", "24", "--medusa-heads", "2", "--draft-layers", "0,5",
+            "--draft-rank", "4", "--draft-vocab", "64", "--checkpoint-every", "2", "--no-progress"]))
+
+    frozen = [p.requires_grad for p in lm.model.parameters()]
+    try:
+        assert run("whole") == 0
+        with monkeypatch.context() as mp:
+            interrupt_after(mp, importlib.import_module("m2r2.train"), "make_batch", 3)
+            with pytest.raises(KeyboardInterrupt):
+                run("killed")
+        assert [r["step"] for r in _log(tmp_path / "killed")] == [1, 2, 3]
+        assert run("killed") == 0
+    finally:
+        for q, f in zip(lm.model.parameters(), frozen):
+            q.requires_grad_(f)
+    assert [r["step"] for r in _log(tmp_path / "whole")] == [1, 2, 3, 4]
+    assert _log(tmp_path / "killed") == _log(tmp_path / "whole")
+    for f in sorted((tmp_path / "whole").glob("*/*.safetensors")):
+        a, b = load_file(str(f)), load_file(str(tmp_path / "killed" / f.parent.name / f.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f

@@ -11,7 +11,7 @@ from m2r2 import native
 from m2r2.generate import decode
 from m2r2.model import Linear
 
-from conftest import make_tiny
+from conftest import FAR, assert_close_rel, make_tiny, ulps_apart
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels could not be built here")
 
@@ -35,7 +35,7 @@ def test_gemv_matches_matmul(in_f, out_f, bias, threads):
                 ref = lin(x)
     finally:
         torch.set_num_threads(prev)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)  # sums of ~in_f unit-scale terms
+    assert_close_rel(y, ref)
     assert not torch.equal(y, torch.zeros_like(y))
 
 
@@ -47,7 +47,7 @@ def test_gemv_rows_match_float32_products(in_f, out_f, dtype):
     w = torch.randn(in_f, out_f, generator=g).to(dtype)
     x, b = torch.randn(5, in_f, generator=g), torch.randn(out_f, generator=g)
     y = native.gemv(x, w, b, out_f)
-    torch.testing.assert_close(y, x @ w.float() + b, rtol=1e-4, atol=1e-4)  # only the summation order differs
+    assert_close_rel(y, x @ w.float() + b)  # only the summation order differs
     for r in range(5):  # a row's result does not depend on how many rows share the call
         assert torch.equal(native.gemv(x[r:r + 1].contiguous(), w, b, out_f)[0], y[r])
 
@@ -61,8 +61,8 @@ def test_fp16_mode_runs_natively_like_the_fbgemm_path(tiny_lm):
         got, _ = _one_token_steps(m, list(range(3, 20)), True)
         ref, _ = _one_token_steps(m, list(range(3, 20)), False)
     exact, _ = _one_token_steps(m, list(range(3, 20)), True)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(got, exact, rtol=1e-6, atol=1e-6)  # really the half weights
+    assert_close_rel(got, ref)
+    assert ulps_apart(got, exact) > FAR  # really the half weights
     import copy
     assert copy.deepcopy(m.lm_head).half is None  # a derived copy, not state
 
@@ -104,17 +104,17 @@ def test_native_block_matches_pytorch_block(tmp_path, overrides):
         native.block = orig
     ref, c2 = _one_token_steps(lm.model, ids, False)
     assert len(calls) == len(ids) * lm.config.num_layers  # every block of every step ran natively
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert_close_rel(got, ref)
     for a, b in zip(c1.k + c1.v, c2.k + c2.v):  # the K/V written for later tokens agree too
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close_rel(a, b)
     # several tokens per call (a short prefill, then verification-sized steps up to 16 tokens)
     chunks = [3, 1, 2, 16, 2]
     many, c3 = _one_token_steps(lm.model, ids, True, chunks)
     ref_many, _ = _one_token_steps(lm.model, ids, False, chunks)
-    torch.testing.assert_close(many, ref_many, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(many, got, rtol=1e-4, atol=1e-4)
+    assert_close_rel(many, ref_many)
+    assert_close_rel(many, got)
     for a, b in zip(c3.k + c3.v, c2.k + c2.v):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close_rel(a, b)
 
 
 def test_ragged_batch_steps_run_natively_like_pytorch(tiny_lm, monkeypatch):
@@ -140,10 +140,10 @@ def test_ragged_batch_steps_run_natively_like_pytorch(tiny_lm, monkeypatch):
         finally:
             native.set_enabled(prev)
     (a1, a2, ca), (b1, b2, cb) = results
-    torch.testing.assert_close(a1, b1, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(a2, b2, rtol=1e-4, atol=1e-4)
+    assert_close_rel(a1, b1)
+    assert_close_rel(a2, b2)
     for x, y in zip(ca, cb):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        assert_close_rel(x, y)
     calls = []
     orig = native.block
     monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
@@ -210,7 +210,7 @@ def test_a_replaced_linear_keeps_the_pytorch_path(tiny_lm, monkeypatch):
     got, _ = _one_token_steps(m, [3, 4, 5], True)
     ref, _ = _one_token_steps(m, [3, 4, 5], False)
     assert 1 not in calls and set(calls) == set(range(m.cfg.num_layers)) - {1}
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert_close_rel(got, ref)
 
 
 def test_build_failure_falls_back_with_one_message(tiny_lm, monkeypatch, tmp_path, capsys):
@@ -248,3 +248,17 @@ def test_environment_switch_turns_the_kernels_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "M2R2_NATIVE": "0"})
     assert out.stdout.strip() == "False" and "unavailable" not in out.stderr  # off: nothing built, nothing said
+
+
+def test_march_override_is_built_and_cached_apart():
+    """M2R2_NATIVE_MARCH picks the -march target (to test the SSE2 or AVX2 code on an AVX-512 machine); it is
+    part of the library's cache key, so a build for one target is never loaded for another."""
+    import os
+    import subprocess
+    import sys
+    code = "from m2r2 import native; print(native.FLAGS[1]); print(native.library_path(native._compiler()).name)"
+    env = {k: v for k, v in os.environ.items() if k != "M2R2_NATIVE_MARCH"}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**env, **extra}).stdout.split() for extra in ({}, {"M2R2_NATIVE_MARCH": "x86-64"})]
+    assert runs[0][0] == "-march=native" and runs[1][0] == "-march=x86-64"
+    assert runs[0][1] != runs[1][1]

@@ -31,7 +31,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "decode.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+# M2R2_NATIVE_MARCH: the -march target (default the build machine's own; e.g. x86-64, x86-64-v3 to build
+# and test the SSE2-only or AVX2 code on an AVX-512 machine); part of the flags, so of the cache key
+FLAGS = ["-O3", f"-march={os.environ.get('M2R2_NATIVE_MARCH') or 'native'}", "-fopenmp", "-fPIC", "-shared",
+         "-std=c11"]
 
 _lib: ctypes.CDLL | None = None
 _tried = False

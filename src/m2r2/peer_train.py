@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     from .distill_data import load_dataset
     from .draft_model import DraftModel, draft_loss
     from .medusa import MedusaHeads, medusa_loss
-    from .train import TrainConfig, _atomic_save, batch_indices, lr_at, make_batch
+    from .train import TrainConfig, _atomic_save, batch_indices, lr_at, make_batch, open_log
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
     bar = tqdm(total=end, initial=step, desc="train medusa + draft", unit="step", file=sys.stderr,
                disable=args.no_progress, dynamic_ncols=True)
-    log = open(out / "train_log.jsonl", "a", encoding="utf-8")
+    log = open_log(out / "train_log.jsonl", step)
     last: dict = {}
     t_wall = time.perf_counter()
     wall0 = secs["wall"]

@@ -146,6 +146,25 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def open_log(path: Path, step: int):
+    """``path`` (a JSONL training log) opened for appending, keeping only its lines for steps 1..``step``,
+    the checkpoint's step (0: none). A run stopped between checkpoints had logged steps that the resumed run
+    trains and logs again; without the trim they appear twice (and a line cut off by the stop is dropped)."""
+    keep = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                keep.append(line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8")
+
+
 def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) adapters as ``cfg`` says; writes ``cfg.out``/adapter.{safetensors,json}.
     ``stop_after`` ends this call after that many steps (as if interrupted; tests use it)."""
@@ -219,7 +238,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind} R={cfg.rate}", unit="step", file=sys.stderr,
                disable=not (progress and hfacc.is_main_process), dynamic_ncols=True)
-    log_f = open(out / LOG, "a", encoding="utf-8") if hfacc.is_main_process else None
+    log_f = open_log(out / LOG, step) if hfacc.is_main_process else None
     tok_window, t_window = 0, time.perf_counter()
     try:
         module.train()

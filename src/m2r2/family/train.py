@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..bench.harness import _command_line
 from ..errors import M2R2Error
 from ..files import load_checkpoint
-from ..train import _atomic_save
+from ..train import _atomic_save, open_log
 from .data import TokenData
 from .model import ARCHS, Counter, FamilyConfig, FamilyModel
 
@@ -187,7 +187,7 @@ def train(cfg: FamilyTrainConfig, progress: bool = True, stop_after: int | None 
     rank, world = hfacc.process_index, hfacc.num_processes
     bar = tqdm(total=round(cfg.budget / 1e9), initial=round(spent / 1e9), desc=f"train {cfg.arch}", unit="GFLOP",
                file=sys.stderr, disable=not (progress and hfacc.is_main_process), dynamic_ncols=True)
-    log_f = open(out / LOG, "a", encoding="utf-8") if hfacc.is_main_process else None
+    log_f = open_log(out / LOG, step) if hfacc.is_main_process else None
     done_steps = 0
     try:
         model.train()
