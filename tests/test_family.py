@@ -278,8 +278,8 @@ def test_training_resumes_bit_exactly(tmp_path, monkeypatch):
     train(FamilyTrainConfig(out=str(tmp_path / "b"), budget=budget, **kw), progress=False, stop_after=2)
     b = train(FamilyTrainConfig(out=str(tmp_path / "b"), budget=budget, **kw), progress=False)
     assert a["step"] == b["step"] == 4 and a["done"] and b["done"]
-    sa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
-    sb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    sa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (tmp_path / "a" / "model.safetensors").is_file()
     every2 = {**kw, "checkpoint_every": 2}
@@ -290,7 +290,7 @@ def test_training_resumes_bit_exactly(tmp_path, monkeypatch):
     assert [r["step"] for r in _log(tmp_path / "c")] == [1, 2, 3]  # the checkpoint is step 2's
     c = train(FamilyTrainConfig(out=str(tmp_path / "c"), budget=budget, **every2), progress=False)
     assert c["step"] == 4 and c["done"]
-    sc = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["model"]
+    sc = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
     assert [r["step"] for r in _log(tmp_path / "a")] == [1, 2, 3, 4]
     assert _log(tmp_path / "b") == _log(tmp_path / "c") == _log(tmp_path / "a")
