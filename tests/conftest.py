@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
+
+import m2r2  # noqa: F401  first: m2r2 sets OpenMP's wait policy before torch loads libgomp
 import torch
 
 torch.set_num_threads(2)
