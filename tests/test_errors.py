@@ -108,3 +108,33 @@ def test_cli_generate_weights_and_quant_draft(tiny_dir, capsys):
     assert json.loads(capsys.readouterr().out)["token_ids"] == plain
     assert main(base + ["--weights", "fp16"]) == 0
     assert "fp16 weights" in capsys.readouterr().err
+
+
+def test_prompt_formats_keep_all_prompt_text(tmp_path):
+    """Every supported format keeps its whole prompt: Alpaca's input and self-instruct's first instance input
+    are joined to the instruction with a blank line; an empty input leaves the instruction alone."""
+    rows = [
+        {"question_id": 1, "turns": ["first turn", "second turn"]},  # MT-Bench: the first turn
+        {"id": "k", "prompt": "a prompt"},
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},  # Alpaca
+        {"instruction": "Say hi.", "input": "", "output": "hi"},  # Alpaca, no input
+        {"instruction": "Sort the list.", "instances": [{"input": "3, 1, 2", "output": "1, 2, 3"},
+                                                        {"input": "9, 8", "output": "8, 9"}]},  # self-instruct
+        {"instruction": "Name a colour.", "instances": [{"input": "", "output": "red"}]},
+        {"Instruction": "Summarise.", "Input": "A long text."},  # Koala's original release
+        {"Instruction": "Tell a joke."},
+    ]
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    recs = load_prompts(f)
+    assert [r.text for r in recs] == [
+        "first turn", "a prompt", "Translate to French.\n\nGood morning", "Say hi.", "Sort the list.\n\n3, 1, 2",
+        "Name a colour.", "Summarise.\n\nA long text.", "Tell a joke."]
+    assert [r.reference for r in recs][2:6] == ["Bonjour", "hi", "1, 2, 3", "red"]
+
+
+def test_prompt_file_with_invalid_utf8_names_the_line(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(m2r2.PromptFileError, match=r"latin1\.jsonl:2: not valid UTF-8"):
+        load_prompts(f)
