@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +142,112 @@ def test_prompt_file_with_invalid_utf8_names_the_line(tmp_path):
     f.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(m2r2.PromptFileError, match=r"latin1\.jsonl:2: not valid UTF-8"):
         load_prompts(f)
+
+
+def _one_line(err: str) -> str:
+    """The CLI's contract for a user mistake: exactly one non-empty stderr line, ``m2r2: error: ...``."""
+    assert "Traceback" not in err and "usage:" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("m2r2: error: ") and lines[0][len("m2r2: error: "):].strip(), err
+    return lines[0]
+
+
+BAD_ARGS = [  # (argv, a fragment the message must name)
+    ([], "COMMAND"),
+    (["nosuch"], "nosuch"),
+    (["generate"], "prompt"),
+    (["generate", "hi", "--bogus"], "--bogus"),
+    (["generate", "hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["generate", "hi", "--max-new-tokens", "ten"], "--max-new-tokens"),
+    (["generate", "hi", "--top-k", "-1"], "--top-k"),
+    (["generate", "hi", "--top-p", "0"], "--top-p"),
+    (["generate", "hi", "--top-p", "1.5"], "--top-p"),
+    (["generate", "hi", "--seed", "-3"], "--seed"),
+    (["generate", "hi", "--gamma", "0"], "--gamma"),
+    (["generate", "hi", "--skip", "2"], "--skip"),
+    (["generate", "hi", "--threshold", "-0.5"], "--threshold"),
+    (["generate", "hi", "--temperature", "nan"], "--temperature"),
+    (["generate", "hi", "--strategy", "nonsense"], "--strategy"),
+    (["generate", "hi", "--rate", "5"], "--rate"),
+    (["generate", "hi", "--threads", "-1"], "--threads"),
+    (["generate", "hi", "--weights", "int3"], "--weights"),
+    (["bench"], "BENCHMARK"),
+    (["bench", "decode", "--limit", "-1"], "--limit"),
+    (["bench", "decode", "--threads", "0"], "--threads"),
+    (["bench", "spec", "--gamma", "0"], "--gamma"),
+    (["data", "--n", "0"], "--n"),
+    (["data", "--temperature", "-1"], "--temperature"),
+    (["train"], "--data"),
+    (["train", "--data", "d", "--threads", "-1"], "--threads"),
+    (["train", "--data", "d", "--weight-decay", "-1"], "--weight-decay"),
+    (["train", "--data", "d", "--lr", "0"], "--lr"),
+    (["train", "--data", "d", "--steps", "-5"], "--steps"),
+    (["train", "--data", "d", "--rank", "0"], "--rank"),
+    (["train", "--data", "d", "--rate", "5"], "--rate"),
+    (["train", "--data", "d", "--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["train", "--data", "d", "--kl-weight", "inf"], "--kl-weight"),
+    (["train", "--data", "d", "--kl-layers", "0,x"], "--kl-layers"),
+    (["train", "--data", "d", "--kl-layers", "0"], "--kl-layers"),
+    (["train-router", "--data", "d", "--rate", "7"], "--rate"),
+    (["train-router", "--data", "d", "--epochs", "0"], "--epochs"),
+    (["train-router", "--data", "d", "--lr", "-1"], "--lr"),
+    (["train-mod", "--data", "d", "--out", "o", "--ridge", "-1"], "--ridge"),
+    (["train-mod", "--data", "d", "--out", "o", "--val-sequences", "0"], "--val-sequences"),
+    (["analyze", "--rate", "2,9"], "--rate"),
+    (["analyze", "--limit", "0"], "--limit"),
+    (["moefy", "--experts", "1"], "--experts"),
+    (["moefy", "--eval-top-k", "two"], "--eval-top-k"),
+    (["moefy", "--ridge", "-1"], "--ridge"),
+    (["family-data", "--vocab-size", "10"], "--vocab-size"),
+    (["family-data", "--seed", "-1"], "--seed"),
+]
+
+
+@pytest.mark.parametrize("argv,names", BAD_ARGS, ids=[" ".join(a) or "(none)" for a, _ in BAD_ARGS])
+def test_cli_usage_errors_are_one_line(argv, names, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert names in _one_line(err)
+
+
+def _run(args: list, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_standalone_module_usage_errors_are_one_line():
+    r = _run(["-m", "m2r2.train", "--data", "d", "--steps", "ten"])
+    assert r.returncode == 2
+    assert "--steps" in _one_line(r.stderr)
+
+
+def test_cli_prompt_argument_with_invalid_utf8():
+    """A prompt that is not UTF-8 (arriving as surrogate escapes) is named on one line, before any model loads."""
+    r = subprocess.run([sys.executable, "-c", "import sys; from m2r2.cli import main; sys.exit(main())",
+                        "generate", b"\xff\xfehi", "--max-new-tokens", "1"], capture_output=True, timeout=300)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2 and r.stdout == b""
+    assert "argument 2 is not valid UTF-8" in _one_line(err)
+
+
+def test_ctrl_c_while_importing_torch(tmp_path):
+    """The console script imports ``m2r2`` and then calls ``main``; a Ctrl-C while torch loads prints one line
+    and exits 130 (a finder on the import path raises KeyboardInterrupt when torch is imported)."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _CtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, _CtrlC())\n")
+    src = str(Path(m2r2.errors.__file__).parents[1])
+    path = os.pathsep.join([str(tmp_path), src] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    r = _run(["-c", "import sys; from m2r2.cli import main; sys.exit(main())", "generate", "hi"],
+             {"PYTHONPATH": path})
+    assert r.returncode == 130, r.stderr
+    assert r.stderr == "m2r2: interrupted\n"
