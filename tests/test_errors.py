@@ -251,3 +251,12 @@ def test_ctrl_c_while_importing_torch(tmp_path):
              {"PYTHONPATH": path})
     assert r.returncode == 130, r.stderr
     assert r.stderr == "m2r2: interrupted\n"
+
+
+def test_api_bad_settings_raise_typed_errors(tiny_lm):
+    with pytest.raises(m2r2.SamplingError, match="ngram"):
+        tiny_lm.strategy("prompt-lookup", max_ngram=0)
+    with pytest.raises(m2r2.SamplingError, match="token ids"):
+        tiny_lm.generate(["not", "ids"], max_new_tokens=3)
+    with pytest.raises(m2r2.SamplingError, match="gamma"):
+        tiny_lm.strategy("early-exit", gamma=0)
