@@ -201,6 +201,10 @@ BAD_ARGS = [  # (argv, a fragment the message must name)
     (["moefy", "--ridge", "-1"], "--ridge"),
     (["family-data", "--vocab-size", "10"], "--vocab-size"),
     (["family-data", "--seed", "-1"], "--seed"),
+    (["family-train", "--threads", "-1"], "--threads"),
+    (["family-train", "--budget", "0"], "--budget"),
+    (["family-train", "--warmup", "1.5"], "--warmup"),
+    (["family-train", "--n-layers", "0"], "--n-layers"),
 ]
 
 
