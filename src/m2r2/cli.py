@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
 
 def int_at_least(name: str, lo: int):
@@ -77,7 +78,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with the CLI's error contract: a usage mistake is one stderr line ``m2r2: error: ...`` and
     exit status 2 (argparse would print the whole usage first). Subparsers inherit the class."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         one_line = " ".join(message.split())
         flag, _, rest = one_line.partition(": ")  # "argument --x: --x must be ..." says the flag once
         if flag.startswith("argument ") and rest.startswith(flag[len("argument "):]):
@@ -230,18 +231,13 @@ def _argv(argv: list[str] | None = None) -> list[str]:
         try:
             a.encode("utf-8")
         except UnicodeEncodeError:
-            shown = a.encode("utf-8", "surrogateescape" if _escaped(a) else "backslashreplace")
+            try:
+                shown = a.encode("utf-8", "surrogateescape")  # the bytes as they were given
+            except UnicodeEncodeError:
+                shown = a.encode("utf-8", "backslashreplace")
             print(f"m2r2: error: argument {i} is not valid UTF-8: {shown[:60]!r}", file=sys.stderr)
             sys.exit(2)
     return args
-
-
-def _escaped(a: str) -> bool:
-    try:
-        a.encode("utf-8", "surrogateescape")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
