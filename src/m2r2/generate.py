@@ -102,7 +102,7 @@ class PlainStrategy:
         positions = state.cache.lengths.view(-1, 1)
         logits = state.model(ids, state.cache, positions)[:, 0]  # (B, V)
         # finished rows stand still: near the context end their cache must not outgrow its slots while others go on
-        state.cache.advance(torch.tensor([0 if d else 1 for d in state.done]))
+        state.cache.advance(torch.tensor([0 if d else 1 for d in state.done]) if any(state.done) else 1)
         nxt = state.sampling.sample(logits, state.generator)
         state.pending = nxt
         return [[t] for t in nxt.tolist()]
