@@ -91,9 +91,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_dir):
     assert err.startswith("m2r2: error:") and err.count("\n") == 1
     assert main(["generate", "5 6 7", "--token-ids", "--model", str(tiny_dir), "--temperature", "-2"]) == 2
     assert "temperature" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:  # argparse rejects a malformed number itself
+    with pytest.raises(SystemExit) as e:  # argparse rejects a malformed number itself, on one line too
         main(["generate", "hi", "--max-new-tokens", "ten"])
     assert e.value.code == 2
+    assert "--max-new-tokens" in _one_line(capsys.readouterr().err)
 
 
 def test_cli_generate_token_ids_json(tiny_dir, capsys):
