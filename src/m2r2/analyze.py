@@ -160,16 +160,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli import int_at_least, int_list
     p = subparsers.add_parser("analyze", help="per-layer velocity / alignment / agreement, slow vs fast stream",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", default="mt-bench", help="built-in set or JSONL (default: mt-bench)")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int_at_least("--limit", 1), default=None, help="first N prompts (default: all)")
+    p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=64)
     p.add_argument("--adapter", default=None, help="adapter directory (default: the shipped one for --rate)")
-    p.add_argument("--rate", default="2", help="rate(s) of the shipped adapters, e.g. 2 or 2,3,4 (default 2)")
+    p.add_argument("--rate", type=int_list("--rate", choices=(2, 3, 4), text=True), default="2",
+                   help="rate(s) of the shipped adapters, e.g. 2 or 2,3,4 (default 2)")
     p.add_argument("--slow-only", action="store_true", help="only the slow stream (no adapter)")
     p.add_argument("--model", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None)
     p.add_argument("--out", default="analyze", help="result name (default: analyze)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--no-progress", action="store_true")

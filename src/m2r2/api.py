@@ -173,7 +173,10 @@ class LM:
                 raise SamplingError(f"quant-draft: draft weights must be fp16 or int8, got {draft_weights!r}")
             drafter = StreamDrafter(None, depth=self.config.num_layers, name=name, weights=draft_weights)
         elif name == "prompt-lookup":
-            drafter = PromptLookupDrafter(max_ngram=max_ngram)
+            try:
+                drafter = PromptLookupDrafter(max_ngram=max_ngram)
+            except ValueError as e:
+                raise SamplingError(str(e)) from None
         elif name == "lookahead":
             from .lookahead import LookaheadDrafter
             try:
@@ -217,7 +220,10 @@ class LM:
     # ---- text <-> ids, at the boundary ----
     def encode(self, prompt: Prompt, chat: bool = True, system: str | None = None) -> list[int]:
         if not isinstance(prompt, str):
-            ids = [int(t) for t in prompt]
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise SamplingError("a prompt is text or a sequence of integer token ids") from None
             if not ids:
                 raise SamplingError("the prompt is empty")
             return ids

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
 
 def int_at_least(name: str, lo: int):
@@ -26,26 +27,79 @@ def _positive_int(name: str):
     return int_at_least(name, 0)
 
 
+def float_in(name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+             hi_open: bool = False):
+    """An argparse type: a finite number within [lo, hi] (``lo_open`` / ``hi_open``: that end excluded; None:
+    unbounded); the message names the flag and the range."""
+    import math
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        below = lo is not None and (v <= lo if lo_open else v < lo)
+        above = hi is not None and (v >= hi if hi_open else v > hi)
+        if not math.isfinite(v) or below or above:
+            if hi is None:
+                want = f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else "a finite number"
+            elif lo is None:
+                want = f"{'<' if hi_open else '<='} {hi:g}"
+            else:
+                want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{name} must be {want}, got {s}")
+        return v
+    return parse
+
+
+def _float(name: str):
+    return float_in(name)
+
+
+def int_list(name: str, lo: int | None = None, choices: tuple[int, ...] | None = None, text: bool = False):
+    """An argparse type: comma-separated integers, each >= ``lo`` and among ``choices`` (when given). Returns a
+    tuple, or with ``text`` the checked string itself (for code that splits it later)."""
+    def parse(s: str):
+        try:
+            vals = tuple(int(x) for x in s.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {s!r}") from None
+        for v in vals:
+            if lo is not None and v < lo:
+                raise argparse.ArgumentTypeError(f"{name}: each value must be >= {lo}, got {v}")
+            if choices is not None and v not in choices:
+                raise argparse.ArgumentTypeError(f"{name}: each value must be one of "
+                                                 f"{', '.join(map(str, choices))}, got {v}")
+        return s if text else vals
+    return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: a usage mistake is one stderr line ``m2r2: error: ...`` and
+    exit status 2 (argparse would print the whole usage first). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        one_line = " ".join(message.split())
+        flag, _, rest = one_line.partition(": ")  # "argument --x: --x must be ..." says the flag once
+        if flag.startswith("argument ") and rest.startswith(flag[len("argument "):]):
+            one_line = rest
+        self.exit(2, f"m2r2: error: {one_line} (see {self.prog} --help)\n")
+
+
 def run_standalone(prog: str, description: str, add_args, main_fn) -> None:
     """``python -m m2r2.<module>``: parse with ``add_args``, run ``main_fn``, user errors on one line."""
     from .errors import M2R2Error
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description)
     add_args(parser)
-    ns = parser.parse_args()
+    ns = parser.parse_args(_argv())
     try:
         sys.exit(main_fn(ns))
     except M2R2Error as e:
         print(f"m2r2: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def _float(name: str):
-    def parse(s: str) -> float:
-        try:
-            return float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
-    return parse
+    except KeyboardInterrupt:
+        print("m2r2: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .api import LM
     from .model import WEIGHT_KINDS
 
-    parser = argparse.ArgumentParser(prog="m2r2", description=(
+    parser = ArgumentParser(prog="m2r2", description=(
         "Faster generation from a pretrained language model without changing what it says "
         "(Mixture of Multi-Rate Residuals)."))
     parser.add_argument("--version", action="version", version=f"m2r2 {__version__}")
@@ -122,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt (the chat template is applied unless --no-chat)")
     g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=128)
     g.add_argument("--temperature", type=_float("--temperature"), default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=_float("--top-p"), default=1.0)
+    g.add_argument("--top-p", type=float_in("--top-p", 0, 1, lo_open=True), default=1.0)
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)
     g.add_argument("--strategy", default="plain", choices=list(LM.STRATEGIES),
@@ -133,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-weights", choices=list(WEIGHT_KINDS), default=None,
                    help="the weights drafts run from: quant-draft int8 (default) or fp16; m2r2 / early-exit* "
                         "fp32 (default), fp16 or int8")
-    g.add_argument("--threshold", type=_float("--threshold"), default=0.9,
+    g.add_argument("--threshold", type=float_in("--threshold", 0), default=0.9,
                    help="calm / m2r2-exit: read-out confidence needed to exit (default 0.9)")
-    g.add_argument("--skip", type=_float("--skip"), default=0.25,
+    g.add_argument("--skip", type=float_in("--skip", 0, 1), default=0.25,
                    help="mod: fraction of tokens each routed block skips (default 0.25)")
     g.add_argument("--rate", type=int, choices=[2, 3, 4], default=2, help="m2r2: rate of the shipped adapter")
     g.add_argument("--adapter", default=None, help="m2r2 / early-exit-adapter: adapter directory (default: the shipped one)")
-    g.add_argument("--gamma", type=_positive_int("--gamma"), default=4, help="initial draft length (adapts)")
+    g.add_argument("--gamma", type=int_at_least("--gamma", 1), default=4, help="initial draft length (adapts)")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--token-ids", action="store_true", help="PROMPT is a list of token ids")
@@ -170,19 +224,41 @@ def _add_optional(modname: str, sub) -> None:
     mod.add_parser(sub)
 
 
+def _argv(argv: list[str] | None = None) -> list[str]:
+    """The command line, every argument checked to be text: on POSIX, bytes that are not UTF-8 arrive as lone
+    surrogates (PEP 383) and would otherwise fail deep inside (tokenizer, printing) with a traceback."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    for i, a in enumerate(args, 1):
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                shown = a.encode("utf-8", "surrogateescape")  # the bytes as they were given
+            except UnicodeEncodeError:
+                shown = a.encode("utf-8", "backslashreplace")
+            print(f"m2r2: error: argument {i} is not valid UTF-8: {shown[:60]!r}", file=sys.stderr)
+            sys.exit(2)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C may come while the parser imports torch and the subcommands: no traceback there either
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("m2r2: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from .errors import M2R2Error
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(_argv(argv))
     try:
         return int(args.func(args) or 0)
     except M2R2Error as e:
         print(f"m2r2: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("m2r2: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0
 

@@ -468,13 +468,13 @@ def load_dataset(out_dir: str | os.PathLike, *, model_identity: str | None = Non
 # ---------------------------------------------------------------- command line
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    from .cli import int_at_least
+    from .cli import float_in, int_at_least
     p.add_argument("--out", default="runs/distill", help="output directory (default: runs/distill)")
     p.add_argument("--n", type=int_at_least("--n", 1), default=1024, help="number of prompts (default: 1024)")
     p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=192)
     p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=8)
     p.add_argument("--seed", type=int_at_least("--seed", 0), default=0, help="prompt order (and sampling) seed")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float_in("--temperature", 0), default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-prompt-tokens", type=int_at_least("--max-prompt-tokens", 1), default=384)
     p.add_argument("--shard-size", type=int_at_least("--shard-size", 1), default=SHARD_SIZE)
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: embedded)")

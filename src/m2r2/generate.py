@@ -101,7 +101,8 @@ class PlainStrategy:
         ids = state.pending.view(-1, 1)
         positions = state.cache.lengths.view(-1, 1)
         logits = state.model(ids, state.cache, positions)[:, 0]  # (B, V)
-        state.cache.advance(1)
+        # finished rows stand still: near the context end their cache must not outgrow its slots while others go on
+        state.cache.advance(torch.tensor([0 if d else 1 for d in state.done]) if any(state.done) else 1)
         nxt = state.sampling.sample(logits, state.generator)
         state.pending = nxt
         return [[t] for t in nxt.tolist()]
@@ -148,8 +149,11 @@ def decode(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int 
             raise SamplingError(f"prompt {i} has token ids outside [0, {model.cfg.vocab_size})")
     strat = make_strategy(strategy)
     eos = set(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    # the context window caps each row's budget
-    budgets = [min(max_new_tokens, ctx_len - len(p) - strat.cache_slack) for p in prompts]
+    # the context window caps each row's budget. A strategy that writes past a token's slot (``cache_slack``)
+    # stops that many tokens early unless it fits its writes to the room left itself (``context_reserve`` 0,
+    # e.g. speculative decoding shrinking its drafts); the prefill's token always fits
+    reserve = getattr(strat, "context_reserve", strat.cache_slack)
+    budgets = [min(max_new_tokens, max(1, ctx_len - len(p) - reserve)) for p in prompts]
     passes0, calls0 = model.forward_passes, model.layer_calls
     t0 = time.perf_counter()
     state = DecodeState(model, prompts, budgets, sampling, cache_slack=strat.cache_slack)

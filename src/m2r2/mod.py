@@ -214,17 +214,20 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli import float_in, int_at_least
     p = subparsers.add_parser("train-mod", help="fit post-hoc Mixture-of-Depths routers (the MoD baseline)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
     p.add_argument("--out", required=True, help="directory for mod.json / mod.safetensors")
-    p.add_argument("--sequences", type=int, default=200, help="training sequences (default 200)")
-    p.add_argument("--val-sequences", type=int, default=40, help="held-out sequences for calibration (default 40)")
-    p.add_argument("--ridge", type=float, default=1.0)
-    p.add_argument("--max-len", type=int, default=320)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sequences", type=int_at_least("--sequences", 1), default=200,
+                   help="training sequences (default 200)")
+    p.add_argument("--val-sequences", type=int_at_least("--val-sequences", 1), default=40,
+                   help="held-out sequences for calibration (default 40)")
+    p.add_argument("--ridge", type=float_in("--ridge", 0), default=1.0)
+    p.add_argument("--max-len", type=int_at_least("--max-len", 2), default=320)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
     p.add_argument("--model", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
     return p

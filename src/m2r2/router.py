@@ -239,21 +239,24 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli import float_in, int_at_least
     p = subparsers.add_parser("train-router", help="train ARLA, the exit router, for an M2R2 adapter",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
     p.add_argument("--adapter", default=None, help="adapter directory (default: the shipped one for --rate)")
-    p.add_argument("--rate", type=int, default=2)
+    p.add_argument("--rate", type=int, choices=(2, 3, 4), default=2)
     p.add_argument("--out", default=None, help="where router.* go (default: the adapter directory)")
-    p.add_argument("--sequences", type=int, default=300, help="training sequences (default 300)")
-    p.add_argument("--positions", type=int, default=32, help="response positions sampled per sequence")
-    p.add_argument("--max-len", type=int, default=320)
-    p.add_argument("--latent", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sequences", type=int_at_least("--sequences", 1), default=300,
+                   help="training sequences (default 300)")
+    p.add_argument("--positions", type=int_at_least("--positions", 1), default=32,
+                   help="response positions sampled per sequence")
+    p.add_argument("--max-len", type=int_at_least("--max-len", 2), default=320)
+    p.add_argument("--latent", type=int_at_least("--latent", 1), default=64)
+    p.add_argument("--epochs", type=int_at_least("--epochs", 1), default=20)
+    p.add_argument("--lr", type=float_in("--lr", 0, lo_open=True), default=3e-3)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
     p.add_argument("--model", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
     return p

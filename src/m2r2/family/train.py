@@ -226,15 +226,23 @@ def train(cfg: FamilyTrainConfig, progress: bool = True, stop_after: int | None 
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
+    from ..cli import float_in, int_at_least
     d = FamilyTrainConfig()
     p.add_argument("--arch", choices=ARCHS, default=d.arch)
     p.add_argument("--out", default=None, help="output directory (default: runs/family/<arch>); re-run to resume")
     for f in fields(FamilyTrainConfig):
         if f.name in ("arch", "out", "threads"):
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name),
-                       help=f"(default: {getattr(d, f.name)})")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+        v, flag = getattr(d, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, int):  # counts and sizes >= 1, the seed >= 0
+            typ = int_at_least(flag, 0 if f.name == "seed" else 1)
+        elif isinstance(v, float):  # budget and lr > 0, the fractions within [0, 1], the rest >= 0
+            hi = 1 if f.name in ("warmup", "min_lr_ratio") else None
+            typ = float_in(flag, 0, hi, lo_open=f.name in ("budget", "lr"))
+        else:
+            typ = type(v)
+        p.add_argument(flag, type=typ, default=v, help=f"(default: {v})")
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=1, help="CPU threads (default: 1)")
     p.add_argument("--no-progress", action="store_true")
 
 

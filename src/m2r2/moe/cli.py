@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import int_at_least
+from ..cli import float_in, int_at_least, int_list
 
 
 def cmd_moefy(args: argparse.Namespace) -> int:
@@ -63,14 +63,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int_at_least("--top-k", 1), default=2, help="default top-k stored in the spec")
     p.add_argument("--sequences", type=int_at_least("--sequences", 1), default=96)
     p.add_argument("--max-len", type=int_at_least("--max-len", 8), default=192)
-    p.add_argument("--ridge", type=float, default=1.0)
-    p.add_argument("--eval-top-k", default="", help="comma-separated top-k values to evaluate (e.g. 2,3,4)")
+    p.add_argument("--ridge", type=float_in("--ridge", 0), default=1.0)
+    p.add_argument("--eval-top-k", type=int_list("--eval-top-k", 1, text=True), default="",
+                   help="comma-separated top-k values to evaluate (e.g. 2,3,4)")
     p.add_argument("--eval-prompts", default="mt-bench")
     p.add_argument("--eval-n", type=int_at_least("--eval-n", 1), default=16)
     p.add_argument("--eval-tokens", type=int_at_least("--eval-tokens", 1), default=64)
     p.add_argument("--quality-out", default=None, help="write the quality JSON here")
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int_at_least("--threads", 1), default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
     p.set_defaults(func=cmd_moefy)
     return p
