@@ -97,11 +97,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_dir):
     assert "--max-new-tokens" in _one_line(capsys.readouterr().err)
 
 
-def test_cli_generate_token_ids_json(tiny_dir, capsys):
+def test_cli_generate_token_ids_json(tiny_dir, tiny_lm, capsys):
+    """The CLI's JSON carries what the API generates for the same ids: at least one token, and fewer than
+    the budget only when the model stopped."""
     assert main(["generate", "5 6 7", "--token-ids", "--model", str(tiny_dir), "--max-new-tokens", "5",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["prompt_token_ids"] == [5, 6, 7] and len(out["token_ids"]) <= 5
+    ref = tiny_lm.generate([5, 6, 7], max_new_tokens=5)
+    assert out["prompt_token_ids"] == [5, 6, 7]
+    assert out["token_ids"] == ref.token_ids and 1 <= len(out["token_ids"]) <= 5
+    assert out["finish_reason"] == ref.finish_reason == ("length" if len(ref.token_ids) == 5 else "stop")
 
 
 def test_cli_generate_weights_and_quant_draft(tiny_dir, capsys):
