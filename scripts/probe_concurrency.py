@@ -4,10 +4,12 @@ PROMPT --json`` started ``--concurrency`` times together (each its own process, 
 tokens/s (end to end and decode-only) of each, median over ``--repeats`` rounds; policies alternate
 within a round so machine noise hits all alike.
 
-    python scripts/probe_concurrency.py --policies m2r2 gomp-default passive spin=1000 --repeats 3
+    python scripts/probe_concurrency.py --policies m2r2 m2r2+fixed gomp-default+fixed --repeats 5
 
-A policy is ``m2r2`` (the environment m2r2 sets itself: nothing passed), ``gomp-default`` (libgomp's own
-default, GOMP_SPINCOUNT=300000), ``passive`` (OMP_WAIT_POLICY=passive) or ``spin=N`` (GOMP_SPINCOUNT=N).
+A policy is ``m2r2`` (what m2r2 does by itself: nothing passed) or parts joined by ``+``: ``gomp-default``
+(libgomp's own default, GOMP_SPINCOUNT=300000), ``passive`` (OMP_WAIT_POLICY=passive), ``spin=N``
+(GOMP_SPINCOUNT=N), ``fixed`` (M2R2_ADAPT_THREADS=0: no thread governor). ``gomp-default+fixed`` is
+m2r2 before the fix.
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ from m2r2.bench.harness import _command_line, machine_info, measure_bandwidth, p
 
 
 def policy_env(policy: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    if policy == "gomp-default":
-        env["GOMP_SPINCOUNT"] = "300000"
-    elif policy == "passive":
-        env["OMP_WAIT_POLICY"] = "passive"
-    elif policy.startswith("spin="):
-        env["GOMP_SPINCOUNT"] = policy.split("=", 1)[1]
-    elif policy != "m2r2":
-        raise SystemExit(f"unknown policy {policy!r}")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "M2R2_ADAPT_THREADS")}
+    for part in policy.split("+"):
+        if part == "gomp-default":
+            env["GOMP_SPINCOUNT"] = "300000"
+        elif part == "passive":
+            env["OMP_WAIT_POLICY"] = "passive"
+        elif part.startswith("spin="):
+            env["GOMP_SPINCOUNT"] = part.split("=", 1)[1]
+        elif part == "fixed":
+            env["M2R2_ADAPT_THREADS"] = "0"
+        elif part != "m2r2":
+            raise SystemExit(f"unknown policy part {part!r}")
     return env
 
 
@@ -49,13 +55,13 @@ def run_round(policy: str, n: int, args) -> list[dict]:
             raise SystemExit(f"m2r2 generate failed ({policy}, {n} at once)")
         s = json.loads(stdout.strip().splitlines()[-1])["stats"]
         out.append({"tokens_per_s": s["tokens_per_s"], "decode_tokens_per_s": s["decode_tokens_per_s"],
-                    "new_tokens": s["new_tokens"]})
+                    "new_tokens": s["new_tokens"], "thread_changes": s.get("thread_changes")})
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policies", nargs="+", default=["m2r2", "gomp-default", "passive", "spin=1000"])
+    ap.add_argument("--policies", nargs="+", default=["m2r2", "gomp-default+fixed", "spin=1000+fixed", "passive+fixed"])
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--prompt", default="Name three rivers.")
     ap.add_argument("--max-new-tokens", type=int, default=64)

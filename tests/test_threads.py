@@ -21,6 +21,7 @@ _PROBE = textwrap.dedent("""
             return None
     sys.meta_path.insert(0, Spy())
     import m2r2
+    m2r2.SamplingConfig  # public names load lazily: this one imports torch
     print(json.dumps({**seen, "policy": m2r2.threads.spin_policy()}))
 """)
 
@@ -70,3 +71,101 @@ def test_cgroup_quota_files(tmp_path):
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert threads._cgroup_cpus(v1) is None
     assert threads._cgroup_cpus(tmp_path / "missing") is None
+
+
+class _Clock:
+    """Fake time and run-queue wait for the governor: ``advance(seconds, waiting)`` moves both."""
+
+    def __init__(self):
+        self.t, self.wait_ns = 100.0, 0
+
+    def advance(self, seconds: float, waiting: float) -> None:
+        self.t += seconds
+        self.wait_ns += int(waiting * seconds * 1e9)
+
+
+def _governor(monkeypatch, clock: _Clock, threads_: int = 2) -> threads.ThreadGovernor:
+    import torch
+    monkeypatch.setattr(threads, "_now", lambda: clock.t)
+    monkeypatch.setattr(threads, "_runqueue_wait_ns", lambda: clock.wait_ns)
+    monkeypatch.delenv("M2R2_ADAPT_THREADS", raising=False)
+    torch.set_num_threads(threads_)
+    return threads.ThreadGovernor(check_s=0.05, high=0.3, probe_s=1.0, max_probe_s=4.0)
+
+
+def test_governor_keeps_threads_when_the_cpus_are_free(monkeypatch):
+    import torch
+    clock = _Clock()
+    g = _governor(monkeypatch, clock)
+    for _ in range(200):
+        clock.advance(0.02, waiting=0.05)  # a little scheduler noise, far below the threshold
+        g.step()
+    assert g.enabled and g.threads == torch.get_num_threads() == 2 and g.changes == 0
+
+
+def test_governor_drops_a_thread_under_contention_probes_back_and_restores(monkeypatch):
+    import torch
+    clock = _Clock()
+    g = _governor(monkeypatch, clock)
+    clock.advance(0.06, waiting=0.9)  # another process holds a core: our threads queue
+    g.step()
+    assert g.threads == torch.get_num_threads() == 1
+    # alone on the remaining core: no queueing; after probe_s (1 s) it tries 2 threads again
+    steps = 0
+    while g.threads == 1 and steps < 100:
+        clock.advance(0.06, waiting=0.0)
+        g.step()
+        steps += 1
+    assert g.threads == 2 and g._probing and 16 <= steps <= 18
+    clock.advance(0.06, waiting=0.9)  # still taken: back to one, and the next probe waits twice as long
+    g.step()
+    assert g.threads == 1 and g.probe_s == 2.0
+    for _ in range(20):  # 1.2 s < 2 s: no probe yet
+        clock.advance(0.06, waiting=0.0)
+        g.step()
+    assert g.threads == 1
+    for _ in range(20):
+        clock.advance(0.06, waiting=0.0)
+        g.step()
+    assert g.threads == 2
+    clock.advance(0.06, waiting=0.0)  # the other process left: the probe finds room and keeps the thread
+    g.step()
+    assert g.threads == 2 and not g._probing and g.probe_s == 1.0
+    clock.advance(0.06, waiting=0.9)
+    g.step()
+    assert g.threads == 1
+    g.close()
+    assert torch.get_num_threads() == 2 and g.changes == 5
+
+
+def test_governor_off_by_environment_or_with_one_thread(monkeypatch):
+    import torch
+    clock = _Clock()
+    g = _governor(monkeypatch, clock, threads_=1)
+    assert not g.enabled
+    torch.set_num_threads(2)
+    monkeypatch.setenv("M2R2_ADAPT_THREADS", "0")
+    g = threads.ThreadGovernor()
+    clock.advance(0.06, waiting=0.9)
+    g.step()
+    assert not g.enabled and torch.get_num_threads() == 2
+
+
+def test_thread_changes_between_steps_keep_greedy_output(tiny_lm, monkeypatch):
+    """A governor that changes the thread count at every step (2, 1, 2, ...) leaves greedy tokens as they are."""
+    import torch
+    torch.set_num_threads(2)
+    ref = tiny_lm.generate([5, 6, 7, 8], max_new_tokens=24, temperature=0.0)
+    flips = []
+
+    class Flipping(threads.ThreadGovernor):
+        def step(self):
+            self._set(1 if self.threads == 2 else 2, 0.0)
+            flips.append(self.threads)
+
+    import m2r2.generate as gen
+    monkeypatch.setattr(gen, "ThreadGovernor", Flipping)
+    out = tiny_lm.generate([5, 6, 7, 8], max_new_tokens=24, temperature=0.0)
+    assert out.token_ids == ref.token_ids and len(out.token_ids) > 1
+    assert 1 in flips and out.stats.thread_changes == len(flips)
+    assert torch.get_num_threads() == 2  # restored after the call

@@ -18,6 +18,7 @@ import torch
 from .errors import ContextLengthError, SamplingError
 from .model import Transformer
 from .sampling import SamplingConfig
+from .threads import ThreadGovernor
 
 
 @dataclass
@@ -31,6 +32,7 @@ class GenerationStats:
     layer_calls: int = 0  # token rows x layers executed (compute accounting)
     steps: int = 0  # decode-loop iterations after prefill
     strategy: str = "plain"
+    thread_changes: int = 0  # times the thread governor (m2r2.threads) moved the thread count
     extra: dict = field(default_factory=dict)  # strategy-specific counters (drafts, acceptance, ...)
 
     def to_dict(self) -> dict:
@@ -184,9 +186,15 @@ def decode(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int 
     stats.prefill_seconds = t_prefill - t0
     emit([[t] for t in first.tolist()])
     strat.setup(state)
-    while not all(state.done):
-        emit(strat.step(state))
-        stats.steps += 1
+    governor = ThreadGovernor()  # fewer threads while another process holds the cores
+    try:
+        while not all(state.done):
+            emit(strat.step(state))
+            stats.steps += 1
+            governor.step()
+    finally:
+        governor.close()
+    stats.thread_changes = governor.changes
     t1 = time.perf_counter()
     stats.new_tokens = sum(len(o) for o in state.out)
     stats.seconds = t1 - t0
