@@ -291,16 +291,15 @@ class ArmWorkerError(RuntimeError):
     """An arm failed inside its worker process (an exception, or the process died)."""
 
 
-def _exception_message(e: BaseException) -> tuple[str, str, BaseException | None]:
-    """What the main process needs of a worker's exception: a one-line summary, the traceback, and the
-    exception itself where it pickles (so a user error, ``M2R2Error``, is raised again as itself)."""
-    import pickle
-    try:
-        pickle.loads(pickle.dumps(e))
-        exc: BaseException | None = e
-    except Exception:
-        exc = None
-    return f"{type(e).__name__}: {e}", traceback.format_exc(), exc
+def _exception_message(e: BaseException) -> tuple[str, str, tuple[str, str] | None]:
+    """What the main process needs of a worker's exception: a one-line summary, the traceback, and, for a
+    user error (an ``m2r2.errors`` class), its class name and message, so that it is raised again as itself
+    (rebuilt by name: nothing from the worker is unpickled into an exception object)."""
+    from .. import errors
+    user = None
+    if isinstance(e, errors.M2R2Error) and getattr(errors, type(e).__name__, None) is type(e):
+        user = (type(e).__name__, str(e))
+    return f"{type(e).__name__}: {e}", traceback.format_exc(), user
 
 
 def _worker(conn, specs: list, threads: int) -> None:
@@ -357,10 +356,10 @@ class _Worker:
             raise ArmWorkerError(f"arm {arm}: its worker process died (exit code {self.proc.exitcode}) "
                                  f"while {doing}") from None
         if msg[0] == "error":
-            summary, tb, exc = msg[1:]
-            from ..errors import M2R2Error
-            if isinstance(exc, M2R2Error):
-                raise exc
+            summary, tb, user = msg[1:]
+            if user is not None:
+                from .. import errors
+                raise getattr(errors, user[0])(user[1])
             raise ArmWorkerError(f"arm {arm} failed in its worker process while {doing}: {summary}\n"
                                  f"worker traceback:\n{tb}")
         return msg
