@@ -16,7 +16,7 @@ from pathlib import Path
 
 import m2r2
 from m2r2 import native
-from m2r2.bench.harness import _command_line, machine_info, pin_threads
+from m2r2.bench.harness import _command_line, machine_info, pin_threads, run_end, run_start
 from m2r2.prompts import load_prompts
 
 
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/batch-decode.json")
     args = ap.parse_args()
     pin_threads(args.threads)
+    run_start()  # commit, dirty state, load and bandwidth before anything runs
     lm = m2r2.load(threads=args.threads)
     texts = [r.text for r in load_prompts("mt-bench", limit=max(args.batch))]
     lm.generate(prompts=texts[:2], max_new_tokens=8)  # warm-up (and the kernels' build)
@@ -54,6 +55,8 @@ def main() -> None:
         res["batches"][B] = row
         print(f"batch {B}: native {row['native']:.1f} tokens/s, PyTorch path {row['torch']:.1f} "
               f"({row['ratio']:.2f}x), {row['identical']}/{B} outputs identical")
+    run_end()
+    res["machine"] = machine_info()  # with start and end conditions
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"-> {args.out}")
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from m2r2.bench.harness import _command_line, machine_info, measure_bandwidth, pin_threads
+from m2r2.bench.harness import _command_line, machine_info, pin_threads, run_end, run_start
 
 
 def policy_env(policy: str) -> dict[str, str]:
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/concurrency.json")
     args = ap.parse_args()
     pin_threads(args.threads)
-    meta_start = {**machine_info(), "bandwidth_gbps": measure_bandwidth()}
+    run_start()  # commit, dirty state, load and bandwidth before anything runs
     runs: dict[str, dict[str, list[dict]]] = {p: {"alone": [], "together": []} for p in args.policies}
     run_round(args.policies[0], 1, args)  # warm-up: kernel build, page cache
     for r in range(args.repeats):
@@ -92,8 +92,8 @@ def main() -> None:
         print(f"{policy:>14}: decode alone {row['decode_tokens_per_s']['alone']:6.1f}  together "
               f"{row['decode_tokens_per_s']['together']:6.1f} tokens/s each ({row['decode_tokens_per_s']['kept']:.0%} "
               f"kept); end to end alone {row['tokens_per_s']['alone']:.1f}, together {row['tokens_per_s']['together']:.1f}")
-    doc = {"command": _command_line(), "meta_start": meta_start,
-           "meta_end": {"loadavg": list(os.getloadavg()), "bandwidth_gbps": measure_bandwidth()},
+    run_end()
+    doc = {"command": _command_line(), "machine": machine_info(),
            "concurrency": args.concurrency, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
            "threads": args.threads, "repeats": args.repeats, "runs": runs, "summary": summary}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")

@@ -30,7 +30,7 @@ import torch
 
 import m2r2
 from m2r2 import native
-from m2r2.bench.harness import _command_line, machine_info, measure_bandwidth, pin_threads
+from m2r2.bench.harness import _command_line, machine_info, measure_bandwidth, pin_threads, run_end, run_start
 from m2r2.model import Linear
 
 
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/decode-cost.json")
     args = ap.parse_args()
     pin_threads(args.threads)
+    run_start()  # commit, dirty state, load and bandwidth before anything runs
     lm = m2r2.load(threads=args.threads)
     model = lm.model
     n = args.position
@@ -97,6 +98,8 @@ def main() -> None:
     res["forward_gbps"] = weights_mb / f1  # the whole one-token step, as weight bytes over its time
     res["verify_cost"] = {T: v / f1 for T, v in res["forward_ms"].items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    run_end()
+    res["machine"] = machine_info()  # with start and end conditions
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"threads {args.threads}, position {n}, bandwidth {res['bandwidth_gbps']:.1f} GB/s")
     for T, v in res["forward_ms"].items():
