@@ -272,6 +272,7 @@ def machine_info() -> dict:
     return {
         "cpu": _cpu_model(), "cores": cores, "usable_cores": usable, "threads": pinned_threads(),
         "loadavg": _loadavg(), "openmp_wait": spin_policy(),
+        "thread_governor": os.environ.get("M2R2_ADAPT_THREADS", "1") != "0",
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": _version("transformers"), "m2r2": _version("m2r2"),
         "xllamacpp": _version("xllamacpp"),
