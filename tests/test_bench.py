@@ -444,6 +444,9 @@ def test_git_state_counts_untracked_sources(tmp_path, monkeypatch):
     (repo / "src" / "pkg").mkdir(parents=True)
     mod = repo / "src" / "pkg" / "harness.py"
     mod.write_text("x = 1\n")
+    result = repo / "benchmarks" / "results" / "decode.json"
+    result.parent.mkdir(parents=True)
+    result.write_text("{}\n")
     git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo,  # noqa: E731
                                     check=True, capture_output=True)
     git("init", "-q")
@@ -459,6 +462,11 @@ def test_git_state_counts_untracked_sources(tmp_path, monkeypatch):
     mod.write_text("x = 2\n")  # and a modified tracked file, named from the repository root
     st = harness._git_state()
     assert st["git_dirty_count"] == 2 and st["git_dirty_files"] == ["src/pkg/harness.py", "src/pkg/new.py (untracked)"]
+    mod.write_text("x = 1\n")
+    (repo / "src" / "pkg" / "new.py").unlink()
+    result.write_text('{"a": 1}\n')  # an earlier run's result, not committed yet: output, not source
+    st = harness._git_state()
+    assert st["git_dirty"] is False and st["results_changed"] == ["benchmarks/results/decode.json"]
 
 
 # ---------------------------------------------------------------- Rouge-L and near ties

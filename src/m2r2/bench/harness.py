@@ -202,9 +202,14 @@ def _version(package: str) -> str | None:
         return None
 
 
+RESULTS_PREFIX = "benchmarks/results/"  # outputs of earlier runs: not part of the source state
+
+
 def _git_state() -> dict:
     """Commit and dirty state of the source tree this code runs from: modified tracked files, and untracked
-    files under ``src/`` (code the run imports that no commit holds); up to 20 of them are named."""
+    files under ``src/`` (code the run imports that no commit holds); up to 20 of them are named. Result
+    files under ``benchmarks/results/`` are outputs, not source: a run that follows another (whose results
+    are not committed yet) is not dirty for them; they are listed apart (``results_changed``)."""
     here = Path(__file__).resolve().parent
     git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=5)  # noqa: E731
     try:
@@ -217,9 +222,11 @@ def _git_state() -> dict:
                         str(Path(top) / "src")).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return {}
-    files = [line[3:] for line in changed] + [f"{f} (untracked)" for f in untracked]
+    paths = [line[3:] for line in changed]
+    results = [f for f in paths if f.startswith(RESULTS_PREFIX)]
+    files = [f for f in paths if not f.startswith(RESULTS_PREFIX)] + [f"{f} (untracked)" for f in untracked]
     return {"git_commit": head.stdout.strip(), "git_dirty": bool(files), "git_dirty_count": len(files),
-            "git_dirty_files": files[:20]}
+            "git_dirty_files": files[:20], "results_changed": results[:20]}
 
 
 def _loadavg() -> list[float] | None:
