@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-SPIN_COUNT = "10000"  # pause iterations before a waiting OpenMP thread sleeps (libgomp default: 300000)
+SPIN_COUNT = "1000"  # pause iterations before a waiting OpenMP thread sleeps (libgomp default: 300000)
 _USER_SET = [k for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if k in os.environ]
 _TORCH_FIRST = "torch" in sys.modules  # libgomp already initialised with whatever the environment said
 
