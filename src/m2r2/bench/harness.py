@@ -353,8 +353,15 @@ class _Worker:
         self.label = label
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, specs, threads), daemon=True, name=f"m2r2-bench-{label}")
-        self.proc.start()
-        child.close()  # the worker holds the other end: its death is an EOF here
+        self._child = child
+
+    def start(self) -> None:
+        """Start the process (once). Workers start one after another, as their first arm is set up, so
+        no two engines load at the same time (18 loading at once overran 2 cores and 24 GiB)."""
+        if self._child is not None:
+            self.proc.start()
+            self._child.close()  # the worker holds the other end: its death is an EOF here
+            self._child = None
 
     def receive(self, arm: str, doing: str):
         try:
@@ -373,6 +380,10 @@ class _Worker:
         return msg
 
     def close(self) -> None:
+        if self._child is not None:  # never started (an earlier arm's setup failed)
+            self._child.close()
+            self.conn.close()
+            return
         if self.proc.is_alive():
             try:
                 self.conn.send(("close",))
@@ -394,6 +405,7 @@ class ProcessArm:
         self.worker, self.index, self.name, self.kind = worker, index, name, kind
 
     def setup(self) -> None:
+        self.worker.start()
         kind, payload = self.worker.receive(self.name, "setting up")
         if kind == "unavailable":
             raise ArmUnavailable(payload)
@@ -408,7 +420,7 @@ class ProcessArm:
 
 def _start_workers(arms: Sequence["Arm | ArmSpec"], threads: int) -> tuple[list[ProcessArm], list[_Worker]]:
     """One worker per arm, or per ``ArmSpec.group`` (arms of one engine sharing a model, where one model per
-    arm would not fit in memory); all start at once, so they load in parallel (untimed)."""
+    arm would not fit in memory); each starts when its first arm is set up, so engines load one at a time."""
     groups: dict[object, list[int]] = {}
     for i, a in enumerate(arms):
         groups.setdefault(getattr(a, "group", None) or ("arm", i), []).append(i)

@@ -212,8 +212,10 @@ def make_arms(names: list[str], args: argparse.Namespace, n_ctx: int) -> list[Ar
             strat, opts = M2R2_ARMS[n]
             if args.adapter and n in ("m2r2", "m2r2-full-vocab", "m2r2-confstop"):
                 opts = {**opts, "adapter": args.adapter}
+            # m2r2's strategies share one worker and one loaded model (one engine; a model copy for each of
+            # up to 15 arms would not fit in memory); external engines get a worker each
             arms.append(ArmSpec(n, "m2r2", make_arm, {**common, "strategy": strat, "options": opts,
-                                                      "gamma": args.gamma, "seed": args.seed}))
+                                                      "gamma": args.gamma, "seed": args.seed}, group="m2r2"))
         elif n in (*EXTERNAL_ARMS, "hf-generate"):
             arms.append(ArmSpec(n, "external", make_arm, {**common, "pld_tokens": args.pld_tokens}))
         else:
@@ -267,7 +269,7 @@ def main(args: argparse.Namespace) -> int:
             "n_prompts": len(prompts), "per_category": args.per_category, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "seed": args.seed, "gamma": args.gamma, "repeats": args.repeats, "warmup": args.warmup,
             "arms": [a.name for a in arms if a.name not in skipped], "skipped_arms": skipped,
-            "pld_tokens": args.pld_tokens, "loadavg_start": start["loadavg"], "isolation": "process-per-arm",
+            "pld_tokens": args.pld_tokens, "loadavg_start": start["loadavg"], "isolation": "process-per-engine (m2r2 arms share one worker; each external engine its own)",
             "bandwidth_gbps": bandwidth, "roofline": roof,
             "lossless_check": "token equality with m2r2-plain" if greedy else
             "none per output (sampling); exactness is tested statistically in tests/test_speculative.py"}
