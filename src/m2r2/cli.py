@@ -52,10 +52,6 @@ def float_in(name: str, lo: float | None = None, hi: float | None = None, lo_ope
     return parse
 
 
-def _float(name: str):
-    return float_in(name)
-
-
 def int_list(name: str, lo: int | None = None, choices: tuple[int, ...] | None = None, text: bool = False):
     """An argparse type: comma-separated integers, each >= ``lo`` and among ``choices`` (when given). Returns a
     tuple, or with ``text`` the checked string itself (for code that splits it later)."""
@@ -175,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a response to PROMPT; text streams to stdout, speed to stderr.")
     g.add_argument("prompt", help="the prompt (the chat template is applied unless --no-chat)")
     g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=128)
-    g.add_argument("--temperature", type=_float("--temperature"), default=0.0, help="0 = greedy (default)")
+    g.add_argument("--temperature", type=float_in("--temperature"), default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float_in("--top-p", 0, 1, lo_open=True), default=1.0)
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)

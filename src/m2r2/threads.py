@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 SPIN_COUNT = "1000"  # pause iterations before a waiting OpenMP thread sleeps (libgomp default: 300000)
@@ -86,6 +87,11 @@ def _runqueue_wait_ns() -> int | None:
     return total
 
 
+def governor_enabled() -> bool:
+    """Whether the decode loop adapts its thread count (``M2R2_ADAPT_THREADS=0`` turns it off)."""
+    return os.environ.get("M2R2_ADAPT_THREADS", "1") != "0"
+
+
 class ThreadGovernor:
     """Adapts a decode loop's thread count to the CPUs it actually gets.
 
@@ -105,8 +111,7 @@ class ThreadGovernor:
         import torch
         self._torch = torch
         self.max_threads = self.threads = torch.get_num_threads()
-        self.enabled = (self.max_threads > 1 and os.environ.get("M2R2_ADAPT_THREADS", "1") != "0"
-                        and _runqueue_wait_ns() is not None)
+        self.enabled = self.max_threads > 1 and governor_enabled() and _runqueue_wait_ns() is not None
         self.check_s, self.high, self.base_probe_s, self.max_probe_s = check_s, high, probe_s, max_probe_s
         self.probe_s = probe_s
         self.changes = 0  # how often the count changed (for statistics)
@@ -152,6 +157,4 @@ class ThreadGovernor:
             self.threads = self.max_threads
 
 
-def _now() -> float:
-    import time
-    return time.perf_counter()
+_now = time.perf_counter  # the governor's clock (a module name, so tests can replace it)

@@ -270,16 +270,16 @@ def _command_line() -> str:
 def machine_info() -> dict:
     """The machine and software; command, commit and dirty state as ``run_start`` read them at the start of
     the run (read now only when the run never called it), plus ``start`` / ``end`` where recorded."""
-    from ..threads import available_cpus, spin_policy
+    from ..threads import available_cpus, governor_enabled, spin_policy
     cores = os.cpu_count()
     usable = available_cpus()
     start = _run.get("start")
-    git = ({k: start[k] for k in ("git_commit", "git_dirty", "git_dirty_count", "git_dirty_files") if k in start}
+    git = ({k: v for k, v in start.items() if k.startswith("git_") or k == "results_changed"}
            if start else _git_state())
     return {
         "cpu": _cpu_model(), "cores": cores, "usable_cores": usable, "threads": pinned_threads(),
         "loadavg": _loadavg(), "openmp_wait": spin_policy(),
-        "thread_governor": os.environ.get("M2R2_ADAPT_THREADS", "1") != "0",
+        "thread_governor": governor_enabled(),
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": _version("transformers"), "m2r2": _version("m2r2"),
         "xllamacpp": _version("xllamacpp"),
