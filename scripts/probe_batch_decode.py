@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import m2r2
-from m2r2 import native
+from m2r2.engine import native
 from m2r2.bench.harness import _command_line, machine_info, pin_threads, run_end, run_start
 from m2r2.prompts import load_prompts
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import m2r2
 from m2r2.bench.harness import pin_threads
-from m2r2.model import Linear
+from m2r2.engine.model import Linear
 
 MAX_LEN = 384
 PROMPT = "Write a short story about a robot learning to paint."

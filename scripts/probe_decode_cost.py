@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 import m2r2
-from m2r2 import native
+from m2r2.engine import native
 from m2r2.bench.harness import _command_line, machine_info, measure_bandwidth, pin_threads, run_end, run_start
-from m2r2.model import Linear
+from m2r2.engine.model import Linear
 
 
 def median_ms(fn, calls: int, rounds: int = 5) -> float:

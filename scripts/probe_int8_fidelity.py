@@ -20,8 +20,8 @@ from rouge_score import rouge_scorer
 
 import m2r2
 from m2r2.bench.harness import _command_line, machine_info, pin_threads
-from m2r2.generate import decode
-from m2r2.model import Linear
+from m2r2.decoding.loop import decode
+from m2r2.engine.model import Linear
 from m2r2.prompts import load_prompts
 
 

@@ -18,9 +18,9 @@ pip install -e ".[train]"
 m2r2 data --n 768 --max-new-tokens 160 --batch-size 16 --out data/distill-smollm2-135m
 m2r2 train --data data/distill-smollm2-135m --out "$RUN" --kind "$KIND" --rate "$RATE" --steps "$STEPS" \
   --warmup-steps "$WARMUP" --threads "$THREADS"
-python -c "from m2r2.accelerator import ship; ship('$RUN', 'src/m2r2/adapters/$NAME')"   # float16 copy
+python -c "from m2r2.stream.accelerator import ship; ship('$RUN', 'src/m2r2/adapters/$NAME')"   # float16 copy
 if [ "$KIND" = m2r2 ] && [ "$RATE" = 2 ]; then   # ARLA, the exit router, for the R=2 adapter
   m2r2 train-router --data data/distill-smollm2-135m --adapter "$RUN" --sequences 200 --threads "$THREADS"
-  python -c "from m2r2.accelerator import ship; ship('$RUN', 'src/m2r2/adapters/$NAME')"
+  python -c "from m2r2.stream.accelerator import ship; ship('$RUN', 'src/m2r2/adapters/$NAME')"
 fi
 # after all rates: m2r2 analyze --rate 2,3,4 --max-new-tokens 48 --out analyze-r234

@@ -8,12 +8,12 @@ set -euo pipefail
 # the Kangaroo/DEED-style exit adapter (the early-exit-adapter arm): depth ceil(30/2) = 15
 m2r2 train --data data/distill-smollm2-135m --out runs/exit-r2 --kind exit --rate 2 --steps 40 --warmup-steps 8 \
   --threads 1 --no-progress
-python -c "from m2r2.accelerator import ship; ship('runs/exit-r2', 'src/m2r2/adapters/smollm2-135m-instruct-exit-r2')"
+python -c "from m2r2.stream.accelerator import ship; ship('runs/exit-r2', 'src/m2r2/adapters/smollm2-135m-instruct-exit-r2')"
 # Medusa heads (3) and the 2-model draft (layers 0-3 of the target + LoRA rank 32), one teacher forward per batch
 # shipped: started with --steps 40, stopped at the step-30 checkpoint for time (17,061 of 22,566 tokens); the
 # same command with --stop-at 30 resumes at step 30 and exports (drop it to train all 40 steps)
-python -m m2r2.peer_train --data data/distill-smollm2-135m --out runs/peers --steps 40 --warmup-steps 8 --stop-at 30 \
+python -m m2r2.training.peers --data data/distill-smollm2-135m --out runs/peers --steps 40 --warmup-steps 8 --stop-at 30 \
   --threads 1 --draft-layers 0,1,2,3 --no-progress
-python -c "from m2r2.peer_train import ship; ship('runs/peers/medusa', 'src/m2r2/adapters/smollm2-135m-instruct-medusa'); ship('runs/peers/draft', 'src/m2r2/adapters/smollm2-135m-instruct-draft')"
+python -c "from m2r2.training.peers import ship; ship('runs/peers/medusa', 'src/m2r2/adapters/smollm2-135m-instruct-medusa'); ship('runs/peers/draft', 'src/m2r2/adapters/smollm2-135m-instruct-draft')"
 # the benchmark with every arm (run at 64 new tokens for time; the setting is --max-new-tokens 128)
 m2r2 bench spec --per-category 1 --max-new-tokens 64 --threads 1

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import m2r2
-from m2r2 import native
-from m2r2.accelerator import Accelerator, LossWeights, distill_loss, slow_trace
-from m2r2.distill_data import generate_dataset
-from m2r2.train import TrainConfig, TrainError, batch_indices, train
+from m2r2.engine import native
+from m2r2.stream.accelerator import Accelerator, LossWeights, distill_loss, slow_trace
+from m2r2.training.data import generate_dataset
+from m2r2.training.adapters import TrainConfig, TrainError, batch_indices, train
 
 from conftest import FAR, assert_close_rel, interrupt_after, make_tiny, ulps_apart
 
@@ -147,7 +147,7 @@ def test_training_resumes_exactly(lm, data_dir, tmp_path, monkeypatch):
     assert not part["done"] and not (tmp_path / "part" / "adapter.safetensors").exists()
     train(TrainConfig(out=str(tmp_path / "part"), **base), lm=lm, progress=False)
     with monkeypatch.context() as mp:
-        interrupt_after(mp, importlib.import_module("m2r2.train"), "make_batch", 4)
+        interrupt_after(mp, importlib.import_module("m2r2.training.adapters"), "make_batch", 4)
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(out=str(tmp_path / "killed"), **base), lm=lm, progress=False)
     assert [r["step"] for r in _log(tmp_path / "killed")] == [1, 2, 3, 4]  # the checkpoint is step 3's
@@ -176,7 +176,7 @@ def test_train_config_validation(data_dir):
 
 
 def test_analyze_untrained_fast_equals_slow(lm, tmp_path):
-    from m2r2.analyze import analyze, plot
+    from m2r2.bench.analyze import analyze, plot
     acc = Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=4)
     res = analyze(lm, [[5, 6, 7, 8], [9, 10, 11]], acc, max_new_tokens=8, progress=False)
     slow, fast = res["streams"]["slow"], res["streams"]["fast"]
@@ -233,8 +233,8 @@ def test_arla_router_trains_ships_with_the_adapter_and_drives_exits(lm, data_dir
     into the adapter directory, loaded with it, and usable as the m2r2-exit rule (an impossible threshold
     is plain decoding, a zero threshold exits every token at the first allowed layer)."""
     from m2r2.cli import main as cli_main
-    from m2r2.router import ARLARouter, RouterConfig
-    from m2r2.generate import decode
+    from m2r2.stream.router import ARLARouter, RouterConfig
+    from m2r2.decoding.loop import decode
 
     r = ARLARouter(RouterConfig(hidden_size=64, fast_layers=3, latent=8))
     s = torch.randn(5, 3, 64)
@@ -268,7 +268,7 @@ def test_arla_router_trains_ships_with_the_adapter_and_drives_exits(lm, data_dir
 def test_router_fit_keeps_the_best_validation_epoch():
     """fit() returns the router of the epoch with the lowest held-out BCE, not the last one: on labels that
     are noise the router can only overfit, so a later epoch is worse on validation and must not be kept."""
-    from m2r2.router import ARLARouter, RouterConfig, evaluate, fit
+    from m2r2.stream.router import ARLARouter, RouterConfig, evaluate, fit
 
     torch.manual_seed(0)
     r = ARLARouter(RouterConfig(hidden_size=16, fast_layers=3, latent=8))
@@ -281,13 +281,13 @@ def test_router_fit_keeps_the_best_validation_epoch():
 
 
 def test_peer_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_path, monkeypatch):
-    """python -m m2r2.peer_train killed between checkpoints (after step 3; the checkpoint is step 2's) and re-run
+    """python -m m2r2.training.peers killed between checkpoints (after step 3; the checkpoint is step 2's) and re-run
     == one uninterrupted run: the same Medusa heads and draft, and each step logged once with the same values."""
     import argparse
 
     from safetensors.torch import load_file
 
-    from m2r2 import peer_train
+    from m2r2.training import peers as peer_train
     monkeypatch.setattr(importlib.import_module("m2r2.api"), "load", lambda **kw: lm)
     p = argparse.ArgumentParser()
     peer_train._add_args(p)
@@ -302,7 +302,7 @@ def test_peer_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_path
     try:
         assert run("whole") == 0
         with monkeypatch.context() as mp:
-            interrupt_after(mp, importlib.import_module("m2r2.train"), "make_batch", 3)
+            interrupt_after(mp, importlib.import_module("m2r2.training.adapters"), "make_batch", 3)
             with pytest.raises(KeyboardInterrupt):
                 run("killed")
         assert [r["step"] for r in _log(tmp_path / "killed")] == [1, 2, 3]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import m2r2
-from m2r2 import native
+from m2r2.engine import native
 from m2r2.bench import harness
 from m2r2.bench.decode import HFGenerateArm, M2R2PlainArm, add_parser, load_prompt_ids
 from m2r2.bench.harness import ArmResult, ArmUnavailable, BenchPrompt, run_benchmark, summarize, write_results
@@ -247,7 +247,7 @@ def test_spec_command_end_to_end(bench_dir, bench_lm, tmp_path, capsys, monkeypa
     worker path is tested by the decode command and the process tests)."""
     import functools
 
-    from m2r2.accelerator import Accelerator
+    from m2r2.stream.accelerator import Accelerator
     from m2r2.bench import spec as spec_mod
     from m2r2.bench.spec import add_parser as add_spec
     monkeypatch.setattr(spec_mod, "run_benchmark", functools.partial(run_benchmark, isolate=False))
@@ -284,11 +284,11 @@ def test_spec_command_end_to_end(bench_dir, bench_lm, tmp_path, capsys, monkeypa
 def test_exit_command_end_to_end(bench_dir, bench_lm, tmp_path):
     """Threshold sweep: an impossible threshold reproduces the plain output (Rouge-L 1, full depth); a
     trivial one exits every token at the first checked depth."""
-    from m2r2.accelerator import Accelerator
+    from m2r2.stream.accelerator import Accelerator
     from m2r2.bench.exit import add_parser as add_exit
 
     Accelerator.for_model(bench_lm.model, bench_lm.source.identity, rate=2, rank=4).save(tmp_path / "adapter")
-    from m2r2.mod import MoDConfig, MoDRouters
+    from m2r2.baselines.mod import MoDConfig, MoDRouters
     mod = MoDRouters(MoDConfig(bench_lm.config.hidden_size, 2, [1], bench_lm.source.identity))
     mod.quantiles.fill_(1.0)  # every score (0) is below: any skip > 0 skips block 1 for every token
     mod.save(tmp_path / "mod")
@@ -411,19 +411,20 @@ def test_process_mode_gives_the_in_process_tokens(bench_dir):
 # ---------------------------------------------------------------- provenance
 
 def test_provenance_is_read_at_the_start_and_warns(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(harness, "_git_state", lambda: {"git_commit": "c0ffee" * 6 + "abcd", "git_dirty": True,
+    from m2r2 import provenance
+    monkeypatch.setattr(provenance, "_git_state", lambda: {"git_commit": "c0ffee" * 6 + "abcd", "git_dirty": True,
                                                         "git_dirty_count": 1, "git_dirty_files": ["src/m2r2/x.py"]})
-    monkeypatch.setattr(harness.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
-    harness.pin_threads(1)
-    start = harness.run_start(8)
+    monkeypatch.setattr(provenance.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
+    provenance.pin_threads(1)
+    start = provenance.run_start(8)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "warning" in err[0] and "dirty" in err[0] and "load 3.50" in err[0]
     assert start["git_dirty"] and start["loadavg"] == [3.5, 2.0, 1.0] and start["bandwidth_gbps"] > 0
     # the tree becomes clean and the machine quiet during the run: the result still says how it started
-    monkeypatch.setattr(harness, "_git_state", lambda: {"git_commit": "f" * 40, "git_dirty": False,
+    monkeypatch.setattr(provenance, "_git_state", lambda: {"git_commit": "f" * 40, "git_dirty": False,
                                                         "git_dirty_count": 0, "git_dirty_files": []})
-    monkeypatch.setattr(harness.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
-    harness.run_end(8)
+    monkeypatch.setattr(provenance.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    provenance.run_end(8)
     recs = synthetic_records()
     paths = write_results("prov", {}, recs, summarize(recs, "base"), tmp_path)
     meta = json.loads(paths["json"].read_text())["meta"]
@@ -434,15 +435,16 @@ def test_provenance_is_read_at_the_start_and_warns(monkeypatch, tmp_path, capsys
     assert "**dirty tree** (src/m2r2/x.py)" in md and "at start: load 3.50/2.00/1.00" in md and "at end: load 0.50" in md
     # a clean, quiet start: no warning
     capsys.readouterr()
-    harness.run_start(8)
+    provenance.run_start(8)
     assert capsys.readouterr().err == ""
 
 
 def test_git_state_counts_untracked_sources(tmp_path, monkeypatch):
+    from m2r2 import provenance
     import subprocess
     repo = tmp_path / "repo"
     (repo / "src" / "pkg").mkdir(parents=True)
-    mod = repo / "src" / "pkg" / "harness.py"
+    mod = repo / "src" / "pkg" / "provenance.py"
     mod.write_text("x = 1\n")
     result = repo / "benchmarks" / "results" / "decode.json"
     result.parent.mkdir(parents=True)
@@ -452,20 +454,20 @@ def test_git_state_counts_untracked_sources(tmp_path, monkeypatch):
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "init")
-    monkeypatch.setattr(harness, "__file__", str(mod))
-    assert harness._git_state()["git_dirty"] is False
+    monkeypatch.setattr(provenance, "__file__", str(mod))
+    assert provenance._git_state()["git_dirty"] is False
     (repo / "notes.txt").write_text("not code")  # untracked outside src/: still clean
-    assert harness._git_state()["git_dirty"] is False
+    assert provenance._git_state()["git_dirty"] is False
     (repo / "src" / "pkg" / "new.py").write_text("y = 2\n")
-    st = harness._git_state()
+    st = provenance._git_state()
     assert st["git_dirty"] is True and st["git_dirty_files"] == ["src/pkg/new.py (untracked)"]
     mod.write_text("x = 2\n")  # and a modified tracked file, named from the repository root
-    st = harness._git_state()
-    assert st["git_dirty_count"] == 2 and st["git_dirty_files"] == ["src/pkg/harness.py", "src/pkg/new.py (untracked)"]
+    st = provenance._git_state()
+    assert st["git_dirty_count"] == 2 and st["git_dirty_files"] == ["src/pkg/provenance.py", "src/pkg/new.py (untracked)"]
     mod.write_text("x = 1\n")
     (repo / "src" / "pkg" / "new.py").unlink()
     result.write_text('{"a": 1}\n')  # an earlier run's result, not committed yet: output, not source
-    st = harness._git_state()
+    st = provenance._git_state()
     assert st["git_dirty"] is False and st["results_changed"] == ["benchmarks/results/decode.json"]
 
 

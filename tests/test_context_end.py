@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import m2r2
-from m2r2.accelerator import Accelerator
-from m2r2.draft_model import DraftModelDrafter
-from m2r2.generate import decode
-from m2r2.lookahead import LookaheadDrafter
-from m2r2.medusa import MedusaDrafter
-from m2r2.model import lowp_available
-from m2r2.speculative import PromptLookupDrafter, Speculative, StreamDrafter
+from m2r2.stream.accelerator import Accelerator
+from m2r2.decoding.drafters.draft_model import DraftModelDrafter
+from m2r2.decoding.loop import decode
+from m2r2.decoding.drafters.lookahead import LookaheadDrafter
+from m2r2.decoding.drafters.medusa import MedusaDrafter
+from m2r2.engine.model import lowp_available
+from m2r2.decoding.speculative import PromptLookupDrafter, Speculative, StreamDrafter
 
 from conftest import make_tiny
 from test_peers import _draft, _medusa

@@ -7,8 +7,8 @@ import json
 import pytest
 
 import m2r2
-from m2r2 import distill_data as dd
-from m2r2.distill_data import (DistillDataError, EvalIndex, exclude_eval, filter_prompts, generate_dataset,
+from m2r2.training import data as dd
+from m2r2.training.data import (DistillDataError, EvalIndex, exclude_eval, filter_prompts, generate_dataset,
                                load_dataset, opening_prompts, recover_json_array)
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import m2r2
-from m2r2.accelerator import Accelerator
-from m2r2.early_exit import ConfidenceRule, EarlyExit, FixedDepthRule
-from m2r2.generate import DecodeState, decode
-from m2r2.sampling import SamplingConfig
+from m2r2.stream.accelerator import Accelerator
+from m2r2.decoding.early_exit import ConfidenceRule, EarlyExit, FixedDepthRule
+from m2r2.decoding.loop import DecodeState, decode
+from m2r2.engine.sampling import SamplingConfig
 
 from conftest import FAR, assert_close_rel, make_tiny, ulps_apart
 
@@ -122,7 +122,7 @@ def test_early_exit_refuses_batches(lm):
 
 
 def test_skipdecode_without_skipping_is_plain_and_never_reads_a_skipped_key(lm):
-    from m2r2.early_exit import SkipDecode
+    from m2r2.decoding.early_exit import SkipDecode
     p = PROMPTS[1]
     plain, _ = decode(lm.model, [p], max_new_tokens=24)
     out, st = decode(lm.model, [p], max_new_tokens=24, strategy=SkipDecode(min_layers=6, max_layers=6))
@@ -149,7 +149,7 @@ def test_skipdecode_without_skipping_is_plain_and_never_reads_a_skipped_key(lm):
 
 def _routers(lm, scores_below: bool):
     """Hand-set routers: every score is 0; thresholds from quantiles all 1 (skip) or all -1 (never)."""
-    from m2r2.mod import MoDConfig, MoDRouters
+    from m2r2.baselines.mod import MoDConfig, MoDRouters
     L = lm.config.num_layers
     r = MoDRouters(MoDConfig(lm.config.hidden_size, L, list(range(1, L - 1)), lm.source.identity))
     r.quantiles.fill_(1.0 if scores_below else -1.0)
@@ -157,7 +157,7 @@ def _routers(lm, scores_below: bool):
 
 
 def test_mod_that_skips_nothing_is_plain_decoding(lm):
-    from m2r2.early_exit import MoDSkip
+    from m2r2.decoding.early_exit import MoDSkip
     for routers, skip in ((_routers(lm, False), 0.5), (_routers(lm, True), 0.0)):
         for p in PROMPTS[:2]:
             plain, _ = decode(lm.model, [p], max_new_tokens=24)
@@ -168,7 +168,7 @@ def test_mod_that_skips_nothing_is_plain_decoding(lm):
 def test_mod_skipping_every_routed_block_runs_first_and_last_and_writes_their_kv(lm):
     """Every routed block skipped: the token's state passes blocks 1..L-2 unchanged, and each skipped
     block's K/V are the ones that block computes from the state entering it (so a later token finds them)."""
-    from m2r2.early_exit import MoDSkip
+    from m2r2.decoding.early_exit import MoDSkip
     L = lm.config.num_layers
     strat = MoDSkip(_routers(lm, True), 0.5, first=1)
     prompt = PROMPTS[1]
@@ -195,8 +195,8 @@ def test_mod_fit_calibrates_capacity_and_files_round_trip(lm, tmp_path):
     """Fitted on a few sequences, the per-block thresholds skip about the asked fraction of held-out
     positions; save/load keeps them; another model's routers are refused; a corrupt file is an error."""
     from m2r2.errors import AdapterError
-    from m2r2.mod import MoDRouters, block_updates, fit
-    from m2r2.train import make_batch
+    from m2r2.baselines.mod import MoDRouters, block_updates, fit
+    from m2r2.training.adapters import make_batch
     g = torch.Generator().manual_seed(0)
     recs = [{"prompt_ids": torch.randint(3, 250, (6,), generator=g).tolist(),
              "response_ids": torch.randint(3, 250, (40,), generator=g).tolist()} for _ in range(12)]
@@ -260,7 +260,7 @@ def test_riding_needs_the_fast_stream(acc):
 def test_calm_with_one_exit_adapter_reads_out_through_it_at_its_depth(lm):
     """Threshold 0: every token exits at the adapter's depth, and its token is the read-out of the slow
     state *plus the exit adapter* there (not the plain read-out); an impossible threshold is plain."""
-    from m2r2.accelerator import Accelerator
+    from m2r2.stream.accelerator import Accelerator
     ex = Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8, kind="exit")
     with torch.no_grad():
         ex.adapters[0].up.weight.copy_(torch.randn(ex.adapters[0].up.weight.shape,

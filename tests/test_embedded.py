@@ -67,7 +67,7 @@ def test_cached_conversion_is_reused(embedded_lm, monkeypatch, capfd):
 def test_shipped_adapters_load_and_speculative_output_is_plain(embedded_lm):
     """Every shipped adapter loads for the embedded model, and the lossless strategies on it give the plain
     greedy output token for token on real prompts."""
-    from m2r2.accelerator import find_shipped, shipped_dir
+    from m2r2.stream.accelerator import find_shipped, shipped_dir
     shipped = sorted(shipped_dir().glob("*/adapter.json"))
     assert shipped, "no adapter ships in the package"
     assert find_shipped(embedded_lm.source.identity, 2) is not None

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import m2r2
-from m2r2.generate import DecodeState, decode
-from m2r2.sampling import SamplingConfig
+from m2r2.decoding.loop import DecodeState, decode
+from m2r2.engine.sampling import SamplingConfig
 
 from conftest import assert_close_rel, assert_same_tokens, greedy_reference, make_tiny
 
@@ -175,7 +175,7 @@ def test_cost_model_counts_parameters(tiny_lm):
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_dense(parts, bias):
     """The bandwidth-friendly layout computes x W^T + b for one row and for many, and round-trips."""
-    from m2r2.model import Linear
+    from m2r2.engine.model import Linear
     torch.manual_seed(parts)
     dense, b = torch.randn(20, 12), torch.randn(20)
     lin = Linear(12, 20, bias, parts)

@@ -231,7 +231,7 @@ def _run(args: list, env_extra: dict | None = None) -> subprocess.CompletedProce
 
 
 def test_standalone_module_usage_errors_are_one_line():
-    r = _run(["-m", "m2r2.train", "--data", "d", "--steps", "ten"])
+    r = _run(["-m", "m2r2.training.adapters", "--data", "d", "--steps", "ten"])
     assert r.returncode == 2
     assert "--steps" in _one_line(r.stderr)
 

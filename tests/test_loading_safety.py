@@ -16,7 +16,7 @@ import torch
 import m2r2
 from m2r2.cli import main
 from m2r2.errors import M2R2Error
-from m2r2.files import load_checkpoint
+from m2r2.artifacts import load_checkpoint
 
 from conftest import make_tiny
 
@@ -79,7 +79,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def test_train_resume_from_planted_checkpoint_via_cli(tiny_model_dir, tmp_path, capsys):
     """`m2r2 train` resuming from a crafted checkpoint.pt: one error line, exit 2, the payload never ran."""
-    from m2r2.distill_data import generate_dataset
+    from m2r2.training.data import generate_dataset
     lm = m2r2.load(tiny_model_dir)
     data = tmp_path / "data"
     prompts = [[(5 * i + j) % 250 + 2 for j in range(3 + i % 3)] for i in range(4)]
@@ -130,7 +130,7 @@ def test_matching_checkpoints_still_load(tmp_path, arch, tie):
 
 
 def test_dir_identity_hashes_full_content_once(tmp_path, monkeypatch):
-    from m2r2 import loading
+    from m2r2.engine import loading
     monkeypatch.setenv("M2R2_CACHE", str(tmp_path / "cache"))
     a, b = tmp_path / "a", tmp_path / "b"
     make_tiny(a, "llama")
@@ -181,7 +181,7 @@ def _nan_first(sd: dict) -> None:
 
 
 def test_adapter_weights_shapes_and_draft_vocab_are_validated(tiny_lm2, tmp_path):
-    from m2r2.accelerator import Accelerator
+    from m2r2.stream.accelerator import Accelerator
     lm, ident = tiny_lm2, tiny_lm2.source.identity
     good = Accelerator.for_model(lm.model, ident, rate=2, rank=4)
     cases = {
@@ -206,10 +206,10 @@ def test_adapter_weights_shapes_and_draft_vocab_are_validated(tiny_lm2, tmp_path
 
 
 def test_peer_router_and_mod_files_are_validated(tiny_lm2, tmp_path):
-    from m2r2.draft_model import DraftModel
-    from m2r2.medusa import MedusaHeads, read_draft_vocab
-    from m2r2.mod import MoDConfig, MoDRouters
-    from m2r2.router import ARLARouter, RouterConfig
+    from m2r2.decoding.drafters.draft_model import DraftModel
+    from m2r2.decoding.drafters.medusa import MedusaHeads, read_draft_vocab
+    from m2r2.baselines.mod import MoDConfig, MoDRouters
+    from m2r2.stream.router import ARLARouter, RouterConfig
     lm, ident = tiny_lm2, tiny_lm2.source.identity
     MedusaHeads(64, 2, ident).save(tmp_path / "medusa")
     _edit_weights(tmp_path / "medusa" / "medusa.safetensors", _nan_first)
@@ -262,7 +262,7 @@ def gguf_file(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_gguf(gguf_file, monkeypatch):
     """``gguf_file`` and a stand-in for transformers' conversion that records its calls."""
-    from m2r2 import loading
+    from m2r2.engine import loading
     calls = []
 
     def convert(path, tmp, digest, hook=None):
@@ -285,7 +285,7 @@ def test_interrupted_conversion_leaves_no_temp_folder(gguf_file, monkeypatch, ho
     """Interrupted inside transformers' conversion: the temporary folder goes (``except Exception`` missed it)."""
     import signal
     import transformers
-    from m2r2 import loading
+    from m2r2.engine import loading
     f, cache = gguf_file
     seen = []
 
@@ -307,7 +307,7 @@ def test_interrupted_conversion_leaves_no_temp_folder(gguf_file, monkeypatch, ho
 
 
 def test_stale_temp_folders_are_swept(fake_gguf):
-    from m2r2 import loading
+    from m2r2.engine import loading
     f, cache, calls = fake_gguf
     cache.mkdir()
     now = time.time()
@@ -325,7 +325,7 @@ def test_stale_temp_folders_are_swept(fake_gguf):
 
 
 def test_cache_format_is_checked_on_read(fake_gguf):
-    from m2r2 import loading
+    from m2r2.engine import loading
     f, cache, calls = fake_gguf
     target = loading.convert_gguf(f)
     assert loading.convert_gguf(f) == target and len(calls) == 1  # cached
@@ -339,7 +339,7 @@ def test_cache_format_is_checked_on_read(fake_gguf):
 
 def test_concurrent_first_loads_convert_once(fake_gguf, monkeypatch):
     import threading
-    from m2r2 import loading
+    from m2r2.engine import loading
     f, cache, calls = fake_gguf
     real = loading._convert_into
     monkeypatch.setattr(loading, "_convert_into", lambda *a: real(*a, hook=lambda: time.sleep(0.5)))

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import m2r2
-from m2r2.generate import decode
-from m2r2.model import Linear, lowp_available
-from m2r2.sampling import SamplingConfig
-from m2r2.speculative import Speculative, StreamDrafter
+from m2r2.decoding.loop import decode
+from m2r2.engine.model import Linear, lowp_available
+from m2r2.engine.sampling import SamplingConfig
+from m2r2.decoding.speculative import Speculative, StreamDrafter
 
 from conftest import assert_close_rel, make_tiny
 

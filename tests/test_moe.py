@@ -8,7 +8,7 @@ import torch
 
 from conftest import assert_close_rel, assert_same_tokens, greedy_reference, make_tiny
 
-from m2r2.generate import decode
+from m2r2.decoding.loop import decode
 from m2r2.moe.layers import MoESpec, Resident
 from m2r2.moe.memory import ExpertCache, FileStore, LinkStore
 from m2r2.moe.moefy import MoEfyArtifacts, apply, balanced_kmeans, fit_router
@@ -117,7 +117,7 @@ def test_prefetch_counts_and_precision(tiny_moe):
 
 def test_outputs_identical_across_strategies_and_memories(tiny_moe, tmp_path):
     lm, moe = tiny_moe
-    from m2r2.accelerator import Accelerator
+    from m2r2.stream.accelerator import Accelerator
     acc = Accelerator.for_model(moe.model, lm.source.identity, rate=2)
     torch.manual_seed(1)
     for a in acc.adapters:  # a fast stream that differs from the slow one

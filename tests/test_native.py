@@ -1,4 +1,4 @@
-"""The native decode kernels (m2r2.native): the same arithmetic as the PyTorch path up to float32
+"""The native decode kernels (m2r2.engine.native): the same arithmetic as the PyTorch path up to float32
 summation order, used exactly where they are valid, and a clean fallback when they cannot be built."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import m2r2
-from m2r2 import native
-from m2r2.generate import decode
-from m2r2.model import Linear
+from m2r2.engine import native
+from m2r2.decoding.loop import decode
+from m2r2.engine.model import Linear
 
 from conftest import FAR, assert_close_rel, make_tiny, ulps_apart
 
@@ -195,7 +195,7 @@ def test_a_replaced_linear_keeps_the_pytorch_path(tiny_lm, monkeypatch):
     """A block whose linear was wrapped (a LoRA delta, as the draft-model trainer does) is not what the kernel
     computes: it runs through PyTorch, delta included, and the other blocks still run natively."""
     import copy
-    from m2r2.draft_model import LoRALinear
+    from m2r2.decoding.drafters.draft_model import LoRALinear
     _one_token_steps(tiny_lm.model, [3], True)  # after native steps the model still deep-copies
     m = copy.deepcopy(tiny_lm.model)
     for lin in m._linears():
@@ -244,7 +244,7 @@ def test_environment_switch_turns_the_kernels_off():
     import os
     import subprocess
     import sys
-    code = "from m2r2 import native; print(native.available())"
+    code = "from m2r2.engine import native; print(native.available())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "M2R2_NATIVE": "0"})
     assert out.stdout.strip() == "False" and "unavailable" not in out.stderr  # off: nothing built, nothing said
@@ -256,7 +256,7 @@ def test_march_override_is_built_and_cached_apart():
     import os
     import subprocess
     import sys
-    code = "from m2r2 import native; print(native.FLAGS[1]); print(native.library_path(native._compiler()).name)"
+    code = "from m2r2.engine import native; print(native.FLAGS[1]); print(native.library_path(native._compiler()).name)"
     env = {k: v for k, v in os.environ.items() if k != "M2R2_NATIVE_MARCH"}
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                            env={**env, **extra}).stdout.split() for extra in ({}, {"M2R2_NATIVE_MARCH": "x86-64"})]

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import m2r2
-from m2r2.draft_model import DraftModel, DraftModelDrafter, draft_loss
-from m2r2.generate import decode
-from m2r2.lookahead import LookaheadDrafter
-from m2r2.medusa import MedusaDrafter, MedusaHeads, medusa_loss
-from m2r2.sampling import SamplingConfig
-from m2r2.speculative import Speculative, StreamDrafter
+from m2r2.decoding.drafters.draft_model import DraftModel, DraftModelDrafter, draft_loss
+from m2r2.decoding.loop import decode
+from m2r2.decoding.drafters.lookahead import LookaheadDrafter
+from m2r2.decoding.drafters.medusa import MedusaDrafter, MedusaHeads, medusa_loss
+from m2r2.engine.sampling import SamplingConfig
+from m2r2.decoding.speculative import Speculative, StreamDrafter
 
 from conftest import assert_close_rel, make_tiny, next_token_probs
 
@@ -87,7 +87,7 @@ def test_perfect_draft_model_is_always_accepted(lm, plain, tmp_path):
 def test_lookahead_window_rows_do_not_change_verification(lm):
     """The verification logits of the joint forward equal those of a forward without window rows."""
     d = LookaheadDrafter(window=3, ngram=3)
-    from m2r2.generate import DecodeState
+    from m2r2.decoding.loop import DecodeState
     st = DecodeState(lm.model, [PROMPTS[0], PROMPTS[3]], [8, 8], SamplingConfig(), cache_slack=16)
     st.prefill()
     st.pending = torch.tensor([5, 9])
@@ -148,7 +148,7 @@ def test_sampling_keeps_the_model_distribution(lm, tmp_path, name):
 
 def test_medusa_and_draft_losses_train_and_round_trip(lm, tmp_path):
     """A few optimiser steps lower both self-distillation losses; saved artifacts load back equal."""
-    from m2r2.accelerator import slow_trace
+    from m2r2.stream.accelerator import slow_trace
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 24))
     mask = torch.ones_like(ids, dtype=torch.bool)

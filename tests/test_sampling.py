@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import m2r2
-from m2r2.sampling import SamplingConfig
+from m2r2.engine.sampling import SamplingConfig
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0),

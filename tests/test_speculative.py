@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import m2r2
-from m2r2.accelerator import Accelerator
-from m2r2.generate import decode
-from m2r2.sampling import SamplingConfig
-from m2r2.speculative import SelfSpeculative
+from m2r2.stream.accelerator import Accelerator
+from m2r2.decoding.loop import decode
+from m2r2.engine.sampling import SamplingConfig
+from m2r2.decoding.speculative import SelfSpeculative
 
 from conftest import assert_close_rel, make_tiny, next_token_probs
 
@@ -112,7 +112,7 @@ def test_rejection_sampling_keeps_the_model_distribution(lm):
 
 # ---- the verifier on hand-written logits ----
 
-from m2r2.speculative import (Draft, DraftHead, PromptLookupDrafter, Speculative, StreamDrafter,  # noqa: E402
+from m2r2.decoding.speculative import (Draft, DraftHead, PromptLookupDrafter, Speculative, StreamDrafter,  # noqa: E402
                               verify)
 
 P = torch.tensor([0.5, 0.3, 0.2, 0.0])

@@ -1,4 +1,4 @@
-"""Thread count and OpenMP wait policy (m2r2.threads): set before torch loads libgomp, user settings kept,
+"""Thread count and OpenMP wait policy (m2r2.engine.threads): set before torch loads libgomp, user settings kept,
 the default thread count follows the CPUs this process may use."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from m2r2 import threads
+from m2r2.engine import threads
 
 # records the environment at the moment torch is first imported, then imports m2r2
 _PROBE = textwrap.dedent("""
@@ -22,7 +22,7 @@ _PROBE = textwrap.dedent("""
     sys.meta_path.insert(0, Spy())
     import m2r2
     m2r2.SamplingConfig  # public names load lazily: this one imports torch
-    print(json.dumps({**seen, "policy": m2r2.threads.spin_policy()}))
+    print(json.dumps({**seen, "policy": m2r2.engine.threads.spin_policy()}))
 """)
 
 
@@ -163,7 +163,7 @@ def test_thread_changes_between_steps_keep_greedy_output(tiny_lm, monkeypatch):
             self._set(1 if self.threads == 2 else 2, 0.0)
             flips.append(self.threads)
 
-    import m2r2.generate as gen
+    import m2r2.decoding.loop as gen
     monkeypatch.setattr(gen, "ThreadGovernor", Flipping)
     out = tiny_lm.generate([5, 6, 7, 8], max_new_tokens=24, temperature=0.0)
     assert out.token_ids == ref.token_ids and len(out.token_ids) > 1

@@ -3,7 +3,7 @@
 The public names that need torch load on first use (PEP 562), so ``import m2r2.cli`` stays light and a
 Ctrl-C while torch loads reaches the command line's handler (one line, no traceback)."""
 
-from .threads import configure_openmp as _configure_openmp
+from .engine.threads import configure_openmp as _configure_openmp
 
 _configure_openmp()  # before anything imports torch (and so loads libgomp)
 
@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 __all__ = ["load", "LM", "GenerationOutput", "GenerationStats", "SamplingConfig", "decode",
            "register_strategy", "M2R2Error", "ModelNotFoundError", "UnsupportedModelError",
            "ContextLengthError", "SamplingError", "PromptFileError", "AdapterError"]
-_LAZY = {"load": "api", "LM": "api", "GenerationOutput": "api", "GenerationStats": "generate",
-         "decode": "generate", "register_strategy": "generate", "SamplingConfig": "sampling"}
+_LAZY = {"load": "api", "LM": "api", "GenerationOutput": "api", "GenerationStats": "decoding.loop",
+         "decode": "decoding.loop", "register_strategy": "decoding.loop", "SamplingConfig": "engine.sampling"}
 
 
 def __getattr__(name: str):

@@ -10,11 +10,11 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import M2R2Error, SamplingError
-from .generate import GenerationStats, Strategy, decode
-from .loading import ModelSource, load_model, resolve
-from .model import WEIGHT_KINDS, lowp_available
-from .sampling import SamplingConfig
-from .threads import available_cpus
+from .decoding.loop import GenerationStats, Strategy, decode
+from .engine.loading import ModelSource, load_model, resolve
+from .engine.model import WEIGHT_KINDS, lowp_available
+from .engine.sampling import SamplingConfig
+from .engine.threads import available_cpus
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -57,7 +57,7 @@ class LM:
         """M2R2 accelerator adapters for this model: from ``path``, or the ones shipped in the package for
         this exact base model, ``rate`` and ``kind`` ("m2r2", or "exit" for the single exit adapter of the
         early-exit peer). Refuses adapters trained for another model."""
-        from .accelerator import Accelerator, find_shipped
+        from .stream.accelerator import Accelerator, find_shipped
         from .errors import AdapterError
         if path is None:
             path = find_shipped(self.source.identity, rate, kind)
@@ -100,7 +100,7 @@ class LM:
 
         Every speculative strategy verifies with the full model, so greedy output equals ``plain``.
 
-        Early exit (lossy; batch 1; ``m2r2.early_exit``): a token leaves at the first checked depth whose
+        Early exit (lossy; batch 1; ``m2r2.decoding.early_exit``): a token leaves at the first checked depth whose
         read-out confidence reaches ``threshold``; ``kv="recompute"`` recomputes the skipped layers' K/V
         exactly and lazily, ``"propagate"`` derives them from the exit state (CALM):
 
@@ -114,21 +114,21 @@ class LM:
           a token that does not exit continues from there instead of restarting, and a lazy one resumes;
         * ``skipdecode``: a position-dependent depth decaying from all layers to ``min_layers`` over ``span``
           tokens, top-aligned, so no K/V is ever missing (post hoc: the model is not fine-tuned for it);
-        * ``mod``: Mixture-of-Depths routing post hoc (``m2r2.mod``): per-block routers fitted on the frozen
+        * ``mod``: Mixture-of-Depths routing post hoc (``m2r2.baselines.mod``): per-block routers fitted on the frozen
           model skip a fraction ``skip`` of tokens at each routed block (the shipped routers, or ``routers``)."""
-        from .speculative import PromptLookupDrafter, Speculative, StreamDrafter
+        from .decoding.speculative import PromptLookupDrafter, Speculative, StreamDrafter
         if draft_weights is None:  # the model's layers as they run, except for quant-draft (int8 copies)
             draft_weights = "int8" if name == "quant-draft" else "fp32"
         if name == "plain":
-            from .generate import PlainStrategy
+            from .decoding.loop import PlainStrategy
             return PlainStrategy()
         if name == "skipdecode":
-            from .early_exit import SkipDecode
+            from .decoding.early_exit import SkipDecode
             L = self.config.num_layers
             return SkipDecode(min_layers=L // 2 if min_layers is None else min_layers, span=span)
         if name == "mod":
-            from .early_exit import MoDSkip
-            from .mod import MoDRouters, find_shipped as find_mod
+            from .decoding.early_exit import MoDSkip
+            from .baselines.mod import MoDRouters, find_shipped as find_mod
             path = routers or find_mod(self.source.identity)
             if path is None:
                 from .errors import AdapterError
@@ -136,7 +136,7 @@ class LM:
                                    "and pass the directory as routers=")
             return MoDSkip(MoDRouters.load(path, self.source.identity, self.config.num_layers), skip)
         if name in ("calm", "m2r2-exit", "m2r2-exit-conf", "calm-adapter"):
-            from .early_exit import ConfidenceRule, EarlyExit
+            from .decoding.early_exit import ConfidenceRule, EarlyExit
             if not threshold >= 0:
                 raise SamplingError(f"threshold must be >= 0, got {threshold}")
             if name == "calm":
@@ -153,7 +153,7 @@ class LM:
                 from .errors import AdapterError
                 raise AdapterError("this adapter has no ARLA router (router.json); train one with "
                                    "`m2r2 train-router`, or use strategy m2r2-exit-conf")
-            from .router import ARLARule
+            from .stream.router import ARLARule
             return EarlyExit(ARLARule(acc.router, threshold), "fast", acc, kv, name=name, ride=ride)
         if draft_weights not in WEIGHT_KINDS:
             raise SamplingError(f"draft weights must be one of {list(WEIGHT_KINDS)}, got {draft_weights!r}")
@@ -178,7 +178,7 @@ class LM:
             except ValueError as e:
                 raise SamplingError(str(e)) from None
         elif name == "lookahead":
-            from .lookahead import LookaheadDrafter
+            from .decoding.drafters.lookahead import LookaheadDrafter
             try:
                 drafter = LookaheadDrafter(window=window, ngram=ngram)
             except ValueError as e:
@@ -195,15 +195,15 @@ class LM:
 
     def _peer_drafter(self, kind: str, path, draft_vocab: bool):
         """The Medusa or draft-model drafter from ``path`` or the artifact shipped for this model."""
-        from .draft_model import DraftModel, DraftModelDrafter
+        from .decoding.drafters.draft_model import DraftModel, DraftModelDrafter
         from .errors import AdapterError
-        from .medusa import MedusaDrafter, MedusaHeads, find_shipped as find_peer, read_draft_vocab
+        from .decoding.drafters.medusa import MedusaDrafter, MedusaHeads, find_shipped as find_peer, read_draft_vocab
         key = (kind, None if path is None else str(path))
         if key not in self._accelerators:
             where = path or find_peer(self.source.identity, kind)
             if where is None:
                 raise AdapterError(f"no {kind} artifact ships for {self.source.name}; train one with "
-                                   "`python -m m2r2.peer_train` and pass its directory as adapter=")
+                                   "`python -m m2r2.training.peers` and pass its directory as adapter=")
             obj = (MedusaHeads.load(where, self.source.identity) if kind == "medusa"
                    else DraftModel.build(where, self.model, self.source.identity))
             self._accelerators[key] = (obj, read_draft_vocab(where, self.config.vocab_size))

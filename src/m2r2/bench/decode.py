@@ -23,11 +23,11 @@ from typing import Callable
 
 import torch
 
-from .. import native
-from ..cli import int_at_least as _int_at_least
+from ..engine import native
+from ..options import int_at_least as _int_at_least
 from ..errors import M2R2Error, PromptFileError
-from ..threads import available_cpus
-from ..model import WEIGHT_BYTES
+from ..engine.threads import available_cpus
+from ..engine.model import WEIGHT_BYTES
 from .harness import (add_common_args, add_near_ties, add_rouge_l, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt,
                       pin_threads, roofline, run_benchmark, run_end, run_start, summarize, validate_prompts,
                       worker_lm, write_results)
@@ -42,7 +42,7 @@ WARMUP_TEXT = "Write two sentences about why benchmarks need a warm-up run."  # 
 class M2R2PlainArm:
     """m2r2's own decoder through the public API: plain decoding from the float32 weights, or from their
     fp16 / int8 copies (``weights``; lossy), or another strategy (``quant-draft``: lossless); with
-    ``use_native=False``, without the native decode kernels (m2r2.native)."""
+    ``use_native=False``, without the native decode kernels (m2r2.engine.native)."""
 
     kind = "m2r2"
 

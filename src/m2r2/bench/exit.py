@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import M2R2Error
-from ..threads import available_cpus
+from ..engine.threads import available_cpus
 from .decode import build_prompts
 from .harness import (add_common_args, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, output_text, pin_threads,
                       roofline, rouge_l, run_benchmark, run_end, run_start, summarize, worker_lm, write_results)

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import int_at_least
+from ..options import int_at_least
 from ..errors import M2R2Error
 from .harness import _md_table, geomean, machine_info, pin_threads, provenance_lines, run_end, run_start
 
@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
     import m2r2
     from ..moe.memory import FileStore, LinkStore, measure_storage
     from ..moe.moefy import load_moefied
-    from ..loading import cache_root
+    from ..engine.loading import cache_root
     from .decode import build_prompts
 
     args.threads = pin_threads(args.threads or 1)

@@ -1,5 +1,5 @@
 """``m2r2 bench spec``: every speculative strategy against m2r2's plain decoding, on the same prompts, in one
-run. The m2r2 arms use the same engine, cache and verifier (``m2r2.speculative``): only the drafter
+run. The m2r2 arms use the same engine, cache and verifier (``m2r2.decoding.speculative``): only the drafter
 differs. Every arm runs in its own worker process, on its own copy of the model. External arms:
 transformers' prompt-lookup assisted generation and llama.cpp plain decoding.
 
@@ -14,9 +14,9 @@ import argparse
 import sys
 import time
 
-from ..cli import int_at_least as _int_at_least
+from ..options import int_at_least as _int_at_least
 from ..errors import M2R2Error
-from ..threads import available_cpus
+from ..engine.threads import available_cpus
 from .decode import HFGenerateArm, LlamaCppArm, build_prompts
 from .harness import (add_common_args, add_near_ties, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, pin_threads,
                       roofline, run_benchmark, run_end, run_start, summarize, worker_lm, write_results)
@@ -94,7 +94,7 @@ class HFAssistArm(HFGenerateArm):
     def setup(self) -> None:
         import functools
 
-        from ..draft_model import to_hf
+        from ..decoding.drafters.draft_model import to_hf
         from ..errors import AdapterError
         try:
             drafter = self.lm.strategy("draft-model").drafter

@@ -15,7 +15,7 @@ def _data_main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import int_at_least
+    from ..options import int_at_least
     from .data import SHAKESPEARE_DEFAULT
     p = subparsers.add_parser("family-data", help="build the family corpus, BPE tokenizer and token streams",
                               description="ShareGPT conversations + Gutenberg Shakespeare -> tokenizer.json, "

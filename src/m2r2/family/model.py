@@ -1,6 +1,6 @@
 """One decoder, many depths: every architecture of the family is a ``FamilyConfig`` of ``FamilyModel``.
 
-The blocks are the engine's own (``m2r2.model.Block``: fused q/k/v and gate/up, RMSNorm, RoPE from the
+The blocks are the engine's own (``m2r2.engine.model.Block``: fused q/k/v and gate/up, RMSNorm, RoPE from the
 shared table, SDPA); what differs between architectures is only *which* block runs on *which* tokens:
 
 * ``vanilla``   - L unique blocks, every token through every block.
@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..engine.config import ModelConfig
 from ..errors import M2R2Error
-from ..model import Block, RMSNorm
+from ..engine.model import Block, RMSNorm
 
 ARCHS = ("vanilla", "recursive", "mor-ec", "mor-tc", "mor-kv", "mod", "pmod", "vmod")
 MOR = ("recursive", "mor-ec", "mor-tc", "mor-kv")
@@ -234,7 +234,7 @@ class FamilyModel(nn.Module):
         super().__init__()
         from transformers import LlamaConfig
 
-        from ..loading import rope_table
+        from ..engine.loading import rope_table
         self.cfg = cfg
         n_blocks, self.groups, router_sizes = build_plan(cfg)
         self.n_slots = 1 + max(slot for g in self.groups for _, slot, _ in g.apps)

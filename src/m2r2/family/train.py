@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..bench.harness import _command_line
+from ..provenance import command_line
 from ..errors import M2R2Error
-from ..files import load_checkpoint
-from ..train import _atomic_save, open_log
+from ..artifacts import load_checkpoint
+from ..training.adapters import _atomic_save, open_log
 from .data import TokenData
 from .model import ARCHS, Counter, FamilyConfig, FamilyModel
 
@@ -180,7 +180,7 @@ def train(cfg: FamilyTrainConfig, progress: bool = True, stop_after: int | None 
                       "step": step, "flops": spent, "tokens": tokens, "wall_seconds": wall,
                       "rng": torch.get_rng_state(), "last": last}, ckpt_path)
         if final:
-            save_model(raw, out, {"command": _command_line(), "config": asdict(cfg), "steps": step,
+            save_model(raw, out, {"command": command_line(), "config": asdict(cfg), "steps": step,
                                   "train_flops": spent, "tokens": tokens, "wall_seconds": round(wall, 1),
                                   "unique_parameters": raw.unique_parameters(), "last_log": last})
 
@@ -226,7 +226,7 @@ def train(cfg: FamilyTrainConfig, progress: bool = True, stop_after: int | None 
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    from ..cli import float_in, int_at_least
+    from ..options import float_in, int_at_least
     d = FamilyTrainConfig()
     p.add_argument("--arch", choices=ARCHS, default=d.arch)
     p.add_argument("--out", default=None, help="output directory (default: runs/family/<arch>); re-run to resume")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import float_in, int_at_least, int_list
+from ..options import float_in, int_at_least, int_list
 
 
 def cmd_moefy(args: argparse.Namespace) -> int:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..engine.config import ModelConfig
 from ..errors import UnsupportedModelError
-from ..model import RMSNorm, Transformer, hf_state_dict_to_m2r2
+from ..engine.model import RMSNorm, Transformer, hf_state_dict_to_m2r2
 from .layers import MoEBlock, MoEFFN, MoEModel, MoESpec, SharedMLP, pack_expert
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "olmoe")
@@ -69,7 +69,7 @@ def load_hf_moe(path: str | os.PathLike, threads: int | None = None, max_positio
     budgeted provider is set). ``moe.tokenizer`` is the checkpoint's tokenizer or None."""
     from transformers import AutoConfig
 
-    from ..loading import _eos_ids, _load_state_dict, _load_tokenizer, rope_table
+    from ..engine.loading import _eos_ids, _load_state_dict, _load_tokenizer, rope_table
 
     d = Path(path)
     try:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import Block, Transformer
+from ..engine.model import Block, Transformer
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ No small MoE language model ships in any package we can reach, so m2r2 makes one
    Equal sizes matter: an expert is the unit of transfer, and the memory budget counts slots.
 3. **Routers.** An expert's importance for a token is the norm of its contribution to the FFN output,
    ``||down_e a_e||``; a linear router per layer predicts it from ``h`` by ridge regression in closed form
-   (no learning rate; streamed normal equations, like ``m2r2.mod``). At run time the top-k experts by
+   (no learning rate; streamed normal equations, like ``m2r2.baselines.mod``). At run time the top-k experts by
    predicted importance run and their outputs are summed: all E selected is exactly the dense FFN.
 
 SwiGLU activations are not sparse like the ReLU ones MoEfication was designed for, so quality falls

@@ -1,6 +1,6 @@
 """Expert-loading strategies on one engine: the decode strategy and the prefetch policies.
 
-``MoEDecode`` is a decode-loop strategy (``m2r2.generate``) for an ``MoEModel``: one token per step through
+``MoEDecode`` is a decode-loop strategy (``m2r2.decoding.loop``) for an ``MoEModel``: one token per step through
 the model's own layers, exactly like plain decoding, so every policy computes the same thing (the
 provider only decides *when* an expert's weights arrive). With an M2R2 accelerator it also runs the fast
 stream in lockstep, one fast layer after each of the first F slow layers:

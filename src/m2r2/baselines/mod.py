@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AdapterError, SamplingError
-from .files import load_pair, save_pair
+from ..errors import AdapterError, SamplingError
+from ..artifacts import load_pair, save_pair
 
 MOD_FORMAT = 1
 N_QUANTILES = 101
@@ -104,7 +104,7 @@ class MoDRouters(nn.Module):
 
 
 def find_shipped(identity: str) -> Path | None:
-    from .accelerator import shipped_dir
+    from ..stream.accelerator import shipped_dir
     root = shipped_dir()
     for f in sorted(root.glob("*/mod.json")) if root.is_dir() else []:
         try:
@@ -122,7 +122,7 @@ def find_shipped(identity: str) -> Path | None:
 @torch.no_grad()
 def block_updates(model, ids: torch.Tensor, mask: torch.Tensor, routed: list[int]):
     """For the response positions of one sequence: per routed block, (features (n, D), log relative update (n,))."""
-    from .accelerator import slow_trace
+    from ..stream.accelerator import slow_trace
     states, _ = slow_trace(model, ids)
     sel = mask[0].nonzero()[:, 0]
     out = {}
@@ -137,7 +137,7 @@ def fit(lm, records: list[dict], val_records: list[dict], routed: list[int], rid
         max_len: int = 320, progress: bool = True) -> tuple[MoDRouters, dict]:
     from tqdm.auto import tqdm
 
-    from .train import make_batch
+    from ..training.adapters import make_batch
 
     model, D = lm.model, lm.config.hidden_size
     A = {i: torch.zeros(D + 1, D + 1, dtype=torch.float64) for i in routed}
@@ -187,8 +187,8 @@ def fit(lm, records: list[dict], val_records: list[dict], routed: list[int], rid
 
 def main(args: argparse.Namespace) -> int:
     import m2r2
-    from .bench.harness import _command_line
-    from .distill_data import load_dataset
+    from ..provenance import command_line
+    from ..training.data import load_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
     train = [records[i] for i in order[n_val:][: args.sequences]]
     t0 = time.perf_counter()
     routers, report = fit(lm, train, val, routed, args.ridge, args.max_len, not args.no_progress)
-    routers.cfg.training = {"command": _command_line(), "data": str(args.data), "sequences": len(train),
+    routers.cfg.training = {"command": command_line(), "data": str(args.data), "sequences": len(train),
                             "val_sequences": len(val), "wall_seconds": round(time.perf_counter() - t0, 1),
                             **{k: v for k, v in report.items() if k != "per_layer"}}
     out = Path(args.out)
@@ -214,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .cli import float_in, int_at_least
+    from ..options import float_in, int_at_least
     p = subparsers.add_parser("train-mod", help="fit post-hoc Mixture-of-Depths routers (the MoD baseline)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")

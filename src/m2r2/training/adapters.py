@@ -2,7 +2,7 @@
 
     m2r2 data --n 1024 --out runs/distill                  # the base model's own responses
     m2r2 train --data runs/distill --out runs/adapter-r2   # adapters for rate 2
-    accelerate launch -m m2r2.train --data ... --out ...   # the same on many processes / GPUs
+    accelerate launch -m m2r2.training.adapters --data ... --out ...   # the same on many processes / GPUs
 
 Training runs through Hugging Face Accelerate: the adapters (the only trainable parameters) are wrapped
 for data parallelism, each process takes its share of every global batch, and only the main process
@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .accelerator import Accelerator as M2R2Accelerator
-from .accelerator import LossWeights, distill_loss, write_draft_vocab
-from .bench.harness import _command_line
-from .errors import M2R2Error
-from .files import load_checkpoint
+from ..stream.accelerator import Accelerator as M2R2Accelerator
+from ..stream.accelerator import LossWeights, distill_loss, write_draft_vocab
+from ..provenance import command_line
+from ..errors import M2R2Error
+from ..artifacts import load_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -171,13 +171,13 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     from accelerate import Accelerator as HFAccelerator
     from tqdm.auto import tqdm
 
-    from .distill_data import load_dataset
+    from .data import load_dataset
 
     hfacc = HFAccelerator(cpu=not torch.cuda.is_available())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if lm is None:
-        from .api import load
+        from ..api import load
         lm = load(cfg.model, threads=cfg.threads)
     model = lm.model.to(hfacc.device)
     records = load_dataset(cfg.data, model_identity=lm.source.identity)
@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
                       "wall_seconds": wall_before + time.perf_counter() - t_start}, ckpt_path)
         if final:
             adapters.cfg.training = {
-                "command": _command_line(),
+                "command": command_line(),
                 "config": asdict(cfg), "examples": len(records), "steps": step,
                 "tokens_seen": tokens_seen_total, "wall_seconds": round(wall_before + time.perf_counter() - t_start, 1),
                 "processes": hfacc.num_processes, "last_log": last,
@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    from .cli import float_in, int_at_least, int_list
+    from ..options import float_in, int_at_least, int_list
     d = TrainConfig(data="")
     p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
     p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); re-run to resume")
@@ -322,5 +322,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    from .cli import run_standalone
-    run_standalone("python -m m2r2.train", __doc__.split("\n\n")[0], _add_args, main)
+    from ..options import run_standalone
+    run_standalone("python -m m2r2.training.adapters", __doc__.split("\n\n")[0], _add_args, main)

@@ -1,9 +1,9 @@
 """Train the speculative peers that need training: Medusa heads and a distilled 2-model draft.
 
-    python -m m2r2.peer_train --data data/distill-smollm2-135m --out runs/peers --steps 40 --warmup-steps 8 --threads 1
+    python -m m2r2.training.peers --data data/distill-smollm2-135m --out runs/peers --steps 40 --warmup-steps 8 --threads 1
 
 Same data, batches and number of scored tokens as ``m2r2 train`` with the same ``--steps/--batch-size/
---max-len/--seed`` (``m2r2.train.batch_indices`` and ``make_batch``: the scored positions are the last prompt
+--max-len/--seed`` (``m2r2.training.adapters.batch_indices`` and ``make_batch``: the scored positions are the last prompt
 position and the response). Both peers learn from the frozen full model (KL to its distribution), so one
 teacher forward per batch serves both; each has its own AdamW optimiser and the schedule of ``m2r2 train``.
 Writes ``<out>/medusa`` and ``<out>/draft`` (each with the frequent-token draft vocabulary and a json
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import M2R2Error
-from .files import load_checkpoint
+from ..errors import M2R2Error
+from ..artifacts import load_checkpoint
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    from .cli import float_in, int_at_least, int_list
+    from ..options import float_in, int_at_least, int_list
     p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
     p.add_argument("--out", default="runs/peers")
     p.add_argument("--steps", type=int_at_least("--steps", 1), default=40)
@@ -50,13 +50,13 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .accelerator import slow_trace, write_draft_vocab
-    from .api import load
-    from .bench.harness import _command_line
-    from .distill_data import load_dataset
-    from .draft_model import DraftModel, draft_loss
-    from .medusa import MedusaHeads, medusa_loss
-    from .train import TrainConfig, _atomic_save, batch_indices, lr_at, make_batch, open_log
+    from ..stream.accelerator import slow_trace, write_draft_vocab
+    from ..api import load
+    from ..provenance import command_line
+    from .data import load_dataset
+    from ..decoding.drafters.draft_model import DraftModel, draft_loss
+    from ..decoding.drafters.medusa import MedusaHeads, medusa_loss
+    from .adapters import TrainConfig, _atomic_save, batch_indices, lr_at, make_batch, open_log
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
     if not last:  # resumed at the end: the last logged step
         lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
         last = next((x for x in reversed(lines) if x["step"] == step), {})
-    common = {"command": _command_line(), "config": identity, "examples": len(records), "steps": step,
+    common = {"command": command_line(), "config": identity, "examples": len(records), "steps": step,
               "schedule_steps": args.steps,
               "tokens_seen": tokens, "shared_teacher_seconds": round(secs["teacher"], 1),
               "wall_seconds_both": round(secs["wall"], 1), "threads": args.threads}
@@ -175,5 +175,5 @@ def ship(src: str, dst: str) -> Path:
 
 
 if __name__ == "__main__":
-    from .cli import run_standalone
-    run_standalone("python -m m2r2.peer_train", __doc__.split("\n\n")[0], _add_args, main)
+    from ..options import run_standalone
+    run_standalone("python -m m2r2.training.peers", __doc__.split("\n\n")[0], _add_args, main)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .accelerator import Accelerator, slow_trace
-from .errors import M2R2Error
+from ..stream.accelerator import Accelerator, slow_trace
+from ..errors import M2R2Error
 
 
 def _layer_metrics(model, states: list[torch.Tensor], final: torch.Tensor, target: torch.Tensor,
@@ -120,8 +120,8 @@ def plot(doc: dict, path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import m2r2
-    from .bench.harness import machine_info
-    from .prompts import load_prompts
+    from .harness import machine_info
+    from ..prompts import load_prompts
 
     lm = m2r2.load(args.model, threads=args.threads)
     acc = None
@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .cli import int_at_least, int_list
+    from ..options import int_at_least, int_list
     p = subparsers.add_parser("analyze", help="per-layer velocity / alignment / agreement, slow vs fast stream",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", default="mt-bench", help="built-in set or JSONL (default: mt-bench)")

@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterError
-from .files import check_token_ids, check_tensors, shapes_of
-from .generate import DecodeState
-from .model import Transformer
+from ...errors import AdapterError
+from ...artifacts import check_token_ids, check_tensors, shapes_of
+from ..loop import DecodeState
+from ...engine.model import Transformer
 
 if TYPE_CHECKING:
-    from .speculative import Draft
+    from ..speculative import Draft
 
 WEIGHTS, CONFIG = "medusa.safetensors", "medusa.json"
 
@@ -133,7 +133,7 @@ class MedusaDrafter:
         self.depth = 0  # no layer runs to draft: only the heads' blocks and the read-out (bench accounting)
 
     def setup(self, state: DecodeState) -> None:
-        from .speculative import DraftHead
+        from ..speculative import DraftHead
         if self._head is None or self._head.model is not state.model:
             self._head = DraftHead(state.model, self.vocab)
         self.h = None  # (B, g+1, D) final states of the last verification forward
@@ -150,7 +150,7 @@ class MedusaDrafter:
         return state.model.head(x)
 
     def draft(self, state: DecodeState, gamma: int) -> Draft:
-        from .speculative import Draft
+        from ..speculative import Draft
         B = state.batch
         if self.h is None:  # first step after prefill: no final state yet
             return Draft(torch.zeros(B, 0, dtype=torch.long))
@@ -172,7 +172,7 @@ class MedusaDrafter:
 
 def find_shipped(identity: str, kind: str) -> Path | None:
     """A shipped peer artifact (``kind``: "medusa" or "draft-model") for this base model, if any."""
-    from .accelerator import shipped_dir
+    from ...stream.accelerator import shipped_dir
     root = shipped_dir()
     for cfg_file in sorted(root.glob("*/*.json")) if root.is_dir() else []:
         try:

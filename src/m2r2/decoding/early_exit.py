@@ -27,9 +27,9 @@ from typing import Protocol
 
 import torch
 
-from .accelerator import Accelerator
-from .generate import DecodeState
-from .errors import SamplingError
+from ..stream.accelerator import Accelerator
+from .loop import DecodeState
+from ..errors import SamplingError
 
 
 class ExitRule(Protocol):
@@ -304,7 +304,7 @@ class SkipDecode:
 
 
 class MoDSkip:
-    """Mixture-of-Depths routing applied post hoc (``m2r2.mod``): at every routed block a token whose
+    """Mixture-of-Depths routing applied post hoc (``m2r2.baselines.mod``): at every routed block a token whose
     router score is below the block's threshold (set by the capacity ``skip``, the fraction of tokens to
     skip each block) rides the residual connection past it. The skipped block still writes the token's
     K/V from the state entering it, which is what that block computes from the state, so no K/V is ever

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterError
-from .files import check_token_ids, check_tensors, shapes_of
-from .model import RMSNorm, StepContext, Transformer
+from ..errors import AdapterError
+from ..artifacts import check_token_ids, check_tensors, shapes_of
+from ..engine.model import RMSNorm, StepContext, Transformer
 
 ADAPTER_FORMAT = 1
 DRAFT_VOCAB = "draft_vocab.json"
@@ -349,7 +349,7 @@ def ship(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def shipped_dir() -> Path:
-    return Path(__file__).resolve().parent / "adapters"
+    return Path(__file__).resolve().parent.parent / "adapters"
 
 
 def find_shipped(identity: str, rate: int, kind: str = "m2r2") -> Path | None:

@@ -8,9 +8,9 @@
  * at ~25 GB/s. Here a block is one call: the small ops run in place on a few KB of floats, and each
  * product streams its weight once, every thread over a contiguous slab of rows.
  *
- * Layouts (those of m2r2.model): a linear weight is stored transposed, (in, out) row-major, in float32 or
+ * Layouts (those of m2r2.engine.model): a linear weight is stored transposed, (in, out) row-major, in float32 or
  * (the fp16 copies) IEEE half; the KV cache of a layer is (kv_heads, max_len, head_dim) for batch 1; RoPE
- * rows are cos and the sign-folded sin. Built at run time by m2r2.native with the host compiler (-O3
+ * rows are cos and the sign-folded sin. Built at run time by m2r2.engine.native with the host compiler (-O3
  * -march=native -fopenmp); OpenMP resolves to the libgomp PyTorch already loaded, so both share one
  * thread team.
  *
@@ -115,7 +115,7 @@ static void axpy_rows_f16(float *restrict acc, const float *restrict x, const ha
 AXPY_ROWS(axpy_rows_f16, half, H2F)
 #endif
 
-enum { KIND_F32 = 0, KIND_F16 = 1 };  /* weight storage, as m2r2.native passes it */
+enum { KIND_F32 = 0, KIND_F16 = 1 };  /* weight storage, as m2r2.engine.native passes it */
 
 /* Four rows of x at once over float32 W: acc_q[0:n) += sum_r x_q[r] W[r, 0:n) for q < 4 (acc_q = acc + q*as,
  * x_q = x + q*xs). Each group of 4 W rows is loaded once for the four rows; per row, the terms are summed
@@ -235,7 +235,7 @@ long m2r2_block_scratch(const m2r2_dims *d, int T, int max_len, int threads) {
 /* T token rows through one block, in place on x (T, hidden): x += Attn(norm(x)); x += MLP(norm(x)).
  * Row t belongs to batch row row_b[t] of the KV cache (batch, kv_heads, max_len, head_dim) and sits at
  * position row_pos[t]: its rotated K and V go to that slot and it attends to slots 0..row_pos[t] of its
- * batch row (the causal rule of m2r2.cache; slots below a row's position are always written). So T
+ * batch row (the causal rule of m2r2.engine.cache; slots below a row's position are always written). So T
  * consecutive tokens of one sequence (a verification) and one token of each of T sequences (a batched
  * decode step, ragged or not) are the same call. cos and sin are the rows' RoPE rows (T, head_dim; sin
  * sign-folded so that rot(v) = v*cos + roll(v, hd/2)*sin). Every row's K/V is written before any row

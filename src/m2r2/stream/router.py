@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import load_checkpoint, load_pair, save_pair
+from ..artifacts import load_checkpoint, load_pair, save_pair
 
 ROUTER_FORMAT = 1
 
@@ -114,7 +114,7 @@ def extract(lm, acc, records: list[dict], positions_per_seq: int, max_len: int, 
     from tqdm.auto import tqdm
 
     from .accelerator import slow_trace
-    from .train import make_batch
+    from ..training.adapters import make_batch
 
     model = lm.model
     rng = random.Random(seed)
@@ -188,8 +188,8 @@ def evaluate(router: ARLARouter, val: dict) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     import m2r2
-    from .bench.harness import _command_line
-    from .distill_data import load_dataset
+    from ..provenance import command_line
+    from ..training.data import load_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -228,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
         os.replace(tmp, cache)
     router = ARLARouter(RouterConfig(lm.config.hidden_size, acc.fast_layers, args.latent))
     res = fit(router, feats, val, args.epochs, args.lr, seed=args.seed, progress=not args.no_progress)
-    router.cfg.training = {"command": _command_line(), "positions": int(feats["labels"].shape[0]),
+    router.cfg.training = {"command": command_line(), "positions": int(feats["labels"].shape[0]),
                            "val_positions": int(val["labels"].shape[0]), "sequences": len(train_idx),
                            "epochs": args.epochs, "wall_seconds": round(time.perf_counter() - t0, 1),
                            "final": res["final"], "best_epoch": res["final"]["epoch"],
@@ -239,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .cli import float_in, int_at_least
+    from ..options import float_in, int_at_least
     p = subparsers.add_parser("train-router", help="train ARLA, the exit router, for an M2R2 adapter",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")

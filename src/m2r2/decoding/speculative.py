@@ -37,10 +37,10 @@ from typing import Protocol
 
 import torch
 
-from .accelerator import Accelerator
-from .generate import DecodeState
-from .model import WEIGHT_BYTES, Linear, Transformer
-from .sampling import SamplingConfig
+from ..stream.accelerator import Accelerator
+from .loop import DecodeState
+from ..engine.model import WEIGHT_BYTES, Linear, Transformer
+from ..engine.sampling import SamplingConfig
 
 
 @dataclass

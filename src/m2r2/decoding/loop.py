@@ -15,10 +15,10 @@ from typing import Callable, Protocol
 
 import torch
 
-from .errors import ContextLengthError, SamplingError
-from .model import Transformer
-from .sampling import SamplingConfig
-from .threads import ThreadGovernor
+from ..errors import ContextLengthError, SamplingError
+from ..engine.model import Transformer
+from ..engine.sampling import SamplingConfig
+from ..engine.threads import ThreadGovernor
 
 
 @dataclass
@@ -32,7 +32,7 @@ class GenerationStats:
     layer_calls: int = 0  # token rows x layers executed (compute accounting)
     steps: int = 0  # decode-loop iterations after prefill
     strategy: str = "plain"
-    thread_changes: int = 0  # times the thread governor (m2r2.threads) moved the thread count
+    thread_changes: int = 0  # times the thread governor (m2r2.engine.threads) moved the thread count
     extra: dict = field(default_factory=dict)  # strategy-specific counters (drafts, acceptance, ...)
 
     def to_dict(self) -> dict:

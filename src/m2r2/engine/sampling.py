@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SamplingError
+from ..errors import SamplingError
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ class Linear(nn.Module):
     ``(parts, in/parts, out)``, one ``bmm`` lets each thread stream its own contiguous block into a
     partial sum; two threads then read 18-25 GB/s depending on the shape (measured on the 2-core CI
     machine kind). The layout is chosen at load time (``parts`` = intra-op threads); ``dense()`` gives
-    back (out, in), and the same memory read as (in, out) is what the native kernels stream (m2r2.native:
+    back (out, in), and the same memory read as (in, out) is what the native kernels stream (m2r2.engine.native:
     one-row products run there when they are built, and whole blocks of decode-sized steps). Derived
     copies, built on demand and never saved: ``packed`` for 2..16 rows (see ``build_row_layout``) and
     ``lowp``, fp16 / int8 copies that ``mode`` selects (see ``build_lowp``; ``half``, the fp16 one for the
@@ -107,7 +107,7 @@ class Linear(nn.Module):
         # (None: the float32 weight). Derived and opaque like ``packed``
         self.lowp: dict[str, torch.Tensor] = {}
         self.mode: str | None = None
-        # the fp16 weight as a plain (in, out) half tensor, for the native kernels (m2r2.native)
+        # the fp16 weight as a plain (in, out) half tensor, for the native kernels (m2r2.engine.native)
         self.half: torch.Tensor | None = None
 
     def __getstate__(self):  # copies and pickles drop the derived copies (rebuild with build_row_layout)
@@ -267,7 +267,7 @@ class Block(nn.Module):
         ctx.cache.update(self.index, k, v, ctx.write)
 
     def _runs_natively(self, x: torch.Tensor, ctx: "StepContext") -> bool:
-        """Whether the native block kernel computes this call exactly (see m2r2.native): not when a submodule
+        """Whether the native block kernel computes this call exactly (see m2r2.engine.native): not when a submodule
         was replaced (e.g. by a LoRA-wrapped linear), nor when hooks expect the submodules to be called."""
         mods = self._modules  # (direct dict reads: this runs for every block of every step)
         if not ctx.native or any(type(mods[n]) is not t for n, t in self._NATIVE_PARTS):
@@ -299,7 +299,7 @@ class StepContext:
         self.positions = positions
         self.write = WriteSpec(positions, cache.max_len)
         self.cos, self.sin = model.rope(positions)
-        # a decode-sized step in float32 on CPU: blocks may run natively (m2r2.native), as long as the mask is
+        # a decode-sized step in float32 on CPU: blocks may run natively (m2r2.engine.native), as long as the mask is
         # still the causal one built here (strategies that ride extra rows replace it)
         self.native = positions.numel() <= Linear.GEMM_ROWS and type(cache) is KVCache \
             and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" and native.available()
