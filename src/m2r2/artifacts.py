@@ -112,3 +112,12 @@ def load_checkpoint(path: str | os.PathLike, error: type[M2R2Error] = M2R2Error)
     if not isinstance(ck, dict):
         raise error(f"{p} is not an m2r2 checkpoint (holds a {type(ck).__name__}); delete it to start over")
     return ck
+
+
+def cache_root() -> Path:
+    """Where m2r2 keeps what it derives (converted models, built kernels): $M2R2_CACHE, else the XDG cache."""
+    root = os.environ.get("M2R2_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "m2r2"

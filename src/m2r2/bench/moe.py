@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
     import m2r2
     from ..moe.memory import FileStore, LinkStore, measure_storage
     from ..moe.moefy import load_moefied
-    from ..engine.loading import cache_root
+    from ..artifacts import cache_root
     from .decode import build_prompts
 
     args.threads = pin_threads(args.threads or 1)

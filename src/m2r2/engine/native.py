@@ -69,7 +69,7 @@ def _compiler() -> str | None:
 
 
 def library_path(cc: str) -> Path:
-    from .loading import cache_root
+    from ..artifacts import cache_root
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
