@@ -8,7 +8,7 @@ import torch
 
 import m2r2
 from m2r2.stream.accelerator import Accelerator
-from m2r2.decoding.early_exit import ConfidenceRule, EarlyExit, FixedDepthRule
+from m2r2.decoding.early_exit import ConfidenceRule, EarlyExit, ExitRule, FixedDepthRule
 from m2r2.decoding.loop import DecodeState, decode
 from m2r2.engine.sampling import SamplingConfig
 
@@ -65,7 +65,7 @@ def _run(lm, strat, prompt, n):
     return state, toks
 
 
-class ScriptedRule:
+class ScriptedRule(ExitRule):  # the declared rule interface (needs_logits defaults to True)
     """Token k exits at depth script[k % len(script)] (None: goes full depth)."""
 
     name = "scripted"
@@ -117,12 +117,12 @@ def test_propagation_approximates_the_skipped_layers(lm):
 
 
 def test_early_exit_refuses_batches(lm):
-    with pytest.raises(m2r2.SamplingError, match="batch 1"):
+    with pytest.raises(m2r2.StrategyError, match="batch 1"):
         decode(lm.model, PROMPTS[:2], max_new_tokens=4, strategy=EarlyExit(FixedDepthRule(1)))
 
 
 def test_skipdecode_without_skipping_is_plain_and_never_reads_a_skipped_key(lm):
-    from m2r2.decoding.early_exit import SkipDecode
+    from m2r2.baselines.layer_skip import SkipDecode
     p = PROMPTS[1]
     plain, _ = decode(lm.model, [p], max_new_tokens=24)
     out, st = decode(lm.model, [p], max_new_tokens=24, strategy=SkipDecode(min_layers=6, max_layers=6))
@@ -157,7 +157,7 @@ def _routers(lm, scores_below: bool):
 
 
 def test_mod_that_skips_nothing_is_plain_decoding(lm):
-    from m2r2.decoding.early_exit import MoDSkip
+    from m2r2.baselines.layer_skip import MoDSkip
     for routers, skip in ((_routers(lm, False), 0.5), (_routers(lm, True), 0.0)):
         for p in PROMPTS[:2]:
             plain, _ = decode(lm.model, [p], max_new_tokens=24)
@@ -168,7 +168,7 @@ def test_mod_that_skips_nothing_is_plain_decoding(lm):
 def test_mod_skipping_every_routed_block_runs_first_and_last_and_writes_their_kv(lm):
     """Every routed block skipped: the token's state passes blocks 1..L-2 unchanged, and each skipped
     block's K/V are the ones that block computes from the state entering it (so a later token finds them)."""
-    from m2r2.decoding.early_exit import MoDSkip
+    from m2r2.baselines.layer_skip import MoDSkip
     L = lm.config.num_layers
     strat = MoDSkip(_routers(lm, True), 0.5, first=1)
     prompt = PROMPTS[1]
@@ -253,7 +253,7 @@ def test_riding_exits_like_the_fast_stream_alone_and_leaves_the_slow_cache(lm, a
 
 
 def test_riding_needs_the_fast_stream(acc):
-    with pytest.raises(m2r2.SamplingError, match="ride"):
+    with pytest.raises(m2r2.StrategyError, match="ride"):
         EarlyExit(FixedDepthRule(1), "slow", None, "recompute", ride=True)
 
 
@@ -284,5 +284,5 @@ def test_calm_with_one_exit_adapter_reads_out_through_it_at_its_depth(lm):
         h = model.layer(i, h, ctx)
     with_adapter = int(model.head(h + ex.adapters[0](h))[0, 0].argmax())
     assert toks[1] == with_adapter
-    with pytest.raises(m2r2.SamplingError, match="exit_adapter"):
+    with pytest.raises(m2r2.StrategyError, match="exit_adapter"):
         EarlyExit(FixedDepthRule(1), "fast", ex, "recompute", exit_adapter=ex)

@@ -49,13 +49,13 @@ def test_not_a_gguf(tmp_path):
 
 
 def test_empty_prompt_and_bad_ids(tiny_lm):
-    with pytest.raises(m2r2.SamplingError):
+    with pytest.raises(m2r2.PromptError):
         tiny_lm.generate([], max_new_tokens=3)
-    with pytest.raises(m2r2.SamplingError):
+    with pytest.raises(m2r2.PromptError):
         tiny_lm.generate([5, 10_000], max_new_tokens=3)
     with pytest.raises(m2r2.SamplingError):
         tiny_lm.generate([5], max_new_tokens=-1)
-    with pytest.raises(m2r2.SamplingError):
+    with pytest.raises(m2r2.StrategyError):
         tiny_lm.generate([5], max_new_tokens=3, strategy="nonsense")
     with pytest.raises(m2r2.M2R2Error, match="tokenizer"):
         tiny_lm.generate("text needs a tokenizer", max_new_tokens=3)
@@ -264,9 +264,9 @@ def test_ctrl_c_while_importing_torch(tmp_path):
 
 
 def test_api_bad_settings_raise_typed_errors(tiny_lm):
-    with pytest.raises(m2r2.SamplingError, match="ngram"):
+    with pytest.raises(m2r2.StrategyError, match="ngram"):
         tiny_lm.strategy("prompt-lookup", max_ngram=0)
-    with pytest.raises(m2r2.SamplingError, match="token ids"):
+    with pytest.raises(m2r2.PromptError, match="token ids"):
         tiny_lm.generate(["not", "ids"], max_new_tokens=3)
-    with pytest.raises(m2r2.SamplingError, match="gamma"):
+    with pytest.raises(m2r2.StrategyError, match="gamma"):
         tiny_lm.strategy("early-exit", gamma=0)

@@ -115,11 +115,11 @@ def test_load_with_reduced_precision_weights(tmp_path):
     lm = m2r2.load(tmp_path, weights="fp16")
     assert lm.model.weights == "fp16"
     assert lm.generate([5, 6, 7], max_new_tokens=4).stats.new_tokens >= 1
-    with pytest.raises(m2r2.SamplingError, match="weights must be one of"):
+    with pytest.raises(m2r2.WeightFormatError, match="weights must be one of"):
         m2r2.load(tmp_path, weights="int4")
-    with pytest.raises(m2r2.SamplingError, match="draft weights"):
+    with pytest.raises(m2r2.StrategyError, match="draft weights"):
         lm.strategy("quant-draft", draft_weights="fp32")
-    with pytest.raises(m2r2.SamplingError, match="draft weights"):
+    with pytest.raises(m2r2.StrategyError, match="draft weights"):
         lm.strategy("early-exit", draft_weights="bf16")
     with pytest.raises(ValueError, match="draft weights"):
         StreamDrafter(None, depth=2, weights="int4")

@@ -7,15 +7,17 @@ from .engine.threads import configure_openmp as _configure_openmp
 
 _configure_openmp()  # before anything imports torch (and so loads libgomp)
 
-from .errors import (AdapterError, ContextLengthError, M2R2Error, ModelNotFoundError, PromptFileError,
-                     SamplingError, UnsupportedModelError)
+from .errors import (AdapterError, ContextLengthError, M2R2Error, ModelNotFoundError, OptionError, PromptError,
+                     PromptFileError, SamplingError, StrategyError, UnsupportedModelError, WeightFormatError)
 
 __version__ = "0.1.0"
-__all__ = ["load", "LM", "GenerationOutput", "GenerationStats", "SamplingConfig", "decode",
-           "register_strategy", "M2R2Error", "ModelNotFoundError", "UnsupportedModelError",
-           "ContextLengthError", "SamplingError", "PromptFileError", "AdapterError"]
-_LAZY = {"load": "api", "LM": "api", "GenerationOutput": "api", "GenerationStats": "decoding.loop",
-         "decode": "decoding.loop", "register_strategy": "decoding.loop", "SamplingConfig": "engine.sampling"}
+__all__ = ["load", "LM", "GenerationOutput", "GenerationStats", "SamplingConfig", "decode", "Strategy",
+           "register_strategy", "Options", "option", "M2R2Error", "ModelNotFoundError", "UnsupportedModelError",
+           "ContextLengthError", "OptionError", "SamplingError", "StrategyError", "WeightFormatError", "PromptError",
+           "PromptFileError", "AdapterError"]
+_LAZY = {"load": "api", "LM": "api", "GenerationOutput": "api", "GenerationStats": "decoding.state",
+         "decode": "decoding.loop", "Strategy": "decoding.state", "register_strategy": "decoding.registry",
+         "Options": "decoding.registry", "option": "decoding.registry", "SamplingConfig": "engine.sampling"}
 
 
 def __getattr__(name: str):

@@ -12,14 +12,14 @@ from .options import ArgumentParser, argv as _argv, float_in, int_at_least, posi
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from .engine.model import WEIGHT_KINDS
+    from .engine.weights import names as weight_format_names
     p.add_argument("--model", default=None,
                    help="model directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=_positive_int("--threads"), default=None,
                    help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight dtype (float32: exact and fastest on CPU; bfloat16: for GPUs, slow on CPU)")
-    p.add_argument("--weights", default="fp32", choices=list(WEIGHT_KINDS),
+    p.add_argument("--weights", default="fp32", choices=list(weight_format_names()),
                    help="CPU: run the linear layers from fp16 or int8 copies of the float32 weights (fewer bytes "
                         "per token; output close to, not always equal to, fp32's; default fp32)")
 
@@ -47,13 +47,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
         except ValueError:
-            from .errors import SamplingError
-            raise SamplingError("--token-ids expects the prompt as space- or comma-separated integers") from None
+            from .errors import PromptError
+            raise PromptError("--token-ids expects the prompt as space- or comma-separated integers") from None
     out = lm.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      strategy=lm.strategy(args.strategy, rate=args.rate, adapter=args.adapter, gamma=args.gamma,
-                                           max_gamma=max(8, args.gamma), threshold=args.threshold,
-                                           skip=args.skip, draft_weights=args.draft_weights),
+                      strategy=lm.strategy(args.strategy, **strategy_options(args)),
                       chat=not args.no_chat, system=args.system, stream=None if args.json else stream)
     s = out.stats
     if args.json:
@@ -69,10 +67,76 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_OPT_PREFIX = "strategy_opt_"  # namespace keys of the flags generated from the strategies' options
+
+
+def add_strategy_args(p: argparse.ArgumentParser) -> None:
+    """``--strategy NAME``, ``--opt KEY=VALUE`` and one flag per strategy option, generated from the registry
+    (every option of every registered strategy reachable; a flag the chosen strategy does not take is an
+    error naming the ones it does). Options whose names clash with another flag stay reachable by --opt."""
+    from . import strategies  # noqa: F401  (registers the built-ins)
+    from .decoding import registry
+    names = registry.names()
+    p.add_argument("--strategy", default="plain", choices=names, metavar="NAME",
+                   help="decoding strategy (default plain; `m2r2 strategies` lists each with its options): "
+                        + ", ".join(names))
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a strategy option by name (repeatable), e.g. --opt gamma=3")
+    taken = {s for a in p._actions for s in a.option_strings}
+    by_name: dict[str, list] = {}
+    for n in names:
+        spec = registry.get(n)
+        hints = registry._hints(spec.options)
+        for f in spec.option_fields():
+            by_name.setdefault(f.name, []).append((n, f, hints.get(f.name)))
+    for key, uses in by_name.items():
+        flag = "--" + key.replace("_", "-")
+        if flag in taken or len({str(tp) for _, _, tp in uses}) > 1:  # a clash, or one name with two types
+            continue
+        _, f, tp = uses[0]
+        who = ", ".join(n for n, _, _ in uses)
+        helptext = f"{f.metadata.get('help', '')} (strategies: {who})"
+        dest = _OPT_PREFIX + key
+        if registry._kinds(tp)[0] == {bool}:
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=helptext)
+            continue
+
+        def parse(s: str, f=f, tp=tp, flag=flag):
+            from .errors import StrategyError
+            try:
+                return registry.check_value(flag, f, tp, registry.parse_text(f, tp, s, flag))
+            except StrategyError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        choices = f.metadata.get("choices")
+        p.add_argument(flag, dest=dest, type=parse, default=argparse.SUPPRESS, metavar=key.upper(),
+                       help=helptext + (f"; one of {', '.join(map(str, choices))}" if choices else ""))
+
+
+def strategy_options(args: argparse.Namespace) -> dict:
+    """The strategy options given on the command line: generated flags, then --opt KEY=VALUE."""
+    from .decoding import registry
+    from .errors import StrategyError
+    opts = {k[len(_OPT_PREFIX):]: v for k, v in vars(args).items() if k.startswith(_OPT_PREFIX)}
+    for item in args.opt:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise StrategyError(f"--opt takes KEY=VALUE, got {item!r}")
+        opts[key.strip()] = registry.parse_value(args.strategy, key.strip(), value)
+    return opts
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from . import strategies  # noqa: F401
+    from .decoding import registry
+    for n in ([args.name] if args.name else registry.names()):
+        print(registry.describe(n))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .api import LM
-    from .engine.model import WEIGHT_KINDS
+    from .engine.weights import names as weight_format_names
 
     parser = ArgumentParser(prog="m2r2", description=(
         "Faster generation from a pretrained language model without changing what it says "
@@ -88,27 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float_in("--top-p", 0, 1, lo_open=True), default=1.0)
     g.add_argument("--top-k", type=_positive_int("--top-k"), default=0)
     g.add_argument("--seed", type=_positive_int("--seed"), default=None)
-    g.add_argument("--strategy", default="plain", choices=list(LM.STRATEGIES),
-                   help="plain; m2r2 (lossless self-speculative decoding with the M2R2 fast stream; needs the "
-                        "adapter for the model); early-exit, early-exit-adapter, quant-draft, prompt-lookup, "
-                        "lookahead, medusa or draft-model (the same verifier, the peers' drafters); calm, m2r2-exit, "
-                        "m2r2-exit-conf, calm-adapter, skipdecode, mod (lossy: early exit / layer skipping)")
-    g.add_argument("--draft-weights", choices=list(WEIGHT_KINDS), default=None,
-                   help="the weights drafts run from: quant-draft int8 (default) or fp16; m2r2 / early-exit* "
-                        "fp32 (default), fp16 or int8")
-    g.add_argument("--threshold", type=float_in("--threshold", 0), default=0.9,
-                   help="calm / m2r2-exit: read-out confidence needed to exit (default 0.9)")
-    g.add_argument("--skip", type=float_in("--skip", 0, 1), default=0.25,
-                   help="mod: fraction of tokens each routed block skips (default 0.25)")
-    g.add_argument("--rate", type=int, choices=[2, 3, 4], default=2, help="m2r2: rate of the shipped adapter")
-    g.add_argument("--adapter", default=None, help="m2r2 / early-exit-adapter: adapter directory (default: the shipped one)")
-    g.add_argument("--gamma", type=int_at_least("--gamma", 1), default=4, help="initial draft length (adapts)")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--token-ids", action="store_true", help="PROMPT is a list of token ids")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_model_args(g)
+    add_strategy_args(g)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("strategies", help="list the decoding strategies and their options",
+                       description="Every registered decoding strategy, with its options, types and defaults.")
+    s.add_argument("name", nargs="?", default=None, help="one strategy (default: all)")
+    s.set_defaults(func=cmd_strategies)
 
     bench = sub.add_parser("bench", help="benchmarks (every arm on the same prompts, in one run)",
                            description="Benchmarks: every arm on the same prompts in one process.")

@@ -18,8 +18,25 @@ class ContextLengthError(M2R2Error):
     """A prompt does not fit in the model's context window."""
 
 
-class SamplingError(M2R2Error, ValueError):
-    """Invalid sampling or generation settings."""
+class OptionError(M2R2Error, ValueError):
+    """An option or argument has a value m2r2 cannot use (a dtype, a thread count, a budget, ...)."""
+
+
+class SamplingError(OptionError):
+    """Invalid sampling settings (temperature, top-k, top-p, seed) or generation budget."""
+
+
+class StrategyError(OptionError):
+    """An unknown decoding strategy, an option it does not take or cannot use, or a strategy that cannot run
+    on this input (e.g. a batch-1 method given a batch)."""
+
+
+class WeightFormatError(OptionError):
+    """An unknown weight format, or one this machine or PyTorch build cannot run."""
+
+
+class PromptError(M2R2Error, ValueError):
+    """A prompt that cannot be generated from: empty, not text or token ids, ids outside the vocabulary."""
 
 
 class PromptFileError(M2R2Error):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import AdapterError, SamplingError
+from ..errors import AdapterError, StrategyError
 from ..artifacts import load_pair, save_pair
 
 MOD_FORMAT = 1
@@ -75,7 +75,7 @@ class MoDRouters(nn.Module):
         """Per routed block, the score below which a token skips it so that a fraction ``skip`` of tokens
         (on held-out data) does."""
         if not 0.0 <= skip <= 1.0:
-            raise SamplingError(f"MoD skip fraction must be in [0, 1], got {skip}")
+            raise StrategyError(f"MoD skip fraction must be in [0, 1], got {skip}")
         import numpy as np
         grid = np.linspace(0.0, 1.0, N_QUANTILES)
         # linear interpolation inside the stored quantile curve; skip=0 -> never

@@ -27,7 +27,7 @@ from ..engine import native
 from ..options import int_at_least as _int_at_least
 from ..errors import M2R2Error, PromptFileError
 from ..engine.threads import available_cpus
-from ..engine.model import WEIGHT_BYTES
+from ..engine import weights as weight_formats
 from .harness import (add_common_args, add_near_ties, add_rouge_l, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt,
                       pin_threads, roofline, run_benchmark, run_end, run_start, summarize, validate_prompts,
                       worker_lm, write_results)
@@ -279,7 +279,7 @@ def main(args: argparse.Namespace) -> int:
     bandwidth = start["bandwidth_gbps"]
     roof = roofline(lm.config, bandwidth, 4.0)  # the float32 arms read 4 bytes per weight
     arm_roofs: dict[str, float] = {
-        a.name: roofline(lm.config, bandwidth, WEIGHT_BYTES[ARM_WEIGHTS[a.name]])["tokens_per_s"]
+        a.name: roofline(lm.config, bandwidth, weight_formats.bytes_per_weight(ARM_WEIGHTS[a.name]))["tokens_per_s"]
         for a in arms if a.name in ARM_WEIGHTS}
     meta_extra: dict = {}
     if lm.source.gguf is not None and "llamacpp" in names:

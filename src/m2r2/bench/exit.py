@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..decoding import registry
 from ..errors import M2R2Error
 from ..engine.threads import available_cpus
 from .decode import build_prompts
@@ -50,8 +51,11 @@ class ExitArm:
                 opts = {"min_layers": int(self.threshold), "span": self.span}
             elif self.method == "mod":  # its sweep parameter: the fraction of tokens each routed block skips
                 opts = {"skip": self.threshold, "routers": self.routers}
-            else:
-                opts = {"threshold": self.threshold, "kv": self.kv, "adapter": self.adapter}
+            else:  # the adapter goes to the methods that take one (calm runs on the model's own layers)
+                opts = {"threshold": self.threshold, "kv": self.kv}
+                takes = {f.name for f in registry.get(self.method.replace("-alone", "")).option_fields()}
+                if "adapter" in takes:
+                    opts["adapter"] = self.adapter
             if self.method == "m2r2-exit-alone":
                 self.strategy = self.lm.strategy("m2r2-exit", ride=False, **opts)
             else:

@@ -23,30 +23,34 @@ Batch 1 only: exits are per token, and rows of a batch would leave at different 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from ..stream.accelerator import Accelerator
-from .loop import DecodeState
-from ..errors import SamplingError
+from ..stream.router import ARLARouter
+from .loop import DecodeState, Strategy
+from ..errors import StrategyError
 
 
-class ExitRule(Protocol):
-    name: str
+class ExitRule:
+    """Base class of exit rules: where they are consulted and whether the token leaves. ``needs_logits``:
+    whether ``exit`` reads the read-out's logits (False: the LM head runs only once, at the exit)."""
+
+    name: str = "rule"
+    needs_logits: bool = True
 
     def depths(self, max_depth: int) -> tuple[int, ...]:
         """Depths (blocks run, 1-based) at which the rule is consulted."""
-        ...
+        raise NotImplementedError
 
     def exit(self, depth: int, trajectory: list[torch.Tensor], logits: torch.Tensor | None) -> bool:
         """``trajectory``: the token's states after 0..depth blocks; ``logits``: the read-out at ``depth``
         (None for rules with ``needs_logits = False``, which save the LM head at every check)."""
-        ...
+        raise NotImplementedError
 
 
 @dataclass
-class ConfidenceRule:
+class ConfidenceRule(ExitRule):
     """Exit when the read-out's top probability reaches ``threshold`` (CALM's softmax criterion); ``every``
     spaces the checks (each check costs an LM-head read), starting at ``first``."""
 
@@ -66,7 +70,7 @@ class ConfidenceRule:
 
 
 @dataclass
-class FixedDepthRule:
+class FixedDepthRule(ExitRule):
     """Always exit at ``depth`` (a fixed-depth model; also the test rule for "every token exits")."""
 
     depth: int
@@ -81,13 +85,31 @@ class FixedDepthRule:
 
 
 @dataclass
+class ARLARule(ExitRule):
+    """Exit at the first checked fast layer where ARLA's probability (``m2r2.stream.router.ARLARouter``, trained
+    for the adapter) reaches ``threshold``."""
+
+    router: ARLARouter
+    threshold: float
+    first: int = 2
+    name: str = "arla"
+    needs_logits: bool = False  # the decision reads the states only; the head runs once, at the exit
+
+    def depths(self, max_depth: int) -> tuple[int, ...]:
+        return tuple(range(min(self.first, max_depth), max_depth + 1))
+
+    def exit(self, depth: int, trajectory: list[torch.Tensor], logits: torch.Tensor | None) -> bool:
+        return self.router.prob(trajectory[1: depth + 1]) >= self.threshold
+
+
+@dataclass
 class _Lazy:
     pos: int
     next: int  # first slow layer whose K/V this token still owes
     h: torch.Tensor  # (D,) its slow state entering layer ``next``
 
 
-class EarlyExit:
+class EarlyExit(Strategy):
     """Early-exit decoding over one exit rule, one stream and one K/V policy (see the module doc)."""
 
     cache_slack = 0
@@ -96,27 +118,27 @@ class EarlyExit:
                  kv: str = "recompute", name: str | None = None, ride: bool = False,
                  exit_adapter: Accelerator | None = None):
         if stream not in ("slow", "fast"):
-            raise SamplingError(f"stream must be 'slow' or 'fast', got {stream!r}")
+            raise StrategyError(f"stream must be 'slow' or 'fast', got {stream!r}")
         if stream == "fast" and accelerator is None:
-            raise SamplingError("the fast stream needs an accelerator (M2R2 adapters)")
+            raise StrategyError("the fast stream needs an accelerator (M2R2 adapters)")
         if kv not in ("propagate", "recompute"):
-            raise SamplingError(f"kv must be 'propagate' or 'recompute', got {kv!r}")
+            raise StrategyError(f"kv must be 'propagate' or 'recompute', got {kv!r}")
         if exit_adapter is not None and (stream != "slow" or not exit_adapter.is_exit):
-            raise SamplingError("exit_adapter takes a kind='exit' adapter, on the slow stream")
+            raise StrategyError("exit_adapter takes a kind='exit' adapter, on the slow stream")
         self.exit_adapter = exit_adapter  # CALM with one trained exit adapter: read-outs at its depth use it
         if ride and stream != "fast":
-            raise SamplingError("ride (the slow row riding with the fast one) needs stream='fast'")
+            raise StrategyError("ride (the slow row riding with the fast one) needs stream='fast'")
         self.rule, self.stream, self.acc, self.kv, self.ride = rule, stream, accelerator, kv, ride
         self.cache_slack = 1 if ride else 0  # the fast row's K/V go to a scratch slot past the token's
         self.name = name or f"exit-{stream}-{rule.name}-{kv}" + ("-ride" if ride else "")
 
     def setup(self, state: DecodeState) -> None:
         if state.batch != 1:
-            raise SamplingError("early-exit strategies decode one sequence at a time (batch 1)")
+            raise StrategyError("early-exit strategies decode one sequence at a time (batch 1)")
         L = state.model.cfg.num_layers
         self.max_depth = self.acc.fast_layers if self.stream == "fast" else L - 1
         if self.stream == "fast" and self.acc.is_exit:
-            raise SamplingError("early exit on the fast stream needs M2R2 adapters, not an exit adapter")
+            raise StrategyError("early exit on the fast stream needs M2R2 adapters, not an exit adapter")
         self.check = set(self.rule.depths(self.max_depth))
         self.lazy: list[_Lazy] = []
         self.tokens = self.exited = 0
@@ -159,12 +181,10 @@ class EarlyExit:
         to keys up to n: so the fast row computes exactly what it computes alone."""
         model = state.model
         slots = torch.tensor([[z.pos for z in due] + [n, n + 1]])
-        ctx = model.context(state.cache, slots)
-        ctx.cos, ctx.sin = model.rope(torch.tensor([[z.pos for z in due] + [n, n]]))
         keys = torch.arange(n + 2)
         rows = [keys <= z.pos for z in due] + [keys <= n, (keys < n) | (keys == n + 1)]
-        ctx.write.mask = torch.stack(rows).view(1, 1, len(rows), n + 2)
-        return ctx
+        return model.context(state.cache, slots, rope_positions=torch.tensor([[z.pos for z in due] + [n, n]]),
+                             mask=torch.stack(rows).view(1, 1, len(rows), n + 2))
 
     def _dual_layer(self, state: DecodeState, i: int, slow: torch.Tensor, fast: torch.Tensor, n: int):
         """Layer i over [lazy rows due at i] + the slow row + the fast row (+ its adapter), in one call: decode
@@ -205,7 +225,7 @@ class EarlyExit:
         self._dual_ctx = None
         trajectory = [h]
         exit_depth, logits = None, None
-        needs_logits = getattr(self.rule, "needs_logits", True)
+        needs_logits = self.rule.needs_logits
         for i in range(self.max_depth):
             if self.ride:
                 slow, h = self._dual_layer(state, i, slow, h, n)
@@ -255,102 +275,4 @@ class EarlyExit:
         state.cache.advance(1)
         nxt = state.sampling.sample(logits.view(1, -1), state.generator)
         state.pending = nxt
-        return [[int(nxt[0])]]
-
-
-class SkipDecode:
-    """SkipDecode (Del Corro et al., 2023), applied post hoc: a data-independent schedule gives the token at
-    generated position t ``depth(t)`` layers, decaying linearly from ``max_layers`` to ``min_layers`` over
-    ``span`` tokens; a token runs the *top* ``depth(t)`` layers (its embedding enters layer L - depth). The
-    active layers of a token contain those of every later one, so no later token ever attends to a K/V
-    that was skipped: nothing to propagate or recompute. The paper fine-tunes the model for the schedule;
-    here it runs on the unchanged model (the point is the K/V-free mechanism and its cost)."""
-
-    cache_slack = 0
-
-    def __init__(self, min_layers: int, max_layers: int | None = None, span: int = 128, name: str = "skipdecode"):
-        if min_layers < 1:
-            raise SamplingError(f"min_layers must be >= 1, got {min_layers}")
-        self.min_layers, self.max_layers, self.span, self.name = min_layers, max_layers, span, name
-
-    def depth(self, t: int, L: int) -> int:
-        hi = min(L, self.max_layers or L)
-        lo = min(self.min_layers, hi)
-        return round(hi - (hi - lo) * min(1.0, t / max(1, self.span)))
-
-    def setup(self, state: DecodeState) -> None:
-        if state.batch != 1:
-            raise SamplingError("skipdecode here decodes one sequence at a time (batch 1)")
-        self.t = 0
-        self.layers_sum = 0
-
-    def stats(self) -> dict:
-        return {"tokens": self.t, "mean_slow_layers": self.layers_sum / max(1, self.t), "exited": self.t}
-
-    def step(self, state: DecodeState) -> list[list[int]]:
-        model, L = state.model, state.model.cfg.num_layers
-        d = self.depth(self.t, L)
-        n = state.cache.lengths.view(-1, 1)
-        ctx = model.context(state.cache, n)
-        h = model.embed(state.pending.view(1, 1))
-        for i in range(L - d, L):
-            h = model.layer(i, h, ctx)
-        state.cache.advance(1)
-        nxt = state.sampling.sample(model.head(h)[:, 0], state.generator)
-        state.pending = nxt
-        self.t += 1
-        self.layers_sum += d
-        return [[int(nxt[0])]]
-
-
-class MoDSkip:
-    """Mixture-of-Depths routing applied post hoc (``m2r2.baselines.mod``): at every routed block a token whose
-    router score is below the block's threshold (set by the capacity ``skip``, the fraction of tokens to
-    skip each block) rides the residual connection past it. The skipped block still writes the token's
-    K/V from the state entering it, which is what that block computes from the state, so no K/V is ever
-    missing and nothing is recomputed; a token whose scores never fall below threshold runs every block
-    (``skip=0`` is plain decoding).
-
-    Only blocks from ``first`` on are routed (default: the last two thirds, first and last block
-    excluded): on SmolLM2-135M skipping 10% of tokens at every block from block 1 derails the text (Rouge-L
-    0.28 against the full model's output over 3 prompts x 48 tokens) while routing from block 10 keeps it
-    coherent (0.39; from block 20: 0.40 at a quarter of the saving)."""
-
-    cache_slack = 0
-
-    def __init__(self, routers, skip: float, first: int | None = None, name: str = "mod"):
-        self.routers, self.skip, self.name = routers, skip, name
-        self.first = routers.cfg.num_layers // 3 if first is None else first
-        self.threshold = {i: t for i, t in routers.thresholds(skip).items() if i >= self.first}
-
-    def setup(self, state: DecodeState) -> None:
-        if state.batch != 1:
-            raise SamplingError("mod decodes one sequence at a time (batch 1): rows would skip different blocks")
-        if self.routers.cfg.num_layers != state.model.cfg.num_layers:
-            raise SamplingError("these MoD routers were fitted for a model with another number of layers")
-        self.t = self.skipped = 0
-        self.hist: dict[int, int] = {}
-
-    def stats(self) -> dict:
-        L = self.routers.cfg.num_layers
-        t = max(1, self.t)
-        return {"tokens": self.t, "mean_slow_layers": L - self.skipped / t, "skipped_blocks": self.skipped,
-                "skip_by_layer": dict(sorted(self.hist.items()))}
-
-    def step(self, state: DecodeState) -> list[list[int]]:
-        model = state.model
-        ctx = model.context(state.cache, state.cache.lengths.view(-1, 1))
-        h = model.embed(state.pending.view(1, 1))
-        for i in range(model.cfg.num_layers):
-            thr = self.threshold.get(i)
-            if thr is not None and float(self.routers.score(i, h.view(-1))) < thr:
-                model.layers[i].write_kv(h, ctx)
-                self.skipped += 1
-                self.hist[i] = self.hist.get(i, 0) + 1
-            else:
-                h = model.layer(i, h, ctx)
-        state.cache.advance(1)
-        nxt = state.sampling.sample(model.head(h)[:, 0], state.generator)
-        state.pending = nxt
-        self.t += 1
         return [[int(nxt[0])]]

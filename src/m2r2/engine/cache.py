@@ -9,7 +9,17 @@ tokens past the committed length and crop back to what was accepted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class Counters:
+    """Work done through one cache, i.e. for one decode call (statistics live with the call, not the model)."""
+
+    forward_passes: int = 0  # full-depth forward calls (prefill included)
+    layer_calls: int = 0  # token rows x layers executed (compute accounting)
 
 
 class KVCache:
@@ -21,6 +31,7 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # committed tokens per row
         self.max_len = max_len
         self.batch = batch
+        self.counters = Counters()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: "WriteSpec") -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v of shape (B, KV, T, hd) at ``write``'s positions; return views of the cache

@@ -13,30 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import native, weights
+from .weights import FORMATS, FP32, lowp_available  # noqa: F401  (lowp_available: re-exported)
 from .cache import KVCache, WriteSpec
 from .config import ModelConfig
 
-# Reduced-precision weight copies a ``Linear`` can run from (float32 activations, float32 accumulation),
-# through FBGEMM's packed kernels, which have AVX2 code paths (PyTorch's generic fp16/bf16/int8 matmuls
-# do not, on this CPU kind: see the README). "fp16": fp16 weights; "int8": int8 weights (symmetric, one
-# scale per output row) with activations quantized per call (FBGEMM dynamic quantization).
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0}  # weight kind -> bytes read per weight
-WEIGHT_KINDS = tuple(WEIGHT_BYTES)
-
-
-warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated", category=UserWarning)  # the entry points we use
-
-
-def lowp_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
+# The formats a ``Linear`` can run from (m2r2.engine.weights: fp32, fp16, int8, ...), by name
+WEIGHT_KINDS = weights.names()
+_BUILD_LOCK = threading.Lock()
 
 
 class RMSNorm(nn.Module):
@@ -53,23 +43,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool) for _fp16_product
-
-
-def _fp16_product(x: torch.Tensor, chunks: list) -> torch.Tensor:
-    """x @ W^T from FBGEMM fp16 chunks of W's output rows. FBGEMM's fp16 kernel runs on one thread, so a
-    weight packed in several chunks runs them on that many threads (the op releases the GIL): the LM head
-    of the embedded model, 57 MB in fp16, takes 1.9 ms instead of 3.4 on 2 cores."""
-    global _POOL
-    f = torch.fbgemm_linear_fp16_weight_fp32_activation
-    if len(chunks) == 1:
-        return f(x, chunks[0], None)
-    if _POOL is None or _POOL[0] < len(chunks) - 1:
-        _POOL = (len(chunks) - 1, ThreadPoolExecutor(len(chunks) - 1, thread_name_prefix="m2r2-fp16"))
-    futures = [_POOL[1].submit(f, x, c, None) for c in chunks[1:]]
-    return torch.cat([f(x, chunks[0], None), *(fu.result() for fu in futures)], -1)
 
 
 class Linear(nn.Module):
@@ -137,34 +110,9 @@ class Linear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.dense().detach().contiguous(), None) if ok else None
 
     def build_lowp(self, kind: str) -> None:
-        """Derive the ``kind`` ("fp16" or "int8") copy of the weight from the float32 one (once)."""
-        if kind in self.lowp:
-            return
-        if not lowp_available():
-            raise RuntimeError(f"{kind} weights need PyTorch's FBGEMM kernels, which this build lacks")
-        dense = self.dense().detach().float().contiguous()
-        with warnings.catch_warnings():  # quantized tensors warn that they are deprecated
-            warnings.simplefilter("ignore")
-            if kind == "fp16":  # one chunk of output rows per thread for a big weight (see _fp16_product)
-                n = self.parts if self.out_features * self.in_features >= self.FP16_SPLIT_MIN else 1
-                self.lowp[kind] = [torch.fbgemm_pack_gemm_matrix_fp16(c.contiguous()) for c in dense.chunk(n)]
-                if native.available():  # what the native kernels read (one row: ~2x faster than FBGEMM)
-                    self.half = self.weight.detach().reshape(self.in_features, self.out_features).half()
-            elif kind == "int8":
-                scale = (dense.abs().amax(1) / 127).clamp_min(1e-12).double()
-                q = torch.quantize_per_channel(dense, scale, torch.zeros_like(scale, dtype=torch.long), 0,
-                                               torch.qint8)
-                bias = None if self.bias is None else self.bias.detach().float()
-                self.lowp[kind] = torch.ops.quantized.linear_prepack(q, bias)
-            else:
-                raise ValueError(f"weights must be one of {WEIGHT_KINDS[1:]}, got {kind!r}")
-
-    def _lowp_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        w = self.lowp[self.mode]
-        if self.mode == "fp16":
-            y = _fp16_product(x2.contiguous(), w)
-            return y if self.bias is None else y + self.bias
-        return torch.ops.quantized.linear_dynamic(x2.contiguous(), w, True)  # bias is in the packed params
+        """Derive the ``kind`` ("fp16", "int8", ...: a name in ``m2r2.engine.weights.FORMATS``) copy of the
+        weight from the float32 one (once)."""
+        weights.get(kind).build(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -174,18 +122,26 @@ class Linear(nn.Module):
         # oneDNN's op has autograd); a prefill (compute-bound) is as fast, and exact, through the GEMM below
         derived = N <= self.GEMM_ROWS and x.dtype == torch.float32 \
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        if derived and N == 1 and native.available() and self.weight.device.type == "cpu":
-            # one C call streams the weight on every thread (float32, or the half copy in fp16 mode)
-            w = self.weight if self.mode is None else self.half if self.mode == "fp16" else None
-            if w is not None and w.dtype in native.KINDS:
-                return native.gemv(x2.contiguous(), w, self.bias, self.out_features).view(*lead, self.out_features)
-        if derived and self.mode is not None:
-            return self._lowp_forward(x2).view(*lead, self.out_features)
-        if derived and N > 1 and self.packed is not None and self.weight.dtype == torch.float32 \
-                and self.weight.device.type == "cpu":
-            # the copy is valid for a float32 weight on CPU (a model moved or cast after loading falls back)
-            return torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [None], "").view(
-                *lead, self.out_features)
+        if derived:
+            # the format: the one this thread selected (``weights.using``), else this layer's default (``mode``);
+            # a layer without a copy in the selected format (e.g. a drafter's own head) runs its float32 weights
+            fmt = weights._ACTIVE.get()
+            if fmt is None:
+                fmt = FP32 if self.mode is None else FORMATS[self.mode]
+            elif fmt is not FP32 and fmt.name not in self.lowp:
+                fmt = FP32
+            if N == 1 and native.available() and self.weight.device.type == "cpu":
+                # one C call streams the weight on every thread (float32, or the half copy in fp16)
+                w = fmt.native_weight(self)
+                if w is not None and w.dtype in native.KINDS:
+                    return native.gemv(x2.contiguous(), w, self.bias, self.out_features).view(*lead, self.out_features)
+            if fmt is not FP32:
+                return fmt.product(self, x2).view(*lead, self.out_features)
+            if N > 1 and self.packed is not None and self.weight.dtype == torch.float32 \
+                    and self.weight.device.type == "cpu":
+                # the copy is valid for a float32 weight on CPU (a model moved or cast after loading falls back)
+                return torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [None], "").view(
+                    *lead, self.out_features)
         if N > 1 or self.parts == 1:  # one ordinary (threaded) gemm
             y = x2 @ self.weight.view(self.in_features, self.out_features)  # (N, out)
         else:  # (P, 1, in/P) @ (P, in/P, out) -> P partial sums (P, 1, out) -> (1, out)
@@ -274,8 +230,9 @@ class Block(nn.Module):
             return False
         qkv = mods["qkv"]
         w = qkv._parameters["weight"]
-        return ctx.write.mask is ctx.causal_mask and w.dtype == torch.float32 \
-            and (qkv.mode is None or qkv.mode == "fp16" and qkv.half is not None) \
+        fmt = ctx.weights or (FP32 if qkv.mode is None else FORMATS[qkv.mode])
+        # (the mask check: a mask replaced after the context was built, rather than passed to it, is honoured too)
+        return ctx.write.mask is ctx.causal_mask and w.dtype == torch.float32 and fmt.name in _NATIVE_FORMATS and fmt.native_weight(qkv) is not None \
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
             and not any(m._forward_hooks or m._forward_pre_hooks for m in mods.values())
 
@@ -283,27 +240,38 @@ class Block(nn.Module):
         # a decode-sized step: the whole block is one C call (not for blocks that borrow this forward,
         # like the MoE blocks with their own FFN or q/k norms: they compute something the kernel does not)
         if type(self) is Block and self._runs_natively(x, ctx):
+            fmt = ctx.weights or (FP32 if self.qkv.mode is None else FORMATS[self.qkv.mode])
             return native.block(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos, ctx.sin,
-                                ctx.native_rows, half=self.qkv.mode == "fp16")
+                                ctx.native_rows, half=fmt.name == "fp16")
         q, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
         k_all, v_all = ctx.cache.update(self.index, k, v, ctx.write)
         x = x + self.attend(q, k_all, v_all, ctx.write.mask)
         return x + self.mlp(x)
 
 
-class StepContext:
-    """Everything the layers of one forward call share: positions, RoPE rows, cache and mask."""
+_NATIVE_FORMATS = ("fp32", "fp16")  # the formats the native block kernel reads (kernels/decode.c: KIND_*)
 
-    def __init__(self, model: "Transformer", cache: KVCache, positions: torch.Tensor):
+
+class StepContext:
+    """Everything the layers of one forward call share, fixed when it is built: the cache slots written
+    (``positions``), the RoPE rows (of ``rope_positions``, default the slots), the attention mask (the cache's
+    causal rule, or ``mask`` (B, 1, T, S) with S = max(positions) + 1 for strategies whose rows see other
+    keys: Lookahead's window, early exit's riding rows), the weight format selected in this thread
+    (``weights``: None, each layer's default; see ``m2r2.engine.weights.using``), and whether the blocks may
+    run as native kernels (a decode-sized float32 step on CPU under the causal rule)."""
+
+    def __init__(self, model: "Transformer", cache: KVCache, positions: torch.Tensor,
+                 rope_positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         self.cache = cache
         self.positions = positions
         self.write = WriteSpec(positions, cache.max_len)
-        self.cos, self.sin = model.rope(positions)
-        # a decode-sized step in float32 on CPU: blocks may run natively (m2r2.engine.native), as long as the mask is
-        # still the causal one built here (strategies that ride extra rows replace it)
-        self.native = positions.numel() <= Linear.GEMM_ROWS and type(cache) is KVCache \
+        if mask is not None:
+            self.write.mask = mask
+        self.cos, self.sin = model.rope(positions if rope_positions is None else rope_positions)
+        self.weights = weights.active()
+        self.native = mask is None and positions.numel() <= Linear.GEMM_ROWS and type(cache) is KVCache \
             and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" and native.available()
-        self.causal_mask = self.write.mask
+        self.causal_mask = self.write.mask if mask is None else None
         self.native_rows = native.rows_of(positions) if self.native else None
 
 
@@ -325,8 +293,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         half = cos.shape[-1] // 2  # rotate_half(x)*sin == roll(x, half)*[-sin_lo, sin_hi], exactly
         self.register_buffer("rope_sin_folded", torch.cat((-sin[:, :half], sin[:, half:]), -1), persistent=False)
-        self.forward_passes = 0  # full-depth forward calls, for stats
-        self.layer_calls = 0  # (token rows x layers) executed, for compute accounting
 
     def load_dense(self, sd: dict[str, torch.Tensor]) -> None:
         """Load a state dict with ordinary (out, in) linear weights (as ``hf_state_dict_to_m2r2`` makes
@@ -353,12 +319,12 @@ class Transformer(nn.Module):
     @contextlib.contextmanager
     def use_weights(self, kind: str):
         """Run every linear layer (blocks and LM head) from the ``kind`` copy of its weight inside the block
-        ("fp32": the exact float32 weights; "fp16"/"int8": see ``WEIGHT_KINDS``), built on first use."""
-        prev = self.set_weights(kind)
-        try:
+        ("fp32": the exact float32 weights; "fp16"/"int8": see ``m2r2.engine.weights``), built on first use.
+        Scoped to this thread: the model itself is not changed, so another thread decoding on it keeps its own
+        format."""
+        self.build_weights(kind)
+        with weights.using(kind):
             yield self
-        finally:
-            self.set_weights(prev)
 
     def _linears(self) -> list[Linear]:
         # switched on every draft call: the module walk is done once (the layers are fixed at construction)
@@ -368,27 +334,33 @@ class Transformer(nn.Module):
         return linears
 
     def build_weights(self, kind: str) -> None:
-        """Build every linear layer's ``kind`` copy now (``use_weights`` would on first use)."""
-        if kind not in WEIGHT_KINDS:
-            raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {kind!r}")
-        if kind != "fp32":
-            for m in self._linears():
-                m.build_lowp(kind)
+        """Build every linear layer's ``kind`` copy now, at the load boundary (``use_weights`` would on first
+        use). Once per kind; two threads asking at once build it once."""
+        fmt = weights.get(kind)
+        linears = self._linears()
+        if fmt.built(linears[-1]):  # copies are built in module order: the last one has it iff all do
+            return
+        with _BUILD_LOCK:
+            for m in linears:
+                fmt.build(m)
 
     def set_weights(self, kind: str) -> str:
-        """Switch every linear layer to the ``kind`` weights (see ``use_weights``); returns the previous kind."""
+        """Make ``kind`` every linear layer's default format (what runs when no ``use_weights`` block selects
+        another): a load-time setting (``m2r2.load(weights=...)``), not for switching while decoding. Returns
+        the previous default."""
+        self.build_weights(kind)
         linears = self._linears()
-        if kind not in linears[-1].lowp:  # copies are built in module order: the last one has it iff all do
-            self.build_weights(kind)
         prev = linears[0].mode or "fp32"
         mode = None if kind == "fp32" else kind
-        for m in linears:  # a plain attribute: skip nn.Module.__setattr__ (4 us each, twice per draft call)
-            m.__dict__["mode"] = mode
+        for m in linears:
+            m.mode = mode
         return prev
 
     @property
     def weights(self) -> str:
-        return self.lm_head.mode or "fp32"
+        """The format the linear layers run from here: this thread's ``use_weights`` selection, else the default."""
+        fmt = weights.active()
+        return fmt.name if fmt is not None else self.lm_head.mode or "fp32"
 
     # ---- the seam ----
     def rope(self, positions: torch.Tensor):
@@ -401,15 +373,16 @@ class Transformer(nn.Module):
         return self.embed_tokens(ids)
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        self.layer_calls += x.shape[0] * x.shape[1]
+        ctx.cache.counters.layer_calls += x.shape[0] * x.shape[1]
         return self.layers[i].forward(x, ctx)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden states -> float32 logits."""
         return self.lm_head(self.norm(x)).float()
 
-    def context(self, cache: KVCache, positions: torch.Tensor) -> StepContext:
-        return StepContext(self, cache, positions)
+    def context(self, cache: KVCache, positions: torch.Tensor, rope_positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> StepContext:
+        return StepContext(self, cache, positions, rope_positions, mask)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.cfg
@@ -436,7 +409,7 @@ class Transformer(nn.Module):
         x = self.embed(ids)
         for i in range(self.cfg.num_layers):
             x = self.layer(i, x, ctx)
-        self.forward_passes += 1
+        cache.counters.forward_passes += 1
         return x
 
 

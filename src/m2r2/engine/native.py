@@ -16,6 +16,7 @@ Results equal the PyTorch path up to the order of float32 summation.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import hashlib
 import os
@@ -39,7 +40,10 @@ FLAGS = ["-O3", f"-march={os.environ.get('M2R2_NATIVE_MARCH') or 'native'}", "-f
 _lib: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
-_enabled = os.environ.get("M2R2_NATIVE", "1") != "0"
+# on/off: the environment sets the default (M2R2_NATIVE=0: off); ``set_enabled`` / ``disabled`` change it for the
+# calling thread only (a ContextVar), so one request comparing the two paths never switches another's
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "m2r2_native", default=os.environ.get("M2R2_NATIVE", "1") != "0")
 KINDS = {torch.float32: 0, torch.float16: 1}  # weight storage the kernels read (kernels/decode.c: KIND_*)
 
 
@@ -127,24 +131,24 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """Whether call sites may use the kernels now: switched on, and built (on the first call)."""
-    return _enabled and (_lib is not None or library() is not None)
+    return _ENABLED.get() and (_lib is not None or library() is not None)
 
 
 def set_enabled(on: bool) -> bool:
-    """Switch the kernels on or off process-wide; returns the previous setting."""
-    global _enabled
-    prev, _enabled = _enabled, bool(on)
+    """Switch the kernels on or off for the calling thread; returns the previous setting."""
+    prev = _ENABLED.get()
+    _ENABLED.set(bool(on))
     return prev
 
 
 @contextlib.contextmanager
 def disabled():
-    """Run the block on the PyTorch path (e.g. to compare against it)."""
-    prev = set_enabled(False)
+    """Run the block on the PyTorch path (e.g. to compare against it), in this thread."""
+    token = _ENABLED.set(False)
     try:
         yield
     finally:
-        set_enabled(prev)
+        _ENABLED.reset(token)
 
 
 # ---- call sites ----

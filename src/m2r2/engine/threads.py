@@ -20,9 +20,11 @@ kept. It has no effect if ``torch`` was imported before ``m2r2`` (:func:`spin_po
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,7 +106,9 @@ class ThreadGovernor:
     loop started with, which it restores at the end. Alone on the machine the run-queue wait stays near
     zero and nothing changes. ``M2R2_ADAPT_THREADS=0`` turns it off; so does a kernel without schedstat.
     Thread counts change only between steps, so results are as with any fixed count (the kernels' rows do
-    not depend on the thread count beyond float32 summation order)."""
+    not depend on the thread count beyond float32 summation order). The thread count is the process's: while
+    another decode runs in this process (two requests on one model, each in its own thread), no governor
+    moves it, so no call changes the threads another is running with."""
 
     def __init__(self, *, check_s: float = 0.05, high: float = 0.3, probe_s: float = 1.0,
                  max_probe_s: float = 8.0) -> None:
@@ -124,7 +128,7 @@ class ThreadGovernor:
 
     def step(self) -> None:
         """Call once per decode step: cheap unless a check is due."""
-        if not self.enabled:
+        if not self.enabled or _decodes > 1:
             return
         t = _now()
         if t - self._t < self.check_s:
@@ -156,5 +160,21 @@ class ThreadGovernor:
             self._torch.set_num_threads(self.max_threads)
             self.threads = self.max_threads
 
+
+_decodes = 0  # decode loops running in this process (``decoding``)
+_decodes_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def decoding():
+    """Count a decode loop as running for the block (the governors stand still while more than one runs)."""
+    global _decodes
+    with _decodes_lock:
+        _decodes += 1
+    try:
+        yield
+    finally:
+        with _decodes_lock:
+            _decodes -= 1
 
 _now = time.perf_counter  # the governor's clock (a module name, so tests can replace it)

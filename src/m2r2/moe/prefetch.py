@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SamplingError
+from ..decoding.loop import Strategy
+from ..errors import StrategyError
 from .layers import MoEModel, Resident
 
 
@@ -155,7 +156,7 @@ class Tracing(Resident):
         return {e: self.bank[(layer, e)] for e in experts}
 
 
-class MoEDecode:
+class MoEDecode(Strategy):
     """Plain one-token-per-step decoding of an ``MoEModel`` through a provider, optionally with the M2R2 fast
     stream in lockstep feeding ``M2R2Prefetch``. Batch 1 (expert sets are per token)."""
 
@@ -164,16 +165,16 @@ class MoEDecode:
     def __init__(self, moe: MoEModel, provider=None, accelerator=None, policy: M2R2Prefetch | None = None,
                  name: str = "moe"):
         if (accelerator is None) != (policy is None):
-            raise SamplingError("the fast stream needs both an accelerator and an M2R2Prefetch policy")
+            raise StrategyError("the fast stream needs both an accelerator and an M2R2Prefetch policy")
         self.moe, self.provider, self.acc, self.policy, self.name = moe, provider, accelerator, policy, name
         if accelerator is not None and moe.spec.routing != "moefy":
-            raise SamplingError("the M2R2 fast row rides through the slow row's experts: moefy routing only")
+            raise StrategyError("the M2R2 fast row rides through the slow row's experts: moefy routing only")
         if provider is not None:  # now, not in setup: the decode loop prefills before it calls setup
             moe.set_provider(provider)
 
     def setup(self, state) -> None:
         if state.batch != 1:
-            raise SamplingError("MoE expert offloading decodes one sequence at a time (batch 1)")
+            raise StrategyError("MoE expert offloading decodes one sequence at a time (batch 1)")
         if self.provider is not None:
             self.moe.set_provider(self.provider)
         self.fast_seconds = 0.0
@@ -214,7 +215,7 @@ class MoEDecode:
                 targets = [j for j in range(R * i + 1, R * (i + 1) + 1) if i < j < L]
                 self.policy.after_fast(prov, i, targets, f)
                 self.fast_seconds += time.perf_counter() - t0
-        m.forward_passes += 1
+        state.cache.counters.forward_passes += 1
         logits = m.head(x)[:, 0]
         state.cache.advance(1)
         nxt = state.sampling.sample(logits, state.generator)

@@ -26,6 +26,7 @@ from torch import nn
 from ...errors import AdapterError
 from ...artifacts import check_tensors
 from ..loop import DecodeState
+from .base import Draft, Drafter, DraftHead, layer_bytes
 from ...engine.model import Linear, Transformer
 
 WEIGHTS, CONFIG = "draft.safetensors", "draft.json"
@@ -180,7 +181,7 @@ def draft_loss(draft: DraftModel, ids: torch.Tensor, teacher_logp: torch.Tensor,
     return kl, {"loss": float(kl.detach()), "agree": agree}
 
 
-class DraftModelDrafter:
+class DraftModelDrafter(Drafter):
     """Drafts with a small model of the same tokenizer and its own KV cache."""
 
     name = "draft-model"
@@ -192,7 +193,6 @@ class DraftModelDrafter:
         self._head = None
 
     def setup(self, state: DecodeState) -> None:
-        from ..speculative import DraftHead
         if self._head is None:
             self._head = DraftHead(self.model, self.vocab)
         d = self.model
@@ -212,6 +212,10 @@ class DraftModelDrafter:
     def stats(self) -> dict:
         return {"draft_calls": self.calls, "draft_depth": self.depth, "draft_vocab": self._head.size}
 
+    def draft_bytes(self, model: Transformer) -> float:
+        """The draft model's layers (blocks of the target's size) and its read-out rows, per draft token."""
+        return layer_bytes(model) * self.depth + self._head.read_bytes()
+
     def _catch_up(self, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
         """The last T tokens of each row ending with the pending one at position n, T covering every
         committed token the draft cache has not seen (re-running a seen one rewrites the same K/V)."""
@@ -229,7 +233,6 @@ class DraftModelDrafter:
         return ids, n.view(-1, 1) - T + 1 + torch.arange(T)
 
     def draft(self, state: DecodeState, gamma: int):
-        from ..speculative import Draft
         d, s, head = self.model, state.sampling, self._head
         ids, pos = self._catch_up(state)
         drafts, qs = [], []

@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 
 from ..loop import DecodeState
+from .base import Draft, Drafter
 
 
-class LookaheadDrafter:
+class LookaheadDrafter(Drafter):
     name = "lookahead"
 
     def __init__(self, window: int = 4, ngram: int = 4, pool_per_key: int = 4, seed: int = 0):
@@ -35,7 +36,6 @@ class LookaheadDrafter:
         self.W, self.N, self.G, self.seed = window, ngram, pool_per_key, seed
         self.M = (ngram - 1) * window
         self.extra_slots = self.M  # window rows written past the verification rows
-        self.depth = 0  # no draft-time compute (bench accounting); the cost is in the verification forward
         # which window rows each window row sees (row r = level * W + column)
         L, W = ngram - 1, window
         vis = torch.zeros(self.M, self.M, dtype=torch.bool)
@@ -64,7 +64,6 @@ class LookaheadDrafter:
                 "lookups": self.lookups, "window": self.W, "ngram": self.N}
 
     def draft(self, state: DecodeState, gamma: int):
-        from ..speculative import Draft
         rows = []
         for b in range(state.batch):
             cands = self.pool[b].get(int(state.pending[b]), []) if not state.done[b] else []
@@ -89,20 +88,18 @@ class LookaheadDrafter:
         T = V1 + M
         slots = n + torch.arange(T)  # contiguous per row
         rope_pos = torch.cat([positions, n + 1 + self.level_of + self.col_of], 1)
-        ctx = m.context(cache, slots)
-        ctx.cos, ctx.sin = m.rope(rope_pos)
-        span = ctx.write.span
+        span = int(slots.max()) + 1
         keys = torch.arange(span).view(1, 1, -1)
         mask = keys <= (n + torch.arange(V1)).unsqueeze(-1)  # verification rows: causal  (B, V1, S)
         rel = keys - (n + V1).unsqueeze(-1)  # (B, 1, S): index into the window rows
         inwin = (rel >= 0) & (rel < M)
         wmask = self.visible[:, rel.clamp(0, M - 1)[:, 0]].transpose(0, 1) & inwin  # (B, M, S)
         wmask = wmask | (keys <= n.unsqueeze(-1))  # the context and the pending token
-        ctx.write.mask = torch.cat([mask, wmask], 1).unsqueeze(1)  # (B, 1, T, S)
+        ctx = m.context(cache, slots, rope_positions=rope_pos, mask=torch.cat([mask, wmask], 1).unsqueeze(1))
         x = m.embed(all_ids)
         for i in range(m.cfg.num_layers):
             x = m.layer(i, x, ctx)
-        m.forward_passes += 1
+        cache.counters.forward_passes += 1
         logits = m.head(x)
         self._update(logits[:, V1:].argmax(-1))
         return logits[:, :V1]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +29,9 @@ from torch import nn
 from ...errors import AdapterError
 from ...artifacts import check_token_ids, check_tensors, shapes_of
 from ..loop import DecodeState
+from .base import Draft, Drafter, DraftHead
 from ...engine.model import Transformer
 
-if TYPE_CHECKING:
-    from ..speculative import Draft
 
 WEIGHTS, CONFIG = "medusa.safetensors", "medusa.json"
 
@@ -122,7 +120,7 @@ def medusa_loss(heads: MedusaHeads, model: Transformer, h: torch.Tensor, teacher
     return loss, {"loss": float(loss.detach()), "agree": agree}
 
 
-class MedusaDrafter:
+class MedusaDrafter(Drafter):
     """Drafts up to K tokens per step from the Medusa heads on the last verified final hidden state."""
 
     name = "medusa"
@@ -130,10 +128,8 @@ class MedusaDrafter:
     def __init__(self, heads: MedusaHeads, vocab: torch.Tensor | None = None):
         self.heads, self.vocab = heads, vocab
         self._head = None
-        self.depth = 0  # no layer runs to draft: only the heads' blocks and the read-out (bench accounting)
 
     def setup(self, state: DecodeState) -> None:
-        from ..speculative import DraftHead
         if self._head is None or self._head.model is not state.model:
             self._head = DraftHead(state.model, self.vocab)
         self.h = None  # (B, g+1, D) final states of the last verification forward
@@ -149,8 +145,11 @@ class MedusaDrafter:
         self.h, self.n_before = x, state.cache.lengths.clone()
         return state.model.head(x)
 
+    def draft_bytes(self, model: Transformer) -> float:
+        """No layer runs to draft: one head's block per draft token, and the read-out rows."""
+        return self.heads.param_bytes() // self.heads.num_heads + self._head.read_bytes()
+
     def draft(self, state: DecodeState, gamma: int) -> Draft:
-        from ..speculative import Draft
         B = state.batch
         if self.h is None:  # first step after prefill: no final state yet
             return Draft(torch.zeros(B, 0, dtype=torch.long))

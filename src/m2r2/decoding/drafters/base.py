@@ -1,0 +1,117 @@
+"""What every drafter is: the ``Drafter`` base class with a default for every optional hook, the ``Draft`` it
+returns, and ``DraftHead``, the frozen read-out most model-based drafters share.
+
+``Speculative`` (m2r2.decoding.speculative) calls only what is declared here: ``setup`` once per decode call,
+``draft`` once per step, ``verify_forward`` for the verification pass (the default runs the full model;
+Medusa keeps the states it drafts from, Lookahead adds its window rows, ``extra_slots`` of them), ``stats``
+for the call's statistics, and ``draft_bytes`` for the benchmark's cost model: weight bytes one draft token
+reads (0 for drafters that compute nothing to draft).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...engine.model import Linear, Transformer
+from ..loop import DecodeState
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # (B, g) proposed token ids (g may be 0)
+    q: torch.Tensor | None = None  # (B, g, V) proposal distributions; None = deterministic (point masses)
+
+
+class Drafter:
+    """Base class of every drafter. Subclasses set ``name`` and implement ``draft``; every other hook has a
+    default here. A drafter instance serves one decode call at a time (``setup`` resets its counters)."""
+
+    name: str = "drafter"
+    extra_slots: int = 0  # cache slots its verification forward writes past the drafts (Lookahead's window)
+
+    def setup(self, state: DecodeState) -> None:
+        """Called once per decode call, after prefill."""
+
+    def draft(self, state: DecodeState, gamma: int) -> Draft:
+        """Up to ``gamma`` (more is cropped) proposed tokens per row after each row's pending token."""
+        raise NotImplementedError
+
+    def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The verification pass: logits (B, g+1, V) of ids (B, g+1) at ``positions`` (the pending token and the
+        drafts), writing their K/V into the shared cache. Default: the full model, nothing else."""
+        return state.model(ids, state.cache, positions)
+
+    def stats(self) -> dict:
+        """Drafter-specific counters for ``GenerationStats.extra``."""
+        return {}
+
+    def draft_bytes(self, model: Transformer) -> float:
+        """Weight bytes one draft token reads (the benchmark's cost model). Default: nothing."""
+        return 0.0
+
+
+def layer_bytes(model: Transformer) -> int:
+    """Float32 bytes of one decoder block's weights."""
+    return sum(p.numel() for p in model.layers[0].parameters()) * 4
+
+
+def forward_bytes(model: Transformer) -> int:
+    """Float32 weight bytes one full forward reads: every block and the LM head."""
+    c = model.cfg
+    return layer_bytes(model) * c.num_layers + c.vocab_size * c.hidden_size * 4
+
+
+class DraftHead(torch.nn.Module):
+    """The frozen final norm and LM head, optionally restricted to a draft vocabulary (a subset of token
+    ids). On CPU the 49,152-row head of the embedded model is a fifth of its weights; a frequent-token
+    subset cuts what every draft reads. Drafts outside the subset are impossible, never wrong: the
+    verifier still decides."""
+
+    def __init__(self, model: Transformer, vocab: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long)
+        if self.vocab is not None:
+            full = model.lm_head
+            dense = full.dense()[self.vocab]  # (K, D)
+            self.sub = Linear(full.in_features, len(self.vocab), False, full.parts).to(dense.dtype)
+            with torch.no_grad():
+                self.sub.weight.copy_(Linear.pack(dense, full.parts))
+            self.sub.build_row_layout()
+            self.sub.requires_grad_(False)
+
+    @property
+    def size(self) -> int:
+        return self.model.cfg.vocab_size if self.vocab is None else len(self.vocab)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, K) logits over the draft vocabulary (float32)."""
+        if self.vocab is None:
+            return self.model.head(h)
+        return self.sub(self.model.norm(h)).float()
+
+    def to_full(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.vocab is None else self.vocab[idx]
+
+    def pick(self, logits: torch.Tensor, sampling, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One draft token per row from logits (B, K) over this head's vocabulary: the argmax under greedy
+        decoding, else a sample from the sampling distribution q. Returns (token ids in the full
+        vocabulary (B,), q (B, K), or None under greedy)."""
+        if sampling.greedy:
+            return self.to_full(logits.argmax(-1)), None
+        q = sampling.probs(logits)
+        return self.to_full(torch.multinomial(q, 1, generator=generator)[:, 0]), q
+
+    def scatter_full(self, q: torch.Tensor) -> torch.Tensor:
+        """A distribution over the draft vocabulary (B, K) as one over the full vocabulary (B, V)."""
+        if self.vocab is None:
+            return q
+        out = q.new_zeros(q.shape[0], self.model.cfg.vocab_size)
+        out[:, self.vocab] = q
+        return out
+
+    def read_bytes(self) -> int:
+        """Float32 bytes one read-out reads (its rows of the LM head)."""
+        return self.size * self.model.cfg.hidden_size * 4
