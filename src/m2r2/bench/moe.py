@@ -213,7 +213,7 @@ def render_chart(doc: dict, path: Path) -> None:
 def main(args: argparse.Namespace) -> int:
 
     import m2r2
-    from ..moe.memory import FileStore, LinkStore, measure_storage
+    from ..moe.stores import FileStore, LinkStore, measure_storage
     from ..moe.moefy import load_moefied
     from ..artifacts import cache_root
     from .args import build_prompts
