@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 import m2r2
-from m2r2.bench.harness import pin_threads
+from m2r2.provenance import pin_threads
 from m2r2.prompts import load_prompts
 
 

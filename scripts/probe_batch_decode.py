@@ -16,7 +16,7 @@ from pathlib import Path
 
 import m2r2
 from m2r2.engine import native
-from m2r2.bench.harness import _command_line, machine_info, pin_threads, run_end, run_start
+from m2r2.provenance import command_line, machine_info, pin_threads, run_end, run_start
 from m2r2.prompts import load_prompts
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     lm = m2r2.load(threads=args.threads)
     texts = [r.text for r in load_prompts("mt-bench", limit=max(args.batch))]
     lm.generate(prompts=texts[:2], max_new_tokens=8)  # warm-up (and the kernels' build)
-    res = {"command": _command_line(), "machine": machine_info(), "native_kernels": native.available(),
+    res = {"command": command_line(), "machine": machine_info(), "native_kernels": native.available(),
            "max_new_tokens": args.max_new_tokens, "batches": {}}
     for B in args.batch:
         speeds: dict[str, list[float]] = {"native": [], "torch": []}

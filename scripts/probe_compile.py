@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import m2r2
-from m2r2.bench.harness import pin_threads
+from m2r2.provenance import pin_threads
 from m2r2.engine.model import Linear
 
 MAX_LEN = 384

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from m2r2.bench.harness import _command_line, machine_info, pin_threads, run_end, run_start
+from m2r2.provenance import command_line, machine_info, pin_threads, run_end, run_start
 
 
 def policy_env(policy: str) -> dict[str, str]:
@@ -93,7 +93,7 @@ def main() -> None:
               f"{row['decode_tokens_per_s']['together']:6.1f} tokens/s each ({row['decode_tokens_per_s']['kept']:.0%} "
               f"kept); end to end alone {row['tokens_per_s']['alone']:.1f}, together {row['tokens_per_s']['together']:.1f}")
     run_end()
-    doc = {"command": _command_line(), "machine": machine_info(),
+    doc = {"command": command_line(), "machine": machine_info(),
            "concurrency": args.concurrency, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
            "threads": args.threads, "repeats": args.repeats, "runs": runs, "summary": summary}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")

@@ -30,7 +30,7 @@ import torch
 
 import m2r2
 from m2r2.engine import native
-from m2r2.bench.harness import _command_line, machine_info, measure_bandwidth, pin_threads, run_end, run_start
+from m2r2.provenance import command_line, machine_info, measure_bandwidth, pin_threads, run_end, run_start
 from m2r2.engine.model import Linear
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     model = lm.model
     n = args.position
     cache = model.new_cache(1, n + 16)
-    res: dict = {"command": _command_line(), "machine": machine_info(), "position": n, "threads": args.threads}
+    res: dict = {"command": command_line(), "machine": machine_info(), "position": n, "threads": args.threads}
     with torch.inference_mode():
         ids = torch.randint(100, 10000, (1, n))
         model(ids, cache, torch.arange(n).view(1, -1))

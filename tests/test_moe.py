@@ -10,7 +10,8 @@ from conftest import assert_close_rel, assert_same_tokens, greedy_reference, mak
 
 from m2r2.decoding.loop import decode
 from m2r2.moe.layers import MoESpec, Resident
-from m2r2.moe.memory import ExpertCache, FileStore, LinkStore
+from m2r2.moe.memory import ExpertCache
+from m2r2.moe.stores import FileStore, LinkStore
 from m2r2.moe.moefy import MoEfyArtifacts, apply, balanced_kmeans, fit_router
 from m2r2.moe.prefetch import M2R2Prefetch, MoEDecode, OnDemand, Oracle, SlowPrefetch, Tracing
 

@@ -120,7 +120,7 @@ def plot(doc: dict, path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import m2r2
-    from .harness import machine_info
+    from ..provenance import machine_info
     from ..prompts import load_prompts
 
     lm = m2r2.load(args.model, threads=args.threads)

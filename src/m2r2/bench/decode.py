@@ -15,26 +15,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import sys
 import time
-from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..engine import native
 from ..options import int_at_least as _int_at_least
-from ..errors import M2R2Error, PromptFileError
+from ..errors import M2R2Error
 from ..engine.threads import available_cpus
 from ..engine import weights as weight_formats
-from .harness import (add_common_args, add_near_ties, add_rouge_l, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt,
-                      pin_threads, roofline, run_benchmark, run_end, run_start, summarize, validate_prompts,
-                      worker_lm, write_results)
+from ..provenance import pin_threads, roofline, run_end, run_start
+from .args import add_common_args, build_prompts
+from .arms import ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, worker_lm
+from .report import write_results
+from .runner import run_benchmark
+from .stats import add_near_ties, add_rouge_l, summarize
 
 ARM_NAMES = ("m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld",
              "llamacpp")
-WARMUP_TEXT = "Write two sentences about why benchmarks need a warm-up run."  # not in any shipped set
 
 
 # ---------------------------------------------------------------- arms
@@ -190,45 +189,6 @@ class LlamaCppArm:
 
     def close(self) -> None:
         self.server = None  # the server's destructor stops its loop
-
-
-# ---------------------------------------------------------------- prompts
-
-def load_prompt_ids(path: str | os.PathLike, limit: int | None = None) -> list[BenchPrompt]:
-    """Prompts already tokenized: JSONL records with ``token_ids`` (or ``prompt_token_ids``), optional
-    ``id`` and ``category``."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise PromptFileError(f"prompt id file {p} not found")
-    from ..prompts import iter_jsonl
-
-    out: list[BenchPrompt] = []
-    for lineno, r in iter_jsonl(p):
-        ids = r.get("token_ids", r.get("prompt_token_ids")) if isinstance(r, dict) else None
-        if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
-            raise PromptFileError(f"{p}:{lineno}: needs a non-empty list of non-negative integer token ids "
-                                  "in 'token_ids'")
-        out.append(BenchPrompt(str(r.get("id", lineno)), str(r.get("category", "all")), tuple(ids)))
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise PromptFileError(f"prompt id file {p} has no prompts")
-    return out
-
-
-def build_prompts(lm, args: argparse.Namespace) -> tuple[list[BenchPrompt], BenchPrompt]:
-    """The measured prompts and the warm-up prompt (a text outside the set, or the first prompt)."""
-    from ..prompts import load_prompts
-
-    if args.prompt_ids:
-        prompts = load_prompt_ids(args.prompt_ids, args.limit)
-        warm = prompts[0]
-    else:
-        recs = load_prompts(args.prompts, limit=args.limit)
-        prompts = [BenchPrompt(r.id, r.category, tuple(lm.encode(r.text)), r.text) for r in recs]
-        warm = BenchPrompt("warmup", "warmup", tuple(lm.encode(WARMUP_TEXT)), WARMUP_TEXT)
-    validate_prompts(prompts, lm.config, args.prompt_ids or args.prompts)  # before any arm is built
-    return prompts, warm
 
 
 # ---------------------------------------------------------------- command

@@ -19,9 +19,12 @@ from pathlib import Path
 from ..decoding import registry
 from ..errors import M2R2Error
 from ..engine.threads import available_cpus
-from .decode import build_prompts
-from .harness import (add_common_args, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, output_text, pin_threads,
-                      roofline, rouge_l, run_benchmark, run_end, run_start, summarize, worker_lm, write_results)
+from ..provenance import pin_threads, roofline, run_end, run_start
+from .args import add_common_args, build_prompts
+from .arms import ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, worker_lm
+from .report import write_results
+from .runner import run_benchmark
+from .stats import output_text, rouge_l, summarize
 
 METHODS = ("calm", "calm-adapter", "m2r2-exit", "m2r2-exit-conf", "skipdecode", "mod")
 EXTRA_METHODS = ("m2r2-exit-alone",)  # m2r2-exit without the slow row riding along (an ablation)

@@ -32,8 +32,11 @@ from pathlib import Path
 
 import torch
 
-from .harness import (ArmResult, ArmUnavailable, BenchPrompt, _md_table, pin_threads, run_benchmark, run_end, run_start,
-                      summarize, write_results)
+from ..provenance import pin_threads, run_end, run_start
+from .arms import ArmResult, ArmUnavailable, BenchPrompt
+from .report import md_table, write_results
+from .runner import run_benchmark
+from .stats import summarize
 
 PROMPT_CATEGORIES = ("summarization", "rag")
 
@@ -268,10 +271,10 @@ def main(args: argparse.Namespace) -> int:
              "Perplexity through the inference path (causal threshold routing); answer half = the second half of "
              "each validation window, never designated. FLOPs and K/V per token: the model's own counter on the "
              "validation forward (256-token windows). gen tok/s: greedy batch-1 generation on the prompts above.",
-             "", _md_table(header, body)]
+             "", md_table(header, body)]
     if token_type:
         lines += ["", "## Designated tokens (p-MoD, VideoLLM-MoD): Spec-Bench documents at prefill", "",
-                  _md_table(["arch", "designated share of prompt", "designated processed per layer",
+                  md_table(["arch", "designated share of prompt", "designated processed per layer",
                              "mean", "prefill FLOPs vs vanilla", "prefill KV vs vanilla"],
                             [[t["arch"], f"{t['designated_share_of_prompt']:.2f}",
                               " ".join(f"{f:.2f}" for f in t["designated_fraction_per_layer"]),

