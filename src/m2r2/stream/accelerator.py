@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
-from ..artifacts import DRAFT_VOCAB, find_shipped as find_artifact, load_artifact, read_draft_vocab, save_artifact
+from ..artifacts import DRAFT_VOCAB, atomic_write, find_shipped as find_artifact, load_artifact, read_draft_vocab, save_artifact
 from ..artifacts import shapes_of, shipped_roots, write_draft_vocab  # noqa: F401 (write_draft_vocab: its old home)
 from ..engine.model import RMSNorm, StepContext, Transformer
 
@@ -291,12 +291,11 @@ def ship(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a trained adapter directory into the package for shipping: weights stored as float16 (half the
     bytes; drafts and exits are verified or measured, so the precision of the adapters is a speed/quality
     knob, not an exactness one), the config and the draft vocabulary unchanged."""
-    import shutil
     acc = Accelerator.load(src)
     acc.save(dst, dtype=torch.float16)
     for name in (DRAFT_VOCAB, "router.json", "router.safetensors"):
         if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            atomic_write(Path(dst) / name, (Path(src) / name).read_bytes())
     return Path(dst)
 
 
