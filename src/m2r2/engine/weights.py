@@ -21,15 +21,11 @@ import contextvars
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..errors import WeightFormatError
 
-if TYPE_CHECKING:  # the Linear these formats serve (engine.model imports this module, not the reverse)
-    from .model import Linear
-
+# formats serve ``engine.model.Linear`` (annotated by name: engine.model imports this module, not the reverse)
 warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated", category=UserWarning)  # the entry points we use
 
 
@@ -102,11 +98,10 @@ class Float16(WeightFormat):
     """fp16 weights, float32 activations and sums: FBGEMM's packed fp16 product for several rows, the native
     kernels (the ``half`` copy, (in, out)) for one. FBGEMM's fp16 kernel runs on one thread, so a big weight
     is packed in one chunk of output rows per thread and the chunks run side by side (the op releases the
-    GIL): the LM head of the embedded model, 57 MB in fp16, takes 1.9 ms instead of 3.4 on 2 cores."""
+    GIL): the LM head of the embedded model, 57 MB in fp16, takes 1.9 ms instead of 3.4 on 2 cores. Split only
+    from ``Linear.FP16_SPLIT_MIN`` weights up (see there)."""
 
     name, bytes_per_weight = "fp16", 2.0
-    SPLIT_MIN = 1 << 22  # weights this big (the LM head) are split; smaller ones (gate_up, 1.8M) cost more in
-    # thread hand-offs than they gain (measured: 38 -> 33 tokens/s)
 
     def available(self) -> bool:
         return lowp_available()

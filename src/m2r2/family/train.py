@@ -8,7 +8,7 @@ takes more steps on more tokens. The learning-rate schedule (warm-up, cosine) ru
 the budget spent, so it ends where the budget does whatever an architecture costs per step.
 
 Same conventions as ``m2r2 train``: seeded, tqdm bar with rate/ETA, data order a pure function of
-(seed, step), atomic checkpoints (tmp file + ``os.replace``) every ``--checkpoint-every`` steps, re-running
+(seed, step), atomic checkpoints (``m2r2.training.loop``) every ``--checkpoint-every`` steps, re-running
 the same command resumes bit-exactly, a different configuration in the same ``--out`` is refused, and
 the loop runs through Hugging Face Accelerate (so ``accelerate launch`` spreads batches over processes).
 Output: ``model.safetensors`` + ``config.json`` (architecture, training record).
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -32,14 +30,10 @@ import torch.nn.functional as F
 
 from ..provenance import command_line
 from ..errors import M2R2Error
-from ..artifacts import load_checkpoint
-from ..training.adapters import _atomic_save, open_log
+from ..artifacts import load_artifact, save_artifact, shapes_of
+from ..training.loop import CHECKPOINT, LOG, Run, cosine  # noqa: F401 (CHECKPOINT, LOG: names kept here)
 from .data import TokenData
 from .model import ARCHS, Counter, FamilyConfig, FamilyModel
-
-CHECKPOINT = "checkpoint.pt"
-LOG = "train_log.jsonl"
-
 
 class FamilyTrainError(M2R2Error):
     """Family training cannot start or resume as asked."""
@@ -93,8 +87,7 @@ def lr_at(spent: float, cfg: FamilyTrainConfig) -> float:
     f = spent / cfg.budget
     if f < cfg.warmup:
         return cfg.lr * max(f / cfg.warmup, 0.01)
-    t = min(1.0, (f - cfg.warmup) / max(1e-9, 1 - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return cosine(cfg.lr, min(1.0, (f - cfg.warmup) / max(1e-9, 1 - cfg.warmup)), cfg.min_lr_ratio)
 
 
 def designated_mask(batch: int, seq_len: int) -> torch.Tensor:
@@ -113,23 +106,16 @@ def lm_loss(model: FamilyModel, window: torch.Tensor, mode: str, counter: Counte
 
 
 def save_model(model: FamilyModel, out: Path, training: dict) -> None:
-    from safetensors.torch import save_file
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(sd, str(tmp))
-    tmp.replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps({"family": model.cfg.to_dict(), "training": training}, indent=1))
+    save_artifact(out, "model", model.state_dict(), {"family": model.cfg.to_dict(), "training": training},
+                  config_name="config.json")
 
 
 def load_model(path: str | Path) -> FamilyModel:
     """A trained family model from its directory (``config.json`` + ``model.safetensors``)."""
-    from safetensors.torch import load_file
-    p = Path(path)
-    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
-        raise FamilyTrainError(f"{p} holds no trained family model (config.json + model.safetensors)")
-    meta = json.loads((p / "config.json").read_text())
-    model = FamilyModel(FamilyConfig(**meta["family"]))
-    model.load_state_dict(load_file(str(p / "model.safetensors")))
+    (model, meta), sd = load_artifact(path, "model", "trained family model", config_name="config.json",
+                                      parse=lambda meta: (FamilyModel(FamilyConfig(**meta["family"])), meta),
+                                      expected=lambda c: shapes_of(c[0]), error=FamilyTrainError)
+    model.load_state_dict(sd)
     model.training_record = meta.get("training", {})
     return model.eval()
 
@@ -137,15 +123,13 @@ def load_model(path: str | Path) -> FamilyModel:
 def train(cfg: FamilyTrainConfig, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) ``cfg.arch`` until ``cfg.budget`` training FLOPs are spent."""
     from accelerate import Accelerator as HFAccelerator
-    from tqdm.auto import tqdm
 
     hfacc = HFAccelerator(cpu=not torch.cuda.is_available())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = TokenData(cfg.data)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
+    run = Run(cfg.out, FamilyTrainError, main=hfacc.is_main_process)
+    out = run.out
     torch.manual_seed(cfg.seed)
     model = FamilyModel(cfg.model_config(data.manifest["vocab_size"]))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -154,18 +138,15 @@ def train(cfg: FamilyTrainConfig, progress: bool = True, stop_after: int | None 
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     step, spent, tokens, wall_before = 0, 0.0, 0, 0.0
     last_saved: dict = {}
-    if ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path, FamilyTrainError)
-        if ck["config"] != cfg.identity():
-            diff = {k: (ck["config"].get(k), v) for k, v in cfg.identity().items() if ck["config"].get(k) != v}
-            raise FamilyTrainError(f"{out} holds a run with other settings ({diff}); pass another --out or delete it")
+    ck = run.checkpoint()
+    if ck is not None:
+        run.refuse_other_settings(ck["config"], cfg.identity())
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, spent, tokens, wall_before = ck["step"], ck["flops"], ck["tokens"], ck["wall_seconds"]
         torch.set_rng_state(ck["rng"])
         last_saved = ck.get("last", {})
-        if hfacc.is_main_process:
-            print(f"m2r2: resuming {out} at step {step} ({spent / cfg.budget:.0%} of the budget)", file=sys.stderr)
+        run.resumed(step, f" ({spent / cfg.budget:.0%} of the budget)")
     model, opt = hfacc.prepare(model, opt)
     raw = hfacc.unwrap_model(model)
     t_start = time.perf_counter()
@@ -176,52 +157,46 @@ def train(cfg: FamilyTrainConfig, progress: bool = True, stop_after: int | None 
         if not hfacc.is_main_process:
             return
         wall = wall_before + time.perf_counter() - t_start
-        _atomic_save({"config": cfg.identity(), "model": raw.state_dict(), "optimizer": opt.state_dict(),
-                      "step": step, "flops": spent, "tokens": tokens, "wall_seconds": wall,
-                      "rng": torch.get_rng_state(), "last": last}, ckpt_path)
+        run.save({"config": cfg.identity(), "model": raw.state_dict(), "optimizer": opt.state_dict(),
+                  "step": step, "flops": spent, "tokens": tokens, "wall_seconds": wall,
+                  "rng": torch.get_rng_state(), "last": last})
         if final:
             save_model(raw, out, {"command": command_line(), "config": asdict(cfg), "steps": step,
                                   "train_flops": spent, "tokens": tokens, "wall_seconds": round(wall, 1),
                                   "unique_parameters": raw.unique_parameters(), "last_log": last})
 
     rank, world = hfacc.process_index, hfacc.num_processes
-    bar = tqdm(total=round(cfg.budget / 1e9), initial=round(spent / 1e9), desc=f"train {cfg.arch}", unit="GFLOP",
-               file=sys.stderr, disable=not (progress and hfacc.is_main_process), dynamic_ncols=True)
-    log_f = open_log(out / LOG, step) if hfacc.is_main_process else None
     done_steps = 0
-    try:
-        model.train()
-        while spent < cfg.budget and (stop_after is None or done_steps < stop_after):
-            window = data.batch("train", step, cfg.batch_size, cfg.seq_len, cfg.seed)[rank::world]
-            lr = lr_at(spent, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            c = Counter()
-            ce, aux = lm_loss(raw if world == 1 else model, window, "topk", c)
-            loss = ce.mean() + aux
-            opt.zero_grad(set_to_none=True)
-            hfacc.backward(loss)
-            gn = float(hfacc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
-            opt.step()
-            step += 1
-            done_steps += 1
-            flops = 3.0 * c.flops * world
-            spent += flops
-            tokens += c.tokens * world
-            last = {"step": step, "lr": lr, "loss": float(ce.mean()), "aux": float(aux.detach()), "grad_norm": gn,
-                    "flops": spent, "tokens": tokens}
-            if log_f is not None:
-                log_f.write(json.dumps(last) + "\n")
-                log_f.flush()
-            bar.set_postfix(loss=f"{last['loss']:.3f}", step=step, refresh=False)
-            bar.update(round(spent / 1e9) - bar.n)
-            if step % cfg.checkpoint_every == 0 and spent < cfg.budget:
-                checkpoint()
-        checkpoint(final=spent >= cfg.budget)
-    finally:
-        bar.close()
-        if log_f is not None:
-            log_f.close()
+
+    def train_step(s: int) -> tuple[dict, dict]:
+        nonlocal step, spent, tokens, last, done_steps
+        window = data.batch("train", s, cfg.batch_size, cfg.seq_len, cfg.seed)[rank::world]
+        lr = lr_at(spent, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        c = Counter()
+        ce, aux = lm_loss(raw if world == 1 else model, window, "topk", c)
+        loss = ce.mean() + aux
+        opt.zero_grad(set_to_none=True)
+        hfacc.backward(loss)
+        gn = float(hfacc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
+        opt.step()
+        step = s + 1
+        done_steps += 1
+        flops = 3.0 * c.flops * world
+        spent += flops
+        tokens += c.tokens * world
+        last = {"step": step, "lr": lr, "loss": float(ce.mean()), "aux": float(aux.detach()), "grad_norm": gn,
+                "flops": spent, "tokens": tokens}
+        return last, {"loss": f"{last['loss']:.3f}", "step": step}
+
+    model.train()
+    run.steps(step, more=lambda s: spent < cfg.budget and (stop_after is None or done_steps < stop_after),
+              train_step=train_step, due=lambda s: s % cfg.checkpoint_every == 0 and spent < cfg.budget,
+              checkpoint=checkpoint, advance=lambda n: round(spent / 1e9) - n, progress=progress,
+              bar=dict(total=round(cfg.budget / 1e9), initial=round(spent / 1e9), desc=f"train {cfg.arch}",
+                       unit="GFLOP"))
+    checkpoint(final=spent >= cfg.budget)
     return {"step": step, "done": spent >= cfg.budget, "last": last, "out": str(out)}
 
 

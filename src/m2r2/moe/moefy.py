@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import AdapterError
+from ..artifacts import check_tensors, find_shipped as find_artifact, load_artifact, save_artifact, shipped_roots
 from .layers import MoEBlock, MoEFFN, MoEModel, MoESpec, pack_expert
 
 MOEFY_FORMAT = 1
@@ -185,53 +186,33 @@ class MoEfyArtifacts:
     info: dict = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-        d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp_w, tmp_c = d / ".moe.safetensors.tmp", d / ".moe.json.tmp"
-        save_file({"perm": self.perm.to(torch.int32).contiguous(), "router_w": self.router_w.contiguous(),
-                   "router_b": self.router_b.contiguous()}, str(tmp_w))
-        tmp_c.write_text(json.dumps({"format": MOEFY_FORMAT, "kind": "moefy", "spec": self.spec.to_dict(),
-                                     "base_identity": self.base_identity, "info": self.info}, indent=1))
-        os.replace(tmp_w, d / "moe.safetensors")
-        os.replace(tmp_c, d / "moe.json")
-        return d
+        return save_artifact(path, "moe", {"perm": self.perm.to(torch.int32), "router_w": self.router_w,
+                                           "router_b": self.router_b},
+                             {"format": MOEFY_FORMAT, "kind": "moefy", "spec": self.spec.to_dict(),
+                              "base_identity": self.base_identity, "info": self.info})
 
     @classmethod
     def load(cls, path: str | os.PathLike, identity: str | None = None) -> "MoEfyArtifacts":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         d = Path(path)
-        if not (d / "moe.json").is_file() or not (d / "moe.safetensors").is_file():
-            raise AdapterError(f"{d} is not a MoEfication directory (needs moe.json and moe.safetensors)")
-        try:
-            raw = json.loads((d / "moe.json").read_text())
-            spec = MoESpec(**raw["spec"])
-            t = load_file(str(d / "moe.safetensors"))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError, OSError) as e:
-            raise AdapterError(f"{d} is corrupt: {e}") from e
-        if raw.get("format") != MOEFY_FORMAT:
-            raise AdapterError(f"{d}: format {raw.get('format')} is not supported (expected {MOEFY_FORMAT})")
-        if identity is not None and raw.get("base_identity") != identity:
-            raise AdapterError(f"the MoEfication in {d} was made for a different base model")
-        return cls(spec, t["perm"].long(), t["router_w"], t["router_b"], raw.get("base_identity", ""),
-                   raw.get("info", {}))
+
+        def validate(raw: dict) -> None:
+            if raw.get("format") != MOEFY_FORMAT:
+                raise AdapterError(f"{d}: format {raw.get('format')} is not supported (expected {MOEFY_FORMAT})")
+
+        (spec, raw), t = load_artifact(d, "moe", "MoEfication", parse=lambda raw: (MoESpec(**raw["spec"]), raw),
+                                       identity=identity, validate=lambda c: validate(c[1]))
+        L = t["perm"].shape[0] if "perm" in t else 0
+        E, n, D = spec.num_experts, spec.expert_size, spec.hidden_size
+        check_tensors(d / "moe.safetensors", t, {"perm": (L, E, n), "router_w": (L, E, D), "router_b": (L, E)})
+        return cls(spec, t["perm"].long(), t["router_w"], t["router_b"], raw.get("base_identity", ""), raw.get("info", {}))
 
 
 def shipped_dir() -> Path:
-    return Path(__file__).resolve().parent / "shipped"
+    return shipped_roots()[1]
 
 
 def find_shipped(identity: str, num_experts: int = 8) -> Path | None:
-    root = shipped_dir()
-    for f in sorted(root.glob("*/moe.json")) if root.is_dir() else []:
-        try:
-            raw = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if raw.get("base_identity") == identity and raw["spec"]["num_experts"] == num_experts:
-            return f.parent
-    return None
+    return find_artifact(identity, "moefy", where=lambda raw: raw["spec"]["num_experts"] == num_experts)
 
 
 def apply(model, art: MoEfyArtifacts) -> MoEModel:

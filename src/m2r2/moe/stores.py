@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import atomic_write
+
 PAGE = 4096
 
 
@@ -99,9 +101,7 @@ class FileStore:
             size = padded_bytes(len(raw))
             if p.is_file() and p.stat().st_size == size:
                 continue
-            tmp = p.with_suffix(".tmp")
-            tmp.write_bytes(raw + b"\0" * (size - len(raw)))
-            os.replace(tmp, p)
+            atomic_write(p, raw + b"\0" * (size - len(raw)))
 
     def describe(self) -> dict:
         return {"kind": "file", "dir": str(self.dir),

@@ -16,7 +16,6 @@ Design (a reconstruction from the paper's abstract; see docs/METHOD.md):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -27,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
-from ..artifacts import check_token_ids, check_tensors, shapes_of
+from ..artifacts import DRAFT_VOCAB, atomic_write, find_shipped as find_artifact, load_artifact, read_draft_vocab, save_artifact
+from ..artifacts import shapes_of, shipped_roots, write_draft_vocab  # noqa: F401 (write_draft_vocab: its old home)
 from ..engine.model import RMSNorm, StepContext, Transformer
 
 ADAPTER_FORMAT = 1
-DRAFT_VOCAB = "draft_vocab.json"
 
 
 @dataclass
@@ -191,54 +190,27 @@ class Accelerator(nn.Module):
         """Write ``adapter.safetensors`` and ``adapter.json`` into directory ``path`` (atomically);
         ``dtype`` (e.g. float16, for shipping) converts the stored weights; loading casts them back to
         the model's dtype."""
-        from safetensors.torch import save_file
-        d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp_w, tmp_c = d / ".adapter.safetensors.tmp", d / ".adapter.json.tmp"
-        sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(sd, str(tmp_w), metadata={"m2r2": "accelerator", "base_identity": self.cfg.base_identity})
-        tmp_c.write_text(json.dumps(asdict(self.cfg), indent=1))
-        os.replace(tmp_w, d / "adapter.safetensors")
-        os.replace(tmp_c, d / "adapter.json")
-        return d
+        return save_artifact(path, "adapter", self.state_dict(), asdict(self.cfg), dtype=dtype,
+                             metadata={"m2r2": "accelerator", "base_identity": self.cfg.base_identity})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Transformer | None = None, identity: str | None = None) -> "Accelerator":
         """Load adapters from a directory; refuse them if they were trained for another base model."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         d = Path(path)
-        cfg_file, w_file = d / "adapter.json", d / "adapter.safetensors"
-        if not cfg_file.is_file() or not w_file.is_file():
-            raise AdapterError(f"{d} is not an adapter directory (needs adapter.json and adapter.safetensors)")
-        try:
-            raw = json.loads(cfg_file.read_text())
-            cfg = AcceleratorConfig(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise AdapterError(f"{cfg_file} is corrupt: {e}") from e
-        if cfg.format != ADAPTER_FORMAT:
-            raise AdapterError(f"{d}: adapter format {cfg.format} is not supported (expected {ADAPTER_FORMAT})")
-        if identity is not None and cfg.base_identity != identity:
-            raise AdapterError(
-                f"the adapter in {d} was trained for a different base model "
-                f"({cfg.base_identity[:24]}...) than the one loaded ({identity[:24]}...)")
-        if model is not None and (cfg.base_num_layers, cfg.hidden_size) != (model.cfg.num_layers, model.cfg.hidden_size):
-            raise AdapterError(f"the adapter in {d} is for a {cfg.base_num_layers}-layer, {cfg.hidden_size}-wide "
-                               f"model, not this {model.cfg.num_layers}-layer, {model.cfg.hidden_size}-wide one")
+
+        def validate(cfg: AcceleratorConfig) -> None:
+            if cfg.format != ADAPTER_FORMAT:
+                raise AdapterError(f"{d}: adapter format {cfg.format} is not supported (expected {ADAPTER_FORMAT})")
+            if model is not None and (cfg.base_num_layers, cfg.hidden_size) != (model.cfg.num_layers, model.cfg.hidden_size):
+                raise AdapterError(f"the adapter in {d} is for a {cfg.base_num_layers}-layer, {cfg.hidden_size}-wide "
+                                   f"model, not this {model.cfg.num_layers}-layer, {model.cfg.hidden_size}-wide one")
+
+        # the rate and rank in adapter.json fix every name and shape
+        cfg, sd = load_artifact(d, "adapter", "adapter", parse=lambda raw: AcceleratorConfig(**raw), identity=identity,
+                                validate=validate, expected=lambda cfg: shapes_of(cls(cfg)))
         acc = cls(cfg)
-        try:
-            sd = load_file(str(w_file))
-        except (SafetensorError, RuntimeError, OSError) as e:
-            raise AdapterError(f"{w_file} is unreadable: {e}") from e
-        check_tensors(w_file, sd, shapes_of(acc))  # the rate and rank in adapter.json fix every name and shape
         acc.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-        vocab_file = d / DRAFT_VOCAB
-        if vocab_file.is_file():
-            try:
-                ids = json.loads(vocab_file.read_text())["token_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise AdapterError(f"{vocab_file} is corrupt: {e}") from e
-            acc.draft_vocab = check_token_ids(vocab_file, ids, model.cfg.vocab_size if model is not None else None)
+        acc.draft_vocab = read_draft_vocab(d, model.cfg.vocab_size if model is not None else None)
         if (d / "router.json").is_file():  # ARLA, trained for these adapters (m2r2 train-router)
             from .router import ARLARouter
             object.__setattr__(acc, "router", ARLARouter.load(d))
@@ -315,53 +287,22 @@ def distill_loss(model: Transformer, acc: Accelerator, ids: torch.Tensor, mask: 
     return loss, stats
 
 
-def write_draft_vocab(path: str | os.PathLike, records: list[dict], size: int = 4096,
-                      always: tuple[int, ...] = ()) -> Path:
-    """Write ``draft_vocab.json`` into an adapter directory: the ``size`` most frequent response tokens of
-    the self-distillation records (the model's own outputs), plus ``always`` (e.g. EOS). Drafting over it
-    reads a fraction of the LM head; tokens outside it cannot be drafted but are never wrong."""
-    from collections import Counter
-    counts = Counter()
-    for r in records:
-        counts.update(r["response_ids"])
-    ids = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
-    ids = sorted(set(ids) | set(always))
-    covered = sum(counts[t] for t in ids) / max(1, sum(counts.values()))
-    d = Path(path)
-    tmp = d / (DRAFT_VOCAB + ".tmp")
-    tmp.write_text(json.dumps({"size": len(ids), "requested": size, "train_token_coverage": round(covered, 5),
-                               "token_ids": ids}))
-    os.replace(tmp, d / DRAFT_VOCAB)
-    return d / DRAFT_VOCAB
-
-
 def ship(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a trained adapter directory into the package for shipping: weights stored as float16 (half the
     bytes; drafts and exits are verified or measured, so the precision of the adapters is a speed/quality
     knob, not an exactness one), the config and the draft vocabulary unchanged."""
-    import shutil
     acc = Accelerator.load(src)
     acc.save(dst, dtype=torch.float16)
     for name in (DRAFT_VOCAB, "router.json", "router.safetensors"):
         if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            atomic_write(Path(dst) / name, (Path(src) / name).read_bytes())
     return Path(dst)
 
 
 def shipped_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "adapters"
+    return shipped_roots()[0]
 
 
 def find_shipped(identity: str, rate: int, kind: str = "m2r2") -> Path | None:
     """The adapter of ``kind`` shipped inside the package for this base model and rate, if any."""
-    root = shipped_dir()
-    if not root.is_dir():
-        return None
-    for cfg_file in sorted(root.glob("*/adapter.json")):
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if raw.get("base_identity") == identity and raw.get("rate") == rate and raw.get("kind", "m2r2") == kind:
-            return cfg_file.parent
-    return None
+    return find_artifact(identity, kind, where=lambda raw: raw.get("rate") == rate)

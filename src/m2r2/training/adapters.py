@@ -16,25 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..stream.accelerator import Accelerator as M2R2Accelerator
-from ..stream.accelerator import LossWeights, distill_loss, write_draft_vocab
+from ..stream.accelerator import LossWeights, distill_loss
 from ..provenance import command_line
 from ..errors import M2R2Error
-from ..artifacts import load_checkpoint
-
-CHECKPOINT = "checkpoint.pt"
-LOG = "train_log.jsonl"
+from ..artifacts import save_checkpoint as _atomic_save, write_draft_vocab  # noqa: F401 (_atomic_save: old name)
+from .loop import CHECKPOINT, LOG, Run, open_log, warmup_cosine  # noqa: F401 (open_log: its old home)
 
 
 class TrainError(M2R2Error):
@@ -88,10 +82,7 @@ class TrainConfig:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
 
 
 def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -140,37 +131,10 @@ class _Distill(nn.Module):
         return distill_loss(self.backbone, self.acc, ids, valid, self.weights)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def open_log(path: Path, step: int):
-    """``path`` (a JSONL training log) opened for appending, keeping only its lines for steps 1..``step``,
-    the checkpoint's step (0: none). A run stopped between checkpoints had logged steps that the resumed run
-    trains and logs again; without the trim they appear twice (and a line cut off by the stop is dropped)."""
-    keep = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
-                keep.append(line + "\n")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, path)
-    return open(path, "a", encoding="utf-8")
-
-
 def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) adapters as ``cfg`` says; writes ``cfg.out``/adapter.{safetensors,json}.
     ``stop_after`` ends this call after that many steps (as if interrupted; tests use it)."""
     from accelerate import Accelerator as HFAccelerator
-    from tqdm.auto import tqdm
-
     from .data import load_dataset
 
     hfacc = HFAccelerator(cpu=not torch.cuda.is_available())
@@ -183,9 +147,8 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     records = load_dataset(cfg.data, model_identity=lm.source.identity)
     if len(records) < cfg.batch_size:
         raise TrainError(f"{cfg.data} has {len(records)} examples, fewer than --batch-size {cfg.batch_size}")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
+    run = Run(cfg.out, TrainError, main=hfacc.is_main_process)
+    out = run.out
 
     torch.manual_seed(cfg.seed)
     acc = M2R2Accelerator.for_model(model, lm.source.identity, rate=cfg.rate, rank=cfg.rank,
@@ -198,19 +161,16 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     step = 0
     wall_before = 0.0
     tokens_seen_total = 0
-    if ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path, TrainError)  # written atomically: unreadable means damaged or foreign
+    ck = run.checkpoint()
+    if ck is not None:
         # settings added after a checkpoint was written count as their defaults
         saved = {**{k: v for k, v in TrainConfig(data=cfg.data).identity().items() if k not in ck.get("config", {})},
                  **ck.get("config", {})}
-        if saved != cfg.identity():
-            diff = {k: (saved.get(k), v) for k, v in cfg.identity().items() if saved.get(k) != v}
-            raise TrainError(f"{out} holds a run with other settings ({diff}); pass another --out or delete it")
+        run.refuse_other_settings(saved, cfg.identity())
         acc.load_state_dict(ck["adapters"])
         opt.load_state_dict(ck["optimizer"])
         step, wall_before, tokens_seen_total = ck["step"], ck.get("wall_seconds", 0.0), ck.get("tokens_seen", 0)
-        if hfacc.is_main_process:
-            print(f"m2r2: resuming {out} at step {step}", file=sys.stderr)
+        run.resumed(step)
     module = _Distill(model, acc, LossWeights(cfg.align_weight, cfg.kl_weight, cfg.kl_layers))
     module, opt = hfacc.prepare(module, opt)
 
@@ -219,9 +179,9 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
         if not hfacc.is_main_process:
             return
         adapters = hfacc.unwrap_model(module).acc
-        _atomic_save({"config": cfg.identity(), "adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
-                      "step": step, "tokens_seen": tokens_seen_total,
-                      "wall_seconds": wall_before + time.perf_counter() - t_start}, ckpt_path)
+        run.save({"config": cfg.identity(), "adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
+                  "step": step, "tokens_seen": tokens_seen_total,
+                  "wall_seconds": wall_before + time.perf_counter() - t_start})
         if final:
             adapters.cfg.training = {
                 "command": command_line(),
@@ -236,45 +196,41 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
     t_start = time.perf_counter()
     last: dict = {}
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind} R={cfg.rate}", unit="step", file=sys.stderr,
-               disable=not (progress and hfacc.is_main_process), dynamic_ncols=True)
-    log_f = open_log(out / LOG, step) if hfacc.is_main_process else None
     tok_window, t_window = 0, time.perf_counter()
-    try:
-        module.train()
-        while step < end:
-            idx = batch_indices(len(records), step, cfg.batch_size, cfg.seed)[rank::world]
-            ids, valid = make_batch(records, idx, cfg.max_len)
-            ids, valid = ids.to(hfacc.device), valid.to(hfacc.device)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            loss, stats = module(ids, valid)
-            opt.zero_grad(set_to_none=True)
-            hfacc.backward(loss)
-            if cfg.max_grad_norm > 0:
-                stats["grad_norm"] = float(hfacc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
-            opt.step()
-            step += 1
-            ntok = int(valid.sum()) * world
-            tok_window += ntok
-            tokens_seen_total += ntok
-            last = {"step": step, "lr": lr_at(step - 1, cfg), **stats, "tokens": ntok}
-            if log_f is not None:
-                log_f.write(json.dumps(last) + "\n")
-                log_f.flush()
-            now = time.perf_counter()
-            agree = stats["agree"].get(max(stats["agree"])) if stats["agree"] else None
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{stats['kl']:.3f}", agree=f"{agree:.2f}",
-                            tok_s=f"{tok_window / max(now - t_window, 1e-9):.0f}", refresh=False)
-            bar.update(1)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                checkpoint()
-                tok_window, t_window = 0, time.perf_counter()
-        checkpoint(final=step >= cfg.steps)
-    finally:
-        bar.close()
-        if log_f is not None:
-            log_f.close()
+
+    def train_step(s: int) -> tuple[dict, dict]:
+        nonlocal step, tok_window, tokens_seen_total, last
+        idx = batch_indices(len(records), s, cfg.batch_size, cfg.seed)[rank::world]
+        ids, valid = make_batch(records, idx, cfg.max_len)
+        ids, valid = ids.to(hfacc.device), valid.to(hfacc.device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, cfg)
+        loss, stats = module(ids, valid)
+        opt.zero_grad(set_to_none=True)
+        hfacc.backward(loss)
+        if cfg.max_grad_norm > 0:
+            stats["grad_norm"] = float(hfacc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
+        opt.step()
+        step = s + 1
+        ntok = int(valid.sum()) * world
+        tok_window += ntok
+        tokens_seen_total += ntok
+        last = {"step": step, "lr": lr_at(step - 1, cfg), **stats, "tokens": ntok}
+        now = time.perf_counter()
+        agree = stats["agree"].get(max(stats["agree"])) if stats["agree"] else None
+        return last, {"loss": f"{stats['loss']:.3f}", "kl": f"{stats['kl']:.3f}", "agree": f"{agree:.2f}",
+                      "tok_s": f"{tok_window / max(now - t_window, 1e-9):.0f}"}
+
+    def periodic() -> None:
+        nonlocal tok_window, t_window
+        checkpoint()
+        tok_window, t_window = 0, time.perf_counter()
+
+    module.train()
+    run.steps(step, more=lambda s: s < end, train_step=train_step, due=lambda s: s % cfg.checkpoint_every == 0
+              and s < cfg.steps, checkpoint=periodic, progress=progress,
+              bar=dict(total=cfg.steps, initial=step, desc=f"train {cfg.kind} R={cfg.rate}", unit="step"))
+    checkpoint(final=step >= cfg.steps)
     return {"step": step, "done": step >= cfg.steps, "last": last, "out": str(out)}
 
 

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..errors import M2R2Error
-from ..artifacts import load_checkpoint
+from .loop import Run
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
@@ -48,15 +46,14 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from ..stream.accelerator import slow_trace, write_draft_vocab
+    from ..stream.accelerator import slow_trace
     from ..api import load
+    from ..artifacts import write_draft_vocab
     from ..provenance import command_line
     from .data import load_dataset
     from ..decoding.drafters.draft_model import DraftModel, draft_loss
     from ..decoding.drafters.medusa import MedusaHeads, medusa_loss
-    from .adapters import TrainConfig, _atomic_save, batch_indices, lr_at, make_batch, open_log
+    from .adapters import TrainConfig, batch_indices, lr_at, make_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,38 +70,35 @@ def main(args: argparse.Namespace) -> int:
             "draft": torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)}
     identity = {k: v for k, v in vars(args).items()
                 if k not in ("out", "threads", "no_progress", "checkpoint_every", "stop_at")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint.pt"
+    run = Run(args.out)
+    out = run.out
     step, tokens, secs = 0, 0, {"teacher": 0.0, "medusa": 0.0, "draft": 0.0, "wall": 0.0}
-    if ckpt.is_file():
-        ck = load_checkpoint(ckpt)
-        if ck["identity"] != identity:
-            raise M2R2Error(f"{out} holds a run with other settings; pass another --out or delete it")
+    ck = run.checkpoint()
+    if ck is not None:
+        run.refuse_other_settings(ck["identity"], identity, detail=False)
         medusa.load_state_dict(ck["medusa"])
         draft.load_state_dict(ck["draft"], strict=False)
         for k, o in opts.items():
             o.load_state_dict(ck["opt_" + k])
         step, tokens, secs = ck["step"], ck["tokens"], ck["seconds"]
-        print(f"m2r2: resuming {out} at step {step}", file=sys.stderr)
+        run.resumed(step)
     trained = {k for k, v in draft.named_parameters() if v.requires_grad}
 
     def checkpoint() -> None:
-        _atomic_save({"identity": identity, "medusa": medusa.state_dict(),
-                      "draft": {k: v for k, v in draft.state_dict().items() if k in trained},
-                      **{"opt_" + k: o.state_dict() for k, o in opts.items()},
-                      "step": step, "tokens": tokens, "seconds": secs}, ckpt)
+        run.save({"identity": identity, "medusa": medusa.state_dict(),
+                  "draft": {k: v for k, v in draft.state_dict().items() if k in trained},
+                  **{"opt_" + k: o.state_dict() for k, o in opts.items()},
+                  "step": step, "tokens": tokens, "seconds": secs})
 
     end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
-    bar = tqdm(total=end, initial=step, desc="train medusa + draft", unit="step", file=sys.stderr,
-               disable=args.no_progress, dynamic_ncols=True)
-    log = open_log(out / "train_log.jsonl", step)
     last: dict = {}
     t_wall = time.perf_counter()
     wall0 = secs["wall"]
-    while step < end:
-        ids, valid = make_batch(records, batch_indices(len(records), step, args.batch_size, args.seed), args.max_len)
-        lr = lr_at(step, sched)
+
+    def train_step(s: int) -> tuple[dict, dict]:
+        nonlocal step, tokens, last
+        ids, valid = make_batch(records, batch_indices(len(records), s, args.batch_size, args.seed), args.max_len)
+        lr = lr_at(s, sched)
         t0 = time.perf_counter()
         with torch.no_grad():
             states, _ = slow_trace(model, ids)
@@ -113,13 +107,13 @@ def main(args: argparse.Namespace) -> int:
             del states
         t1 = time.perf_counter()
         stats = {}
-        for name, run in (("medusa", lambda: medusa_loss(medusa, model, h, teacher_logp, valid)),
-                          ("draft", lambda: draft_loss(draft, ids, teacher_logp, valid))):
+        for name, fn in (("medusa", lambda: medusa_loss(medusa, model, h, teacher_logp, valid)),
+                         ("draft", lambda: draft_loss(draft, ids, teacher_logp, valid))):
             ts = time.perf_counter()
             o = opts[name]
             for g in o.param_groups:
                 g["lr"] = lr
-            loss, st = run()
+            loss, st = fn()
             o.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for g in o.param_groups for p in g["params"]]
@@ -128,22 +122,19 @@ def main(args: argparse.Namespace) -> int:
             stats[name] = st
             secs[name] += time.perf_counter() - ts
         secs["teacher"] += t1 - t0
-        step += 1
+        step = s + 1
         ntok = int(valid.sum())
         tokens += ntok
         secs["wall"] = wall0 + time.perf_counter() - t_wall
         last = {"step": step, "lr": lr, "tokens": ntok, **stats}
-        log.write(json.dumps(last) + "\n")
-        log.flush()
-        bar.set_postfix(medusa=f"{stats['medusa']['loss']:.2f}", draft=f"{stats['draft']['loss']:.2f}",
-                        draft_agree=f"{stats['draft']['agree']:.2f}", refresh=False)
-        bar.update(1)
-        if step % args.checkpoint_every == 0 or step == end:
-            checkpoint()
-    bar.close()
-    log.close()
+        return last, {"medusa": f"{stats['medusa']['loss']:.2f}", "draft": f"{stats['draft']['loss']:.2f}",
+                      "draft_agree": f"{stats['draft']['agree']:.2f}"}
+
+    run.steps(step, more=lambda s: s < end, train_step=train_step,
+              due=lambda s: s % args.checkpoint_every == 0 or s == end, checkpoint=checkpoint,
+              progress=not args.no_progress, bar=dict(total=end, initial=step, desc="train medusa + draft", unit="step"))
     if not last:  # resumed at the end: the last logged step
-        lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
+        lines = [json.loads(x) for x in run.log_path.read_text().splitlines() if x.strip()]
         last = next((x for x in reversed(lines) if x["step"] == step), {})
     common = {"command": command_line(), "config": identity, "examples": len(records), "steps": step,
               "schedule_steps": args.steps,
@@ -161,16 +152,16 @@ def main(args: argparse.Namespace) -> int:
 
 def ship(src: str, dst: str) -> Path:
     """Copy a trained peer directory (medusa or draft) into the package as float16."""
-    import shutil
+    from safetensors.torch import load_file
 
-    from safetensors.torch import load_file, save_file
+    from ..artifacts import atomic_write, write_tensors
     s, d = Path(src), Path(dst)
     d.mkdir(parents=True, exist_ok=True)
     for f in s.iterdir():
         if f.suffix == ".safetensors":
-            save_file({k: v.half().contiguous() for k, v in load_file(str(f)).items()}, str(d / f.name))
+            write_tensors(d / f.name, {k: v.half() for k, v in load_file(str(f)).items()})
         elif f.suffix == ".json":
-            shutil.copyfile(f, d / f.name)
+            atomic_write(d / f.name, f.read_bytes())
     return d
 
 

@@ -16,7 +16,6 @@ sampled (its distributions are the proposals of rejection sampling), optionally 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterError
-from ...artifacts import check_tensors
+from ...artifacts import load_artifact, save_artifact
 from ..loop import DecodeState
 from .base import Draft, Drafter, DraftHead, layer_bytes
 from ...engine.model import Linear, Transformer
@@ -113,40 +112,28 @@ class DraftModel(nn.Module):
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> Path:
-        from safetensors.torch import save_file
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: (v.to(dtype) if dtype else v).contiguous() for k, v in self.trained_state().items()},
-                  str(out / WEIGHTS))
         cfg = {"kind": "draft-model", "format": 1, "layers": self.layers_kept, "rank": self.rank,
                "base_identity": self.base_identity, "training": self.training_info}
-        (out / CONFIG).write_text(json.dumps(cfg, indent=1))
-        return out
+        return save_artifact(path, "draft", self.trained_state(), cfg, dtype=dtype)
 
     @staticmethod
     def build(path: str | os.PathLike, target: Transformer, identity: str | None = None) -> Transformer:
         """The inference form: deltas merged into a cut of ``target`` (an ordinary engine Transformer)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        p = Path(path)
-        if not (p / CONFIG).is_file():
-            raise AdapterError(f"{p} holds no draft model ({CONFIG} missing)")
-        try:
-            cfg = json.loads((p / CONFIG).read_text())
+        def parse(cfg: dict) -> dict:
             layers, rank = cfg["layers"], cfg["rank"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise AdapterError(f"{p / CONFIG} is corrupt: {e}") from e
-        if identity is not None and cfg.get("base_identity") != identity:
-            raise AdapterError(f"{p}: draft model made for {cfg.get('base_identity')}, not {identity}")
-        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers) \
-                or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise AdapterError(f"{p / CONFIG}: layers must be a list of integers and rank a positive integer")
-        try:
-            trained = load_file(str(p / WEIGHTS))
-        except (SafetensorError, OSError) as e:
-            raise AdapterError(f"{p / WEIGHTS} is missing or unreadable: {e}") from e
-        m = cut(target, layers)
-        check_tensors(p / WEIGHTS, trained, trained_shapes(m, rank))
+            if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers) \
+                    or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise AdapterError(f"{Path(path) / CONFIG}: layers must be a list of integers and rank a positive integer")
+            return cfg
+
+        cuts = []
+
+        def expected(cfg: dict) -> dict:
+            cuts.append(cut(target, cfg["layers"]))
+            return trained_shapes(cuts[0], cfg["rank"])
+
+        _, trained = load_artifact(path, "draft", "draft model", parse=parse, identity=identity, expected=expected)
+        m = cuts[0]
         trained = {k: v.float() for k, v in trained.items()}
         with torch.no_grad():
             for i, blk in enumerate(m.layers):

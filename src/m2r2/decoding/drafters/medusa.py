@@ -18,7 +18,6 @@ drafts, which keeps rejection sampling exact (a proposal may be any function of 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import AdapterError
-from ...artifacts import check_token_ids, check_tensors, shapes_of
+from ...artifacts import find_shipped as find_artifact, load_artifact, save_artifact, shapes_of
+from ...artifacts import read_draft_vocab  # noqa: F401 (its old home; api imports it from here)
 from ..loop import DecodeState
 from .base import Draft, Drafter, DraftHead
 from ...engine.model import Transformer
@@ -60,38 +60,22 @@ class MedusaHeads(nn.Module):
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        from safetensors.torch import save_file
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        sd = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in self.state_dict().items()}
-        save_file(sd, str(out / WEIGHTS))
         cfg = {"kind": "medusa", "format": 1, "heads": self.num_heads, "hidden_size": self.blocks[0].in_features,
                "base_identity": self.base_identity, "training": self.training_info}
-        (out / CONFIG).write_text(json.dumps(cfg, indent=1))
-        return out
+        return save_artifact(path, "medusa", self.state_dict(), cfg, dtype=dtype)
 
     @classmethod
     def load(cls, path: str | os.PathLike, identity: str | None = None) -> "MedusaHeads":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        p = Path(path)
-        if not (p / CONFIG).is_file():
-            raise AdapterError(f"{p} holds no Medusa heads ({CONFIG} missing)")
-        try:
-            cfg = json.loads((p / CONFIG).read_text())
+        def parse(cfg: dict) -> dict:
             hidden, heads = cfg["hidden_size"], cfg["heads"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise AdapterError(f"{p / CONFIG} is corrupt: {e}") from e
-        if identity is not None and cfg.get("base_identity") != identity:
-            raise AdapterError(f"{p}: Medusa heads trained for {cfg.get('base_identity')}, not {identity}")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads)):
-            raise AdapterError(f"{p / CONFIG}: hidden_size and heads must be positive integers, got {hidden}, {heads}")
-        m = cls(hidden, heads, cfg.get("base_identity"))
-        try:
-            sd = load_file(str(p / WEIGHTS))
-        except (SafetensorError, OSError) as e:
-            raise AdapterError(f"{p / WEIGHTS} is missing or unreadable: {e}") from e
-        check_tensors(p / WEIGHTS, sd, shapes_of(m))
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads)):
+                raise AdapterError(f"{Path(path) / CONFIG}: hidden_size and heads must be positive integers, "
+                                   f"got {hidden}, {heads}")
+            return cfg
+
+        cfg, sd = load_artifact(path, "medusa", "Medusa heads", parse=parse, identity=identity,
+                                expected=lambda cfg: shapes_of(cls(cfg["hidden_size"], cfg["heads"])))
+        m = cls(cfg["hidden_size"], cfg["heads"], cfg.get("base_identity"))
         m.load_state_dict({k: v.float() for k, v in sd.items()})
         m.training_info = cfg.get("training", {})
         return m.eval().requires_grad_(False)
@@ -171,25 +155,4 @@ class MedusaDrafter(Drafter):
 
 def find_shipped(identity: str, kind: str) -> Path | None:
     """A shipped peer artifact (``kind``: "medusa" or "draft-model") for this base model, if any."""
-    from ...stream.accelerator import shipped_dir
-    root = shipped_dir()
-    for cfg_file in sorted(root.glob("*/*.json")) if root.is_dir() else []:
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(raw, dict) and raw.get("kind") == kind and raw.get("base_identity") == identity:
-            return cfg_file.parent
-    return None
-
-
-def read_draft_vocab(path: str | os.PathLike, vocab_size: int) -> torch.Tensor | None:
-    """The frequent-token draft vocabulary written beside a peer artifact (``draft_vocab.json``), if any."""
-    f = Path(path) / "draft_vocab.json"
-    if not f.is_file():
-        return None
-    try:
-        ids = json.loads(f.read_text())["token_ids"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise AdapterError(f"{f} is corrupt: {e}") from e
-    return check_token_ids(f, ids, vocab_size)
+    return find_artifact(identity, kind)

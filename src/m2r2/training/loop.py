@@ -1,0 +1,111 @@
+"""The one training skeleton behind ``m2r2 train`` (adapters), the peer trainer (Medusa + draft model) and
+``m2r2 family-train``: a resumable run in an output directory.
+
+* ``Run``: ``<out>/checkpoint.pt`` (written atomically by ``artifacts.save_checkpoint``, read back by the safe
+  ``load_checkpoint``), the refusal of a checkpoint made with other settings, and ``steps``, the step loop:
+  the JSONL log (``open_log``: trimmed to the checkpoint's step, so a run killed between checkpoints logs each
+  step once), the tqdm bar, and checkpoints at the trainer's cadence, closing both however the loop ends.
+* ``cosine``: the shared learning-rate decay; ``warmup_cosine`` the step-based schedule of the adapter and
+  peer trainers (the family trainer warms up over a fraction of its FLOP budget and decays with ``cosine``).
+
+Each trainer keeps its own step (a function of the step number: data order is a pure function of seed and
+step) and what its checkpoint holds (the family trainer saves torch's RNG state)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..artifacts import atomic_write, load_checkpoint, save_checkpoint
+from ..errors import M2R2Error
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+
+
+def cosine(lr: float, t: float, min_lr_ratio: float) -> float:
+    """Cosine decay from ``lr`` at t = 0 to ``min_lr_ratio * lr`` at t >= 1."""
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def warmup_cosine(step: int, steps: int, warmup_steps: int, lr: float, min_lr_ratio: float) -> float:
+    """Linear warm-up over ``warmup_steps`` (step 0 already at lr / warmup_steps), then cosine decay to
+    ``min_lr_ratio`` of the peak at step ``steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return cosine(lr, (step - warmup_steps) / max(1, steps - warmup_steps), min_lr_ratio)
+
+
+def open_log(path: Path, step: int):
+    """``path`` (a JSONL training log) opened for appending, keeping only its lines for steps 1..``step``,
+    the checkpoint's step (0: none). A run stopped between checkpoints had logged steps that the resumed run
+    trains and logs again; without the trim they appear twice (and a line cut off by the stop is dropped)."""
+    keep = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                keep.append(line + "\n")
+        atomic_write(path, "".join(keep))
+    return open(path, "a", encoding="utf-8")
+
+
+class Run:
+    """A resumable training run writing into ``out`` (created); only the ``main`` process writes files."""
+
+    def __init__(self, out: str | Path, error: type[M2R2Error] = M2R2Error, main: bool = True):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path, self.log_path = self.out / CHECKPOINT, self.out / LOG
+        self.error, self.main = error, main
+
+    def checkpoint(self) -> dict | None:
+        """The saved checkpoint, if any (written atomically: unreadable means damaged or foreign)."""
+        return load_checkpoint(self.ckpt_path, self.error) if self.ckpt_path.is_file() else None
+
+    def refuse_other_settings(self, saved: dict, current: dict, detail: bool = True) -> None:
+        if saved != current:
+            diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+            raise self.error(f"{self.out} holds a run with other settings" + (f" ({diff})" if detail else "")
+                             + "; pass another --out or delete it")
+
+    def resumed(self, step: int, extra: str = "") -> None:
+        if self.main:
+            print(f"m2r2: resuming {self.out} at step {step}{extra}", file=sys.stderr)
+
+    def save(self, state: dict) -> None:
+        if self.main:
+            save_checkpoint(state, self.ckpt_path)
+
+    def steps(self, step: int, *, more: Callable[[int], bool], train_step: Callable[[int], tuple[dict, dict]],
+              due: Callable[[int], bool], checkpoint: Callable[[], None], bar: dict,
+              advance: Callable[[int], int] = lambda bar_n: 1, progress: bool = True) -> int:
+        """The step loop from ``step`` while ``more(step)``: ``train_step(step)`` trains one step and returns
+        (its log record, holding the new "step", and the bar's postfix); the record is logged, the bar moves
+        by ``advance(bar.n)``, and ``checkpoint()`` runs whenever ``due(new step)``. Returns the last step."""
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(**bar, file=sys.stderr, disable=not (progress and self.main), dynamic_ncols=True)
+        log_f = open_log(self.log_path, step) if self.main else None
+        try:
+            while more(step):
+                rec, postfix = train_step(step)
+                step = rec["step"]
+                if log_f is not None:
+                    log_f.write(json.dumps(rec) + "\n")
+                    log_f.flush()
+                pbar.set_postfix(**postfix, refresh=False)
+                pbar.update(advance(pbar.n))
+                if due(step):
+                    checkpoint()
+        finally:
+            pbar.close()
+            if log_f is not None:
+                log_f.close()
+        return step
