@@ -15,6 +15,8 @@ import sys
 import time
 
 from ..options import int_at_least as _int_at_least
+from ..decoding.drafters.base import forward_bytes
+from ..decoding.speculative import Speculative
 from ..errors import M2R2Error
 from ..engine.threads import available_cpus
 from ..provenance import pin_threads, roofline, run_end, run_start
@@ -131,25 +133,13 @@ class GreedyOnly:
 
 
 def draft_bytes(lm, name: str, strategy) -> float | None:
-    """Weight bytes one draft token reads, relative to a full forward (float32): the layers it runs, its
-    adapters or Medusa head and its read-out rows, at the bytes per weight it reads them with. Prompt lookup
-    and Lookahead read nothing to draft (Lookahead pays in its verification forward instead: see the verify
-    cost)."""
-    drafter = getattr(strategy, "drafter", None)
-    if drafter is None:
+    """Weight bytes one draft token reads, relative to a full forward (float32), as the drafter accounts them
+    (``Drafter.draft_bytes``: the layers it runs, its adapters or Medusa head and its read-out rows, at the bytes
+    per weight it reads them with). Prompt lookup and Lookahead read nothing to draft (Lookahead pays in its
+    verification forward instead: see the verify cost). None for a strategy without a drafter."""
+    if not isinstance(strategy, Speculative):
         return None
-    depth, head = getattr(drafter, "depth", None), getattr(drafter, "_head", None)
-    if depth is None or head is None:
-        return 0.0
-    m = lm.model
-    per_layer = sum(p.numel() for p in m.layers[0].parameters()) * 4
-    acc, heads = getattr(drafter, "acc", None), getattr(drafter, "heads", None)
-    extra = acc.param_bytes() if acc is not None else 0
-    if heads is not None:  # one Medusa block per draft token
-        extra += heads.param_bytes() // heads.num_heads
-    full = per_layer * m.cfg.num_layers + m.cfg.vocab_size * m.cfg.hidden_size * 4
-    scale = getattr(drafter, "weight_scale", 1.0)  # fp16 / int8 weight copies read 1/2 / 1/4 of the bytes
-    return (per_layer * depth + extra + head.size * m.cfg.hidden_size * 4) * scale / full
+    return strategy.drafter.draft_bytes(lm.model) / forward_bytes(lm.model)
 
 
 def speculative_summary(records: list[dict], categories: list[str]) -> dict:
