@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from m2r2.family.model import ARCHS, Counter, FamilyConfig, FamilyConfigError, FamilyModel, generate
+from m2r2.family.decode import generate
+from m2r2.family.model import ARCHS, Counter, FamilyConfig, FamilyConfigError, FamilyModel
 
 from conftest import FAR, assert_close_rel, interrupt_after, ulps_apart
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from .options import ArgumentParser, argv as _argv, float_in, int_at_least, positive_int as _positive_int
+from .options import ArgumentParser, argv as _argv, float_in, positive_int as _positive_int
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -136,7 +135,6 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .engine.weights import names as weight_format_names
 
     parser = ArgumentParser(prog="m2r2", description=(
         "Faster generation from a pretrained language model without changing what it says "

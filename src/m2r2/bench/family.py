@@ -91,7 +91,8 @@ class FamilyArm:
         self.model = load_model(self.path)
 
     def run(self, prompt: BenchPrompt, max_new_tokens: int) -> ArmResult:
-        from ..family.model import Counter, generate
+        from ..family.decode import generate
+        from ..family.model import Counter
         ids = torch.tensor([prompt.token_ids])
         tt = torch.tensor([self.masks[prompt.id]])
         c = Counter()

@@ -22,10 +22,11 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 import torch
+from torch import nn
 
 from ..errors import WeightFormatError
 
-# formats serve ``engine.model.Linear`` (annotated by name: engine.model imports this module, not the reverse)
+# formats serve ``engine.model.Linear`` (annotated as nn.Module: engine.model imports this module, not the reverse)
 warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated", category=UserWarning)  # the entry points we use
 
 
@@ -45,18 +46,18 @@ class WeightFormat:
     def available(self) -> bool:
         return True
 
-    def built(self, lin: "Linear") -> bool:
+    def built(self, lin: "nn.Module") -> bool:
         return self.name in lin.lowp
 
-    def build(self, lin: "Linear") -> None:
+    def build(self, lin: "nn.Module") -> None:
         """Derive this format's copy of ``lin``'s float32 weight (idempotent)."""
         raise NotImplementedError
 
-    def product(self, lin: "Linear", x2: torch.Tensor) -> torch.Tensor:
+    def product(self, lin: "nn.Module", x2: torch.Tensor) -> torch.Tensor:
         """(N, in) float32 -> (N, out) float32 for a decode-sized N, bias included."""
         raise NotImplementedError
 
-    def native_weight(self, lin: "Linear") -> torch.Tensor | None:
+    def native_weight(self, lin: "nn.Module") -> torch.Tensor | None:
         """The (in, out) tensor the native kernels stream for this format, or None (they do not serve it)."""
         return None
 
@@ -69,10 +70,10 @@ class Float32(WeightFormat):
 
     name, bytes_per_weight, exact = "fp32", 4.0, True
 
-    def built(self, lin: "Linear") -> bool:
+    def built(self, lin: "nn.Module") -> bool:
         return True
 
-    def build(self, lin: "Linear") -> None:
+    def build(self, lin: "nn.Module") -> None:
         pass
 
     def product(self, lin, x2):  # never called: ``Linear.forward`` runs its float32 layouts itself
@@ -94,7 +95,22 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL[1]
 
 
-class Float16(WeightFormat):
+class _Fbgemm(WeightFormat):
+    """A reduced-precision copy derived from the float32 weight through FBGEMM's packing (x86 PyTorch builds)."""
+
+    def available(self) -> bool:
+        return lowp_available()
+
+    def build(self, lin: "nn.Module") -> None:
+        if self.name not in lin.lowp:
+            self.derive(lin, lin.dense().detach().float().contiguous())
+
+    def derive(self, lin: "nn.Module", dense: torch.Tensor) -> None:
+        """Store this format's copy of ``dense`` (out, in) float32 in ``lin.lowp[self.name]``."""
+        raise NotImplementedError
+
+
+class Float16(_Fbgemm):
     """fp16 weights, float32 activations and sums: FBGEMM's packed fp16 product for several rows, the native
     kernels (the ``half`` copy, (in, out)) for one. FBGEMM's fp16 kernel runs on one thread, so a big weight
     is packed in one chunk of output rows per thread and the chunks run side by side (the op releases the
@@ -103,14 +119,8 @@ class Float16(WeightFormat):
 
     name, bytes_per_weight = "fp16", 2.0
 
-    def available(self) -> bool:
-        return lowp_available()
-
-    def build(self, lin: "Linear") -> None:
-        if self.name in lin.lowp:
-            return
+    def derive(self, lin: "nn.Module", dense: torch.Tensor) -> None:
         from . import native
-        dense = lin.dense().detach().float().contiguous()
         n = lin.parts if lin.out_features * lin.in_features >= type(lin).FP16_SPLIT_MIN else 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -119,7 +129,7 @@ class Float16(WeightFormat):
             lin.half = lin.weight.detach().reshape(lin.in_features, lin.out_features).half()
         lin.lowp[self.name] = chunks
 
-    def product(self, lin: "Linear", x2: torch.Tensor) -> torch.Tensor:
+    def product(self, lin: "nn.Module", x2: torch.Tensor) -> torch.Tensor:
         chunks = lin.lowp[self.name]
         f = torch.fbgemm_linear_fp16_weight_fp32_activation
         x2 = x2.contiguous()
@@ -134,19 +144,13 @@ class Float16(WeightFormat):
         return lin.half
 
 
-class Int8(WeightFormat):
+class Int8(_Fbgemm):
     """int8 weights (symmetric, one scale per output row), activations quantized per call (FBGEMM dynamic
     quantization)."""
 
     name, bytes_per_weight = "int8", 1.0
 
-    def available(self) -> bool:
-        return lowp_available()
-
-    def build(self, lin: "Linear") -> None:
-        if self.name in lin.lowp:
-            return
-        dense = lin.dense().detach().float().contiguous()
+    def derive(self, lin: "nn.Module", dense: torch.Tensor) -> None:
         scale = (dense.abs().amax(1) / 127).clamp_min(1e-12).double()
         with warnings.catch_warnings():  # quantized tensors warn that they are deprecated
             warnings.simplefilter("ignore")
@@ -154,7 +158,7 @@ class Int8(WeightFormat):
             bias = None if lin.bias is None else lin.bias.detach().float()
             lin.lowp[self.name] = torch.ops.quantized.linear_prepack(q, bias)
 
-    def product(self, lin: "Linear", x2: torch.Tensor) -> torch.Tensor:
+    def product(self, lin: "nn.Module", x2: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x2.contiguous(), lin.lowp[self.name], True)  # bias is packed
 
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..engine.config import ModelConfig
 from ..errors import M2R2Error
+from .cache import RaggedKVCache
 from ..engine.model import Block, RMSNorm
 
 ARCHS = ("vanilla", "recursive", "mor-ec", "mor-tc", "mor-kv", "mod", "pmod", "vmod")
@@ -173,50 +174,6 @@ def build_plan(cfg: FamilyConfig) -> tuple[int, list[Group], list[int]]:
             router = len(routers) - 1
         groups.append(Group(kind, [(i, i, None)], router=router, fraction=frac))
     return L, groups, routers
-
-
-class RaggedKVCache:
-    """Per block-application K/V holding only the tokens that ran that application.
-
-    Slot s keeps k, v (B, H, N_s, hd), the absolute position of each entry (B, N_s) and whether it is
-    real (B, N_s): rows of a batch append different numbers of tokens per call, the shorter ones padded
-    with invalid entries (masked out, not counted in ``nbytes``). Entries are appended in call order, so
-    a cache grows by exactly what the tokens that ran each application wrote."""
-
-    def __init__(self, n_slots: int, batch: int):
-        self.k: list[torch.Tensor | None] = [None] * n_slots
-        self.v: list[torch.Tensor | None] = [None] * n_slots
-        self.pos: list[torch.Tensor | None] = [None] * n_slots
-        self.valid: list[torch.Tensor | None] = [None] * n_slots
-        self.batch = batch
-        self.seen = torch.zeros(batch, dtype=torch.long)  # tokens fed so far per row (next position)
-
-    def append(self, slot: int, k, v, pos, valid):
-        if self.k[slot] is None:
-            self.k[slot], self.v[slot], self.pos[slot], self.valid[slot] = k, v, pos, valid
-        else:
-            self.k[slot] = torch.cat((self.k[slot], k), 2)
-            self.v[slot] = torch.cat((self.v[slot], v), 2)
-            self.pos[slot] = torch.cat((self.pos[slot], pos), 1)
-            self.valid[slot] = torch.cat((self.valid[slot], valid), 1)
-        return self.read(slot)
-
-    def read(self, slot: int):
-        if self.k[slot] is None:
-            raise M2R2Error(f"K/V slot {slot} is empty: the application it shares from has not run")
-        return self.k[slot], self.v[slot], self.pos[slot], self.valid[slot]
-
-    def entries(self) -> list[int]:
-        """Real (token, application) K/V entries per slot, over the whole batch."""
-        return [0 if v is None else int(v.sum()) for v in self.valid]
-
-    def nbytes(self) -> int:
-        """Bytes a compact cache needs: real entries x (K and V) x heads x head_dim x element size."""
-        total = 0
-        for k, v in zip(self.k, self.valid):
-            if k is not None:
-                total += int(v.sum()) * 2 * k.shape[1] * k.shape[3] * k.element_size()
-        return total
 
 
 @dataclass
@@ -436,26 +393,3 @@ class FamilyModel(nn.Module):
         mask = mask | ~qvalid[:, None, :, None]  # padding queries see everything (finite, discarded)
         x = x + blk.attend(q, kc, vc, mask)
         return x + blk.mlp(x)
-
-
-@torch.no_grad()
-def generate(model: FamilyModel, ids: torch.Tensor, max_new_tokens: int, token_type: torch.Tensor | None = None,
-             eos_id: int | None = None, counter: Counter | None = None) -> tuple[torch.Tensor, RaggedKVCache]:
-    """Greedy decoding with the ragged cache: prefill ``ids`` (B, T) (with its token-type mask), then one
-    token per step (generated tokens are never designated). Returns the new tokens (B, n) and the cache."""
-    B = ids.shape[0]
-    cache = model.new_cache(B)
-    logits, _ = model(ids, token_type, cache, mode="threshold", counter=counter, last_only=True)
-    out = []
-    done = torch.zeros(B, dtype=torch.bool)
-    for i in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)
-        out.append(nxt)
-        if eos_id is not None:
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-        if i + 1 == max_new_tokens or int(cache.seen.max()) >= model.cfg.max_len:
-            break
-        logits, _ = model(nxt.view(B, 1), None, cache, mode="threshold", counter=counter)
-    return torch.stack(out, 1), cache

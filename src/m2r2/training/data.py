@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from ..artifacts import atomic_write
 from ..errors import M2R2Error
 from .corpus import select_prompts, sharegpt_pool
 
@@ -44,17 +45,8 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
 def _read_manifest(out_dir: Path) -> dict | None:
@@ -168,7 +160,7 @@ def generate_dataset(lm: LM, out_dir: str | os.PathLike, n_prompts: int | None =
             lines = [json.dumps({**e, "response_ids": responses[i]}, ensure_ascii=False)
                      for i, e in enumerate(shard)]
             name = _shard_name(k)
-            _write_atomic(out / name, ("\n".join(lines) + "\n").encode("utf-8"))
+            atomic_write(out / name, ("\n".join(lines) + "\n").encode("utf-8"))
             manifest["shards"][name] = {"records": len(shard), "sha256": _sha256_file(out / name),
                                         "new_tokens": sum(len(r) for r in responses.values()),
                                         "batch_size": batch_size}
