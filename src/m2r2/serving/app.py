@@ -20,6 +20,7 @@ import json
 import math
 import time
 from importlib import resources
+from html import escape as html_escape
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -325,7 +326,7 @@ def create_app(lm, batcher: Batcher, *, model_name: str, api_key: str | None = N
     @app.get("/")
     async def page():
         html = resources.files("m2r2.serving").joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(html.replace("{{MODEL}}", model_name))
+        return HTMLResponse(html.replace("{{MODEL}}", html_escape(model_name)))
 
     return app
 
