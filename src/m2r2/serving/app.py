@@ -334,20 +334,32 @@ def create_app(lm, batcher: Batcher, *, model_name: str, api_key: str | None = N
 def serve(lm, *, host: str = "127.0.0.1", port: int = 8000, parallel: int = 4, strategy: str = "plain",
           api_key: str | None = None, ctx_size: int | None = None, max_queue: int = 64, model_name: str | None = None,
           log_level: str = "warning") -> None:
-    """Run the server until interrupted (Ctrl-C)."""
+    """Run the server until interrupted (Ctrl-C): HTTP in a thread, the engine loop in this (the main) thread,
+    where the process's one OpenMP pool runs at full speed (see ``Batcher.start``)."""
     import sys
+    import threading
 
     import uvicorn
     batcher = Batcher(lm, parallel=parallel, max_queue=max_queue, ctx_size=ctx_size)
     batcher.validate(Request([0], 1, strategy=strategy))  # the default strategy: known and lossless
-    batcher.start()
     app = create_app(lm, batcher, model_name=model_name or lm.source.name, api_key=api_key,
                      default_strategy=strategy)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    http = threading.Thread(target=server.run, name="m2r2-http", daemon=True)
+    http.start()
+    deadline = time.time() + 30
+    while not server.started and http.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        from ..errors import M2R2Error
+        raise M2R2Error(f"could not serve on {host}:{port} (address in use, or not allowed?)")
     print(f"m2r2: serving {lm.source.name} on http://{host}:{port} ({parallel} slots, strategy {strategy}; "
           "OpenAI-compatible: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics; chat page at /)",
           file=sys.stderr, flush=True)
+    stopper = threading.Thread(target=lambda: (http.join(), batcher.stop()), daemon=True)
+    stopper.start()  # the HTTP side stopping (e.g. SIGTERM handled by uvicorn) stops the engine loop too
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        batcher.run()
     finally:
-        batcher.stop()
-
+        server.should_exit = True
+        http.join(timeout=10)

@@ -165,10 +165,19 @@ class Batcher:
         return len(self.queue)
 
     def start(self) -> "Batcher":
+        """Run the engine loop in a thread of its own (tests, embedding). ``m2r2 serve`` runs it in the main
+        thread instead (``run``): libgomp throttles its workers' spinning once it manages more threads than
+        there are CPUs, so a second OpenMP pool (one per thread that computes) halves the kernels' speed here
+        (a one-token step of the embedded model: 10 ms in the main thread, 19 ms in another)."""
         self.running = True
         self.thread = threading.Thread(target=self._run, name="m2r2-batcher", daemon=True)
         self.thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the engine loop in this thread until ``stop`` (from another thread) or Ctrl-C."""
+        self.running = True
+        self._run()
 
     def stop(self) -> None:
         with self.cond:
