@@ -19,7 +19,7 @@ LAYERS = [
     ("m2r2.baselines",),
     ("m2r2.strategies",),
     ("m2r2.api",),
-    ("m2r2.training", "m2r2.moe", "m2r2.family"),
+    ("m2r2.training", "m2r2.moe", "m2r2.family", "m2r2.serving"),
     ("m2r2.bench",),
     ("m2r2.cli",),
 ]

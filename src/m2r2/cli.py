@@ -167,23 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmarks: every arm on the same prompts in one process.")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")
     for modname in ("m2r2.bench.decode", "m2r2.bench.spec", "m2r2.bench.exit", "m2r2.bench.moe",
-                    "m2r2.bench.family"):
+                    "m2r2.bench.family", "m2r2.bench.serve"):
         _add_optional(modname, bsub)
+    serve = _add_optional("m2r2.serving.cli", sub)
+    if serve is not None:
+        add_model_args(serve)
     for modname in ("m2r2.training.data", "m2r2.training.adapters", "m2r2.training.router", "m2r2.training.mod", "m2r2.bench.analyze", "m2r2.moe.cli",
                     "m2r2.family.cli"):
         _add_optional(modname, sub)
     return parser
 
 
-def _add_optional(modname: str, sub) -> None:
+def _add_optional(modname: str, sub):
     import importlib
     try:
         mod = importlib.import_module(modname)
     except ModuleNotFoundError as e:
         if not (e.name and modname.startswith(e.name)):  # a missing dependency inside is a real error
             raise
-        return
-    mod.add_parser(sub)
+        return None
+    return mod.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

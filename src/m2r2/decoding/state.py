@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..engine.cache import KVCache
 from ..engine.model import Transformer
 from ..engine.sampling import SamplingConfig
 
@@ -33,7 +34,7 @@ class DecodeState:
     """The per-call state every strategy reads and advances: model, cache, sampling, pending tokens."""
 
     def __init__(self, model: Transformer, prompts: list[list[int]], max_new_tokens: list[int],
-                 sampling: SamplingConfig, cache_slack: int = 0):
+                 sampling: SamplingConfig, cache_slack: int = 0, cache: KVCache | None = None):
         self.model = model
         self.sampling = sampling
         self.generator = sampling.generator()
@@ -42,7 +43,8 @@ class DecodeState:
         self.prompt_lens = torch.tensor([len(p) for p in prompts])
         self.max_new = max_new_tokens
         need = max(len(p) + m for p, m in zip(prompts, max_new_tokens)) + cache_slack
-        self.cache = model.new_cache(self.batch, min(need, model.rope_cos.shape[0]))
+        # a cache of its own, or one given (a server's row of a shared cache: it must have the room)
+        self.cache = model.new_cache(self.batch, min(need, model.rope_cos.shape[0])) if cache is None else cache
         self.pending = torch.zeros(self.batch, dtype=torch.long)  # last sampled token, not yet in the cache
         self.out: list[list[int]] = [[] for _ in prompts]
         self.done = [m <= 0 for m in max_new_tokens]

@@ -61,6 +61,18 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def rows(self, start: int, stop: int, lengths: torch.Tensor | None = None) -> "KVCache":
+        """Rows [start, stop) of this cache as a cache of their own: the same storage (writes land here), its own
+        lengths (``lengths``, default these rows' current ones) and its own counters. How a server gives each
+        request one row of a shared cache, and runs a step over a range of rows."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.lengths = (self.lengths[start:stop] if lengths is None else lengths).clone()
+        view.max_len, view.batch = self.max_len, stop - start
+        view.counters = Counters()
+        return view
+
 
 class WriteSpec:
     """Where one forward call writes its T tokens, and the attention mask that goes with it.
