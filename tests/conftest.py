@@ -4,6 +4,9 @@ embedded model (a few integration tests)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -174,3 +177,42 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(f"assert_same_tokens: float-tie allowance used {len(_tie_allowances)} times")
     for line in _tie_allowances:
         terminalreporter.write_line(f"  {line}")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``m2r2 serve`` in a subprocess on a free port (the embedded model), ready when /health answers."""
+
+    def __init__(self, *args: str):
+        import httpx
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "m2r2.cli", "serve", "--port", str(self.port),
+                                      "--threads", "2", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, "M2R2_ADAPT_THREADS": "0"})
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()

@@ -19,12 +19,9 @@ playwright`` (or ``pip install -e ".[test]"``); ``M2R2_CHROMIUM`` names another 
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
+from conftest import ServerProcess
 
 httpx = pytest.importorskip("httpx")
 
@@ -43,31 +40,7 @@ def _chromium() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *args: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "m2r2.cli", "serve", "--port", str(self.port),
-                                      "--threads", "2", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, "M2R2_ADAPT_THREADS": "0"})
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("server did not start")
-
+class Server(ServerProcess):
     def reference(self, messages: str | list[dict], key: str | None = None) -> str:
         """The server's non-streamed answer to the conversation the page sends (a str: one user message)."""
         if isinstance(messages, str):
@@ -77,15 +50,6 @@ class Server:
                        json={"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0})
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"]
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
