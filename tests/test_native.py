@@ -262,3 +262,26 @@ def test_march_override_is_built_and_cached_apart():
                            env={**env, **extra}).stdout.split() for extra in ({}, {"M2R2_NATIVE_MARCH": "x86-64"})]
     assert runs[0][0] == "-march=native" and runs[1][0] == "-march=x86-64"
     assert runs[0][1] != runs[1][1]
+
+
+def test_a_rows_block_result_does_not_depend_on_its_neighbours(tiny_lm, monkeypatch):
+    """A decode step of several sequences (one row each, different positions) gives every row bit for bit what
+    the step of that sequence alone gives: what lets a server batch requests without changing their outputs."""
+    m = tiny_lm.model
+    calls = []
+    orig = native.block
+    monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    g = torch.Generator().manual_seed(5)
+    B, L = 6, 40
+    lengths = torch.tensor([3, 17, 9, 30, 1, 22])
+    ids = torch.randint(0, m.cfg.vocab_size, (B, 1), generator=g)
+    cache = m.new_cache(B, L)
+    for layer in range(m.cfg.num_layers):  # a filled cache: random K/V below each row's position
+        cache.k[layer].copy_(torch.randn(cache.k[layer].shape, generator=g))
+        cache.v[layer].copy_(torch.randn(cache.v[layer].shape, generator=g))
+    with torch.inference_mode():
+        together = m.hidden(ids, cache.rows(0, B, lengths), lengths.view(-1, 1))
+        for b in range(B):
+            alone = m.hidden(ids[b:b + 1], cache.rows(b, b + 1, lengths[b:b + 1]), lengths[b:b + 1].view(1, 1))
+            assert torch.equal(alone[0], together[b]), b
+    assert len(calls) == (B + 1) * m.cfg.num_layers  # every block ran natively
