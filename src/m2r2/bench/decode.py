@@ -292,16 +292,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m m2r2.bench.decode")
-    sub = parser.add_subparsers(dest="bench_cmd", required=True)
-    add_parser(sub)
-    argv = sys.argv[1:]
-    if not argv or argv[0] != "decode":
-        argv = ["decode", *argv]
-    ns = parser.parse_args(argv)
-    try:
-        sys.exit(ns.func(ns))
-    except M2R2Error as e:
-        print(f"m2r2: error: {e}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # the same parser and one-line errors as `m2r2 bench decode`
+    from ..options import run_standalone
+
+    if sys.argv[1:2] != ["decode"]:
+        sys.argv.insert(1, "decode")
+    run_standalone("python -m m2r2.bench.decode", "m2r2 bench decode",
+                   lambda p: add_parser(p.add_subparsers(dest="bench_cmd", required=True)), lambda ns: ns.func(ns))
