@@ -186,5 +186,10 @@ def load(model: str | os.PathLike | None = None, *, dtype: str = "float32", weig
     t0 = time.perf_counter()
     source = resolve(model)
     m, tok = load_model(source, dtype=DTYPES[dtype], threads=threads)
+    if fmt.name == "gguf":  # the file's own blocks, beside the float32 weights (prefill still runs those)
+        if source.gguf is None:
+            raise WeightFormatError("weights='gguf' needs a model loaded from a GGUF file (the embedded one is)")
+        from .engine.gguf_weights import attach_gguf_blocks
+        attach_gguf_blocks(m, source.gguf)
     m.set_weights(weights)
     return LM(m, tok, source, time.perf_counter() - t0)

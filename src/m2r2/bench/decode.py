@@ -5,7 +5,8 @@ Every arm gets the chat-templated prompt as token ids (``lm.encode``), decodes g
 ``--max-new-tokens`` and reports new tokens over wall time (prefill + decode). m2r2-plain and hf-generate
 run the same float32 weights, so their outputs are compared token for token; m2r2-torch is m2r2-plain
 with the native decode kernels switched off (every op through PyTorch), to show what they buy.
-m2r2-fp16 / m2r2-int8 decode from reduced-precision copies of the weights (lossy: the table counts how
+m2r2-gguf decodes from the GGUF's own 4-bit blocks (dequantised in the kernels to the float32 model's weights:
+exact up to summation order); m2r2-fp16 / m2r2-int8 decode from reduced-precision copies of the weights (lossy: the table counts how
 many outputs still match); m2r2-quant-draft drafts from the int8 copy and verifies with the float32 model
 (lossless).
 """
@@ -32,7 +33,7 @@ from .report import write_results
 from .runner import run_benchmark
 from .stats import add_near_ties, add_rouge_l, summarize
 
-ARM_NAMES = ("m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld",
+ARM_NAMES = ("m2r2-plain", "m2r2-torch", "m2r2-gguf", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft", "hf-generate", "hf-pld",
              "llamacpp")
 
 
@@ -51,6 +52,11 @@ class M2R2PlainArm:
         self.use_native = use_native
 
     def setup(self) -> None:
+        if self.weights == "gguf":  # the file's own blocks (read from the GGUF, not derived)
+            from ..engine.gguf_weights import attach_gguf_blocks
+            if self.lm.source.gguf is None:
+                raise ArmUnavailable("the model was not loaded from a GGUF")
+            attach_gguf_blocks(self.lm.model, self.lm.source.gguf)
         self.lm.model.build_weights(self.weights)  # outside the clock
         if self.strategy != "plain":
             self.strategy = self.lm.strategy(self.strategy)
@@ -193,14 +199,14 @@ class LlamaCppArm:
 
 # ---------------------------------------------------------------- command
 
-ARM_WEIGHTS = {"m2r2-fp16": "fp16", "m2r2-int8": "int8"}  # arms that read reduced-precision weight copies
+ARM_WEIGHTS = {"m2r2-gguf": "gguf", "m2r2-fp16": "fp16", "m2r2-int8": "int8"}  # arms not on the float32 weights
 
 
 def make_arm(name: str, model: str | None, threads: int, n_ctx: int, pld_tokens: int,
              llamacpp_token_ids: bool):
     """Build arm ``name`` on its own copy of the model (``worker_lm``): runs inside the arm's worker process."""
     lm = worker_lm(model)
-    if name in ("m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft"):
+    if name in ("m2r2-plain", "m2r2-torch", "m2r2-gguf", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft"):
         return M2R2PlainArm(lm, name, strategy="quant-draft" if name == "m2r2-quant-draft" else "plain",
                             weights=ARM_WEIGHTS.get(name, "fp32"), use_native=name != "m2r2-torch")
     if name in ("hf-generate", "hf-pld"):

@@ -232,7 +232,8 @@ class Block(nn.Module):
         w = qkv._parameters["weight"]
         fmt = ctx.weights or (FP32 if qkv.mode is None else FORMATS[qkv.mode])
         # (the mask check: a mask replaced after the context was built, rather than passed to it, is honoured too)
-        return ctx.write.mask is ctx.causal_mask and w.dtype == torch.float32 and fmt.name in _NATIVE_FORMATS and fmt.native_weight(qkv) is not None \
+        return ctx.write.mask is ctx.causal_mask and w.dtype == torch.float32 and fmt.name in _NATIVE_FORMATS \
+            and fmt.native_block_ready(self) \
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
             and not any(m._forward_hooks or m._forward_pre_hooks for m in mods.values())
 
@@ -242,14 +243,14 @@ class Block(nn.Module):
         if type(self) is Block and self._runs_natively(x, ctx):
             fmt = ctx.weights or (FP32 if self.qkv.mode is None else FORMATS[self.qkv.mode])
             return native.block(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos, ctx.sin,
-                                ctx.native_rows, half=fmt.name == "fp16")
+                                ctx.native_rows, fmt)
         q, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
         k_all, v_all = ctx.cache.update(self.index, k, v, ctx.write)
         x = x + self.attend(q, k_all, v_all, ctx.write.mask)
         return x + self.mlp(x)
 
 
-_NATIVE_FORMATS = ("fp32", "fp16")  # the formats the native block kernel reads (kernels/decode.c: KIND_*)
+_NATIVE_FORMATS = ("fp32", "fp16", "gguf")  # the formats the native block kernel reads (kernels/decode.c: KIND_*)
 
 
 class StepContext:

@@ -111,6 +111,8 @@ def _build() -> ctypes.CDLL:
     lib.m2r2_block.restype = None
     lib.m2r2_block_scratch.argtypes = [ctypes.POINTER(Dims), I, I, I]
     lib.m2r2_block_scratch.restype = ctypes.c_long
+    lib.m2r2_qgemv.argtypes = [P, I, P, I, P, P, I, I, I]
+    lib.m2r2_qgemv.restype = None
     return lib
 
 
@@ -180,33 +182,51 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_f
     return y
 
 
+BLOCK_KINDS = {"q4_1": (2, 20), "q8_0": (3, 34)}  # GGUF block format -> (kernels/decode.c KIND_*, bytes per block)
+
+
+def qgemv(x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x (rows <= 16, in) float32, contiguous @ W^T + bias, W as GGUF blocks: ``blocks`` (out, in/32 * bytes per
+    block) uint8, contiguous, in format ``fmt`` ("q4_1", "q8_0") -> (rows, out) float32. Each block is dequantised
+    to the float32 weights exactly and summed in float32 (see kernels/decode.c)."""
+    kind, bb = BLOCK_KINDS[fmt]
+    rows, in_f = x.shape
+    if rows > 16 or in_f % 32 or blocks.shape != (out_features, in_f // 32 * bb) or blocks.dtype != torch.uint8:
+        raise ValueError(f"qgemv: x {tuple(x.shape)}, blocks {tuple(blocks.shape)} do not fit {fmt}")
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    _lib.m2r2_qgemv(x.data_ptr(), rows, blocks.data_ptr(), kind, None if bias is None else bias.data_ptr(),
+                    y.data_ptr(), in_f, out_features, torch.get_num_threads())
+    return y
+
+
 # block -> {half: (weight pointers, ctypes args)}; kept outside the block so that copies and pickles of a
 # model never meet ctypes objects
 _ARGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _block_args(blk, half: bool) -> tuple:
-    """The ctypes structs describing block ``blk`` with its float32 or half weights (cached per block and
-    kind; rebuilt if a tensor changed). Runs once per block per step, so the tensors are read from the
-    modules' dicts directly rather than through nn.Module attribute lookup."""
+def _block_args(blk, fmt) -> tuple:
+    """The ctypes structs describing block ``blk`` with its weights in format ``fmt`` (``m2r2.engine.weights``:
+    what ``fmt.native_weight`` gives for each linear, of kind ``fmt.native_kind``), cached per block and format
+    and rebuilt if a tensor changed. Runs once per block per step, so the tensors are read from the modules'
+    dicts directly rather than through nn.Module attribute lookup."""
     mods = blk._modules
     norms = (mods["input_norm"]._parameters["weight"], mods["post_norm"]._parameters["weight"])
     params = [*norms]
     for name in ("qkv", "o", "gate_up", "down"):
         lin = mods[name]
-        params += (lin.__dict__["half"] if half else lin._parameters["weight"]), lin._parameters.get("bias")
+        params += fmt.native_weight(lin), lin._parameters.get("bias")
     ptrs = tuple(None if p is None else p.data_ptr() for p in params)
     per_block = _ARGS.get(blk)
     if per_block is None:
         per_block = _ARGS[blk] = {}
-    cached = per_block.get(half)
+    cached = per_block.get(fmt.name)
     if cached is not None and cached[0] == ptrs:
         return cached[1]
     c = blk.cfg
     dims = Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
-                blk.scale, KINDS[torch.float16 if half else torch.float32])
+                blk.scale, fmt.native_kind(mods["qkv"]))
     args = (ctypes.byref(dims), ctypes.byref(Weights(*ptrs)), dims)
-    per_block[half] = (ptrs, args)
+    per_block[fmt.name] = (ptrs, args)
     return args
 
 
@@ -218,13 +238,15 @@ def rows_of(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-          rows: tuple[torch.Tensor, torch.Tensor], half: bool = False) -> torch.Tensor:
+          rows: tuple[torch.Tensor, torch.Tensor], fmt=None) -> torch.Tensor:
     """A (B, T) step (x: (B, T, D) float32; B*T rows, at most a few) through block ``blk`` under the cache's
     causal rule: each token's K/V go into its batch row's slot of the layer's cache tensors k, v (B, KV,
     max_len, hd), and it attends to that row's slots up to its position. ``rows``: ``rows_of(positions)``.
-    From the linears' half copies if ``half``. cos, sin: (B, T, hd) contiguous. Returns the new states."""
+    From the linears' weights in format ``fmt`` (default float32). cos, sin: (B, T, hd) contiguous. Returns the
+    new states."""
+    from .weights import FP32
     lib = _lib
-    dims_p, weights_p, dims = _block_args(blk, half)
+    dims_p, weights_p, dims = _block_args(blk, fmt or FP32)
     threads = torch.get_num_threads()
     n, max_len = x.shape[0] * x.shape[1], k.shape[2]
     buf = scratch(lib.m2r2_block_scratch(dims_p, n, max_len, threads))

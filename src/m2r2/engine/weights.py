@@ -61,6 +61,14 @@ class WeightFormat:
         """The (in, out) tensor the native kernels stream for this format, or None (they do not serve it)."""
         return None
 
+    def native_kind(self, lin: "nn.Module") -> int:
+        """The kernels' code for what ``native_weight`` holds (kernels/decode.c: KIND_*)."""
+        return 1 if self.name == "fp16" else 0
+
+    def native_block_ready(self, blk) -> bool:
+        """Whether the native block kernel can run block ``blk``'s four linears from this format."""
+        return all(self.native_weight(blk._modules[n]) is not None for n in ("qkv", "o", "gate_up", "down"))
+
     def __repr__(self) -> str:
         return f"WeightFormat({self.name!r}, {self.bytes_per_weight} bytes/weight)"
 
@@ -162,6 +170,42 @@ class Int8(_Fbgemm):
         return torch.ops.quantized.linear_dynamic(x2.contiguous(), lin.lowp[self.name], True)  # bias is packed
 
 
+class GGUFBlocks(WeightFormat):
+    """The GGUF file's own blocks (Q4_1, Q8_0), read from the file at load (``attach_gguf_blocks`` in
+    ``engine/gguf_weights.py``; ``m2r2.load(weights="gguf")``), never derived from the float32 weights. A block is
+    dequantised in the kernel to exactly the float32 model's weights and multiplied in float32, so the products
+    are the float32 model's up to the order of summation, while a step reads ~1/6 of the bytes. Each linear keeps
+    ``lowp["gguf"] = (block format, uint8 blocks (out, in/32 x bytes per block))``."""
+
+    name, bytes_per_weight, exact = "gguf", 0.625, True  # Q4_1: 20 bytes per 32 weights
+
+    def available(self) -> bool:
+        from . import native
+        return native.available()
+
+    def build(self, lin: "nn.Module") -> None:
+        if self.name not in lin.lowp:
+            raise WeightFormatError("gguf weights are the GGUF file's own blocks: load a GGUF model with "
+                                    "m2r2.load(..., weights='gguf')")
+
+    def product(self, lin: "nn.Module", x2: torch.Tensor) -> torch.Tensor:
+        from . import native
+        kind, blocks = lin.lowp[self.name]
+        return native.qgemv(x2.contiguous(), blocks, kind, lin.bias, lin.out_features)
+
+    def native_weight(self, lin):
+        entry = lin.lowp.get(self.name)
+        return None if entry is None else entry[1]
+
+    def native_kind(self, lin) -> int:
+        from . import native
+        return native.BLOCK_KINDS[lin.lowp[self.name][0]][0]
+
+    def native_block_ready(self, blk) -> bool:
+        kinds = {blk._modules[n].lowp.get(self.name, (None,))[0] for n in ("qkv", "o", "gate_up", "down")}
+        return len(kinds) == 1 and None not in kinds  # one block format for all four (the kernel takes one kind)
+
+
 FORMATS: dict[str, WeightFormat] = {}
 
 
@@ -173,7 +217,7 @@ def register_format(fmt: WeightFormat) -> WeightFormat:
     return fmt
 
 
-for _f in (Float32(), Float16(), Int8()):
+for _f in (Float32(), Float16(), Int8(), GGUFBlocks()):
     register_format(_f)
 FP32 = FORMATS["fp32"]
 

@@ -158,9 +158,89 @@ static void axpy_rows(int kind, float *acc, const float *x, const void *W, size_
  * thread adds up the partials over its share of the columns. part holds nthreads*T*out floats. One row
  * streams the slab once; several rows walk it tile by tile so that W is read from memory once for all of
  * them. Each output sums its terms in the same order either way, so a row's result does not depend on T. */
+/* ---- GGUF block formats: y[t, o] = sum_i W[o, i] x[t, i] + b[o] with W as the GGUF stores it --------------
+ * W holds `out` rows of in/32 blocks each (Q4_1: f16 d, f16 m, 16 bytes of nibbles, weight j < 16 the low
+ * nibble of byte j and j >= 16 the high nibble of byte j - 16, value d * q + m; Q8_0: f16 d, 32 int8, value
+ * q * d). Each block is dequantised once into 32 floats exactly as the gguf package does (float32 products and
+ * sums, no fused multiply-add: the dequantised float32 model's weights, bit for bit) and used for every row of
+ * x; each row keeps 32 partial sums (one per position in a block) added in a fixed tree at the end, so a row's
+ * result does not depend on how many rows share the call. Threads split the output rows (no partial sums to
+ * combine). x: (T, in) float32, T <= 16; in a multiple of 32. */
+enum { KIND_Q4_1 = 2, KIND_Q8_0 = 3 };
+
+static inline void dequant_q4_1(const unsigned char *restrict b, float *restrict w) {
+    half d, m;
+    memcpy(&d, b, 2);
+    memcpy(&m, b + 2, 2);
+    const float df = H2F(d), mf = H2F(m);
+    const unsigned char *restrict qs = b + 4;
+    for (int j = 0; j < 16; j++) {
+        w[j] = df * (float)(qs[j] & 15) + mf;
+        w[j + 16] = df * (float)(qs[j] >> 4) + mf;
+    }
+}
+
+static inline void dequant_q8_0(const unsigned char *restrict b, float *restrict w) {
+    half d;
+    memcpy(&d, b, 2);
+    const float df = H2F(d);
+    const signed char *restrict q = (const signed char *)(b + 2);
+    for (int j = 0; j < 32; j++)
+        w[j] = (float)q[j] * df;
+}
+
+static inline float sum32(const float *s) {  /* a fixed tree: 32 -> 16 -> 8 -> 4 -> 2 -> 1 */
+    float a[16];
+    for (int j = 0; j < 16; j++)
+        a[j] = s[j] + s[j + 16];
+    for (int j = 0; j < 8; j++)
+        a[j] = a[j] + a[j + 8];
+    for (int j = 0; j < 4; j++)
+        a[j] = a[j] + a[j + 4];
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+#define QROWS(NAME, DEQ, BB)                                                                                  \
+    static void NAME(const float *restrict x, int T, const unsigned char *restrict W, const float *b, float *y,  \
+                     int in, int out, int o0, int o1) {                                                       \
+        const int nb = in / 32;                                                                               \
+        const size_t row_bytes = (size_t)nb * (BB);                                                           \
+        float w[32] __attribute__((aligned(64)));                                                             \
+        float s[16][32] __attribute__((aligned(64)));                                                         \
+        for (int o = o0; o < o1; o++) {                                                                       \
+            const unsigned char *restrict row = W + (size_t)o * row_bytes;                                    \
+            for (int t = 0; t < T; t++)                                                                       \
+                for (int j = 0; j < 32; j++)                                                                  \
+                    s[t][j] = 0.0f;                                                                           \
+            for (int k = 0; k < nb; k++) {                                                                    \
+                DEQ(row + (size_t)k * (BB), w);                                                               \
+                for (int t = 0; t < T; t++) {                                                                 \
+                    const float *restrict xt = x + (size_t)t * in + (size_t)k * 32;                           \
+                    for (int j = 0; j < 32; j++)                                                              \
+                        s[t][j] += w[j] * xt[j];                                                 \
+                }                                                                                             \
+            }                                                                                                 \
+            for (int t = 0; t < T; t++) {                                                                     \
+                const float v = sum32(s[t]);                                                                  \
+                y[(size_t)t * out + o] = b ? v + b[o] : v;                                                    \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+QROWS(qrows_q4_1, dequant_q4_1, 20)
+QROWS(qrows_q8_0, dequant_q8_0, 34)
+
 static void gemv_team(const float *x, int T, const void *W, int kind, const float *b, float *y, float *part,
                       int in, int out) {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    if (kind >= KIND_Q4_1) {  /* GGUF blocks: each thread its output rows, written directly */
+        const int o0 = (int)((long)out * tid / nt), o1 = (int)((long)out * (tid + 1) / nt);
+        if (kind == KIND_Q4_1)
+            qrows_q4_1(x, T, (const unsigned char *)W, b, y, in, out, o0, o1);
+        else
+            qrows_q8_0(x, T, (const unsigned char *)W, b, y, in, out, o0, o1);
+#pragma omp barrier
+        return;
+    }
     const int r0 = (int)((long)in * tid / nt), r1 = (int)((long)in * (tid + 1) / nt);
     float *acc = part + (size_t)tid * T * out;
     memset(acc, 0, sizeof(float) * T * out);
@@ -326,3 +406,18 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, cons
                 x[(size_t)t * D + i] += h[(size_t)t * D + i];
     }
 }
+
+
+void m2r2_qgemv(const float *x, int T, const unsigned char *W, int kind, const float *b, float *y, int in, int out,
+                int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int o0 = (int)((long)out * tid / nt), o1 = (int)((long)out * (tid + 1) / nt);
+        if (kind == KIND_Q4_1)
+            qrows_q4_1(x, T, W, b, y, in, out, o0, o1);
+        else
+            qrows_q8_0(x, T, W, b, y, in, out, o0, o1);
+    }
+}
+
