@@ -199,7 +199,7 @@ def test_decode_command_end_to_end(bench_dir, tmp_path, capsys):
                    "--out", "tiny", "--out-dir", str(tmp_path), "--no-progress", "--bandwidth-mb", "8"])
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "tiny.json").read_text())
-    assert doc["meta"]["skipped_arms"].keys() == {"llamacpp"}  # a directory model has no GGUF
+    assert doc["meta"]["skipped_arms"].keys() == {"llamacpp", "m2r2-gguf"}  # a directory model has no GGUF
     assert doc["meta"]["arms"] == ["m2r2-plain", "m2r2-torch", "m2r2-fp16", "m2r2-int8", "m2r2-quant-draft",
                                    "hf-generate", "hf-pld"]
     assert doc["meta"]["native_kernels"] == native.available()

@@ -238,15 +238,14 @@ def rows_of(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-          rows: tuple[torch.Tensor, torch.Tensor], fmt=None) -> torch.Tensor:
+          rows: tuple[torch.Tensor, torch.Tensor], fmt) -> torch.Tensor:
     """A (B, T) step (x: (B, T, D) float32; B*T rows, at most a few) through block ``blk`` under the cache's
     causal rule: each token's K/V go into its batch row's slot of the layer's cache tensors k, v (B, KV,
     max_len, hd), and it attends to that row's slots up to its position. ``rows``: ``rows_of(positions)``.
-    From the linears' weights in format ``fmt`` (default float32). cos, sin: (B, T, hd) contiguous. Returns the
-    new states."""
-    from .weights import FP32
+    From the linears' weights in format ``fmt`` (an ``m2r2.engine.weights`` format). cos, sin: (B, T, hd)
+    contiguous. Returns the new states."""
     lib = _lib
-    dims_p, weights_p, dims = _block_args(blk, fmt or FP32)
+    dims_p, weights_p, dims = _block_args(blk, fmt)
     threads = torch.get_num_threads()
     n, max_len = x.shape[0] * x.shape[1], k.shape[2]
     buf = scratch(lib.m2r2_block_scratch(dims_p, n, max_len, threads))
