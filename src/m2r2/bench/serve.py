@@ -172,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
     meta = {"model": lm.source.name, "model_identity": lm.source.identity, "gguf": gguf.name if gguf else None,
             "prompts": args.prompt_ids or args.prompts, "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "temperature": 0.0, "concurrency": list(levels),
-            "requests_per_level": n_requests, "warmup": args.warmup, "ctx_per_slot": args.ctx_per_slot,
+            "requests_per_level": n_requests, "warmup": args.warmup, "ctx_per_slot": args.ctx_per_slot, "m2r2_weights": args.m2r2_weights,
             "slots": "= concurrency", "endpoint": "/v1/completions (prompt as token ids, streamed)",
             "engines": engines, "skipped_engines": skipped, "levels": level_info,
             "isolation": "one server subprocess per (engine, level), never two at once", "server_logs": str(logs),
@@ -195,6 +195,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma-separated levels: concurrent clients = server slots (default: {DEFAULT_CONCURRENCY})")
     p.add_argument("--requests", type=int_at_least("--requests", 1), default=None,
                    help="requests per level (default: max(2 x the largest level, 16), the same at every level)")
+    p.add_argument("--m2r2-weights", default="fp32", choices=("fp32", "gguf", "fp16"),
+                   help="the weight format m2r2's server runs (serve --weights; default fp32; gguf: the GGUF's own "
+                        "blocks, exact)")
     p.add_argument("--ctx-per-slot", type=int_at_least("--ctx-per-slot", 64), default=2048,
                    help="context per slot for both servers (llama.cpp n_ctx = slots x this; default 2048, at most "
                         "the model's window)")

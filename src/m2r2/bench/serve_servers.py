@@ -141,6 +141,8 @@ def m2r2_server(args: argparse.Namespace, slots: int, log: Path) -> ServerProces
            "--max-queue", str(max(64, 2 * slots))]
     if args.model:
         cmd += ["--model", str(args.model)]
+    if getattr(args, "m2r2_weights", "fp32") != "fp32":
+        cmd += ["--weights", args.m2r2_weights]
     return ServerProcess("m2r2", cmd, port, log, env=_child_env(), timeout_s=args.startup_timeout)
 
 
