@@ -19,7 +19,7 @@ from ..engine.model import Transformer
 from ..engine.sampling import SamplingConfig
 from . import registry
 from .plain import PlainStrategy  # noqa: F401  (re-exported)
-from .state import DecodeState, GenerationStats, Strategy  # noqa: F401  (re-exported: strategies import them here)
+from .state import DecodeState, GenerationStats, Strategy, commit  # noqa: F401  (re-exported: strategies import them here)
 from ..engine.threads import ThreadGovernor, decoding
 
 
@@ -52,11 +52,7 @@ def decode(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int 
     else:
         strat = strategy
     eos = set(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    # the context window caps each row's budget. A strategy that writes past a token's slot (``cache_slack``)
-    # stops that many tokens early unless it fits its writes to the room left itself (``context_reserve`` 0,
-    # e.g. speculative decoding shrinking its drafts); the prefill's token always fits
-    reserve = strat.cache_slack if strat.context_reserve is None else strat.context_reserve
-    budgets = [min(max_new_tokens, max(1, ctx_len - len(p) - reserve)) for p in prompts]
+    budgets = [strat.budget(max_new_tokens, len(p), ctx_len) for p in prompts]
     t0 = time.perf_counter()
     state = DecodeState(model, prompts, budgets, sampling, cache_slack=strat.cache_slack)
     stats = GenerationStats(strategy=strat.name)
@@ -67,16 +63,10 @@ def decode(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int 
         for b, toks in enumerate(new):
             if state.done[b] or not toks:
                 continue
-            room = state.max_new[b] - len(state.out[b])
-            toks = toks[:room]
-            for j, t in enumerate(toks):
-                if t in eos:
-                    toks = toks[: j + 1]
-                    break
-            state.out[b].extend(toks)
-            if on_tokens is not None and toks:
-                on_tokens(b, toks)
-            if len(state.out[b]) >= state.max_new[b] or (toks and toks[-1] in eos):
+            kept, finished = commit(state.out[b], toks, state.max_new[b], eos)
+            if on_tokens is not None and kept:
+                on_tokens(b, kept)
+            if finished:
                 state.done[b] = True
 
     logits = state.prefill()

@@ -30,6 +30,20 @@ class GenerationStats:
         return asdict(self)
 
 
+def commit(out: list[int], toks: list[int], budget: int, eos) -> tuple[list[int], str | None]:
+    """Append to a row's output ``out`` the new tokens that fit its ``budget``, up to and including an EOS.
+    Returns the tokens kept and why the row is now finished: "stop" (EOS), "length" (budget), or None."""
+    toks = toks[: budget - len(out)]
+    for j, t in enumerate(toks):
+        if t in eos:
+            toks = toks[: j + 1]
+            break
+    out.extend(toks)
+    if toks and toks[-1] in eos:
+        return toks, "stop"
+    return toks, "length" if len(out) >= budget else None
+
+
 class DecodeState:
     """The per-call state every strategy reads and advances: model, cache, sampling, pending tokens."""
 
@@ -90,3 +104,10 @@ class Strategy:
     def stats(self) -> dict:
         """Strategy-specific counters for ``GenerationStats.extra``."""
         return {}
+
+    def budget(self, max_new_tokens: int, prompt_len: int, ctx_len: int) -> int:
+        """New tokens a row may get: the context window caps the budget. A strategy that writes past a token's
+        slot (``cache_slack``) stops that many tokens early unless it fits its writes to the room left itself
+        (``context_reserve`` 0, e.g. speculative decoding shrinking its drafts); the prefill's token always fits."""
+        reserve = self.cache_slack if self.context_reserve is None else self.context_reserve
+        return min(max_new_tokens, max(1, ctx_len - prompt_len - reserve))

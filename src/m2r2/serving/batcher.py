@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 
 from ..decoding import registry
-from ..decoding.state import DecodeState, Strategy
+from ..decoding.plain import PlainStrategy
+from ..decoding.state import DecodeState, Strategy, commit
 from ..engine import native
-from ..engine.cache import KVCache
 from ..engine.sampling import SamplingConfig
 from ..errors import ContextLengthError, M2R2Error, PromptError, StrategyError
 
@@ -122,6 +122,7 @@ class Batcher:
         self.cond = threading.Condition()
         self.ids = itertools.count(1)
         self.eos = set(lm.config.eos_token_ids)
+        self.plain = PlainStrategy()  # plain rows are stepped together here; this gives their budget rule
         self.running = False
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -237,9 +238,7 @@ class Batcher:
     def _slot(self, i: int, h: Handle) -> _Slot:
         req = h.request
         strategy = None if req.strategy == "plain" else self.lm.strategy(req.strategy, **req.strategy_options)
-        reserve = 0 if strategy is None else (strategy.cache_slack if strategy.context_reserve is None
-                                              else strategy.context_reserve)
-        budget = min(req.max_tokens, max(1, self.ctx - len(req.prompt_ids) - reserve))
+        budget = (strategy or self.plain).budget(req.max_tokens, len(req.prompt_ids), self.ctx)
         state = DecodeState(self.model, [list(req.prompt_ids)], [budget], req.sampling, cache=self.cache.rows(i, i + 1))
         self.tokens_in += len(req.prompt_ids)
         return _Slot(i, h, state, strategy, self.eos, budget, self.lm.tokenizer)
@@ -287,15 +286,7 @@ class Batcher:
 
     def _emit(self, s: _Slot, new: list[list[int]]) -> None:
         st, h = s.state, s.handle
-        toks = new[0][: s.budget - len(st.out[0])]
-        finish = None
-        for j, t in enumerate(toks):
-            if t in s.eos:
-                toks, finish = toks[: j + 1], "stop"
-                break
-        st.out[0].extend(toks)
-        if finish is None and len(st.out[0]) >= s.budget:
-            finish = "length"
+        toks, finish = commit(st.out[0], new[0], s.budget, s.eos)
         # text: the decoded answer so far, held back while its end could start a stop string
         text_ids = [t for t in st.out[0] if t not in s.eos]
         full = self.lm.decode_text(text_ids) or "" if s.tokenizer is not None else ""
