@@ -120,14 +120,22 @@ class LM:
             raise PromptError("the prompt is empty")
         if self.tokenizer is None:
             raise M2R2Error(f"{self.source.name} has no tokenizer: pass token ids instead of text")
-        tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
+        if chat and self.has_chat_template:
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return [int(t) for t in ids]
-        return [int(t) for t in tok(prompt)["input_ids"]]
+            return self.encode_messages(msgs)
+        return [int(t) for t in self.tokenizer(prompt)["input_ids"]]
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.tokenizer is not None and bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """A conversation ([{"role", "content"}, ...]) through the model's chat template, ready for the
+        assistant's turn."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
 
     def decode_text(self, ids: Sequence[int]) -> str | None:
         if self.tokenizer is None:

@@ -117,14 +117,10 @@ def chat_prompt(lm, messages) -> list[int]:
             raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content",
                            code="invalid_type")
         msgs.append({"role": "system" if m["role"] == "developer" else m["role"], "content": c})
-    tok = lm.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
+    if not lm.has_chat_template:
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages",
                        code="unsupported_value")
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return [int(t) for t in ids]
+    return lm.encode_messages(msgs)
 
 
 def completion_prompt(lm, prompt) -> list[int]:

@@ -256,12 +256,9 @@ class Batcher:
         first = st.sampling.sample(logits, st.generator)
         st.pending = first
         s.decoding = True
-        if s.strategy is not None:
-            self._emit(s, [[int(first[0])]])
-            if s.finish is None:
-                s.strategy.setup(st)
-        else:
-            self._emit(s, [[int(first[0])]])
+        self._emit(s, [[int(first[0])]])
+        if s.strategy is not None and s.finish is None:
+            s.strategy.setup(st)
 
     def _plain_step(self, rows: list[_Slot]) -> None:
         """One token for every plain row: one forward over the contiguous range of slots holding them (other
