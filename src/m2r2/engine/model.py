@@ -109,6 +109,11 @@ class Linear(nn.Module):
         ok = w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.dense().detach().contiguous(), None) if ok else None
 
+    def default_format(self) -> "weights.WeightFormat":
+        """The format this layer runs when no ``weights.using`` block selects another (``mode``; None: fp32)."""
+        mode = self.mode
+        return FP32 if mode is None else FORMATS[mode]
+
     def build_lowp(self, kind: str) -> None:
         """Derive the ``kind`` ("fp16", "int8", ...: a name in ``m2r2.engine.weights.FORMATS``) copy of the
         weight from the float32 one (once)."""
@@ -127,7 +132,7 @@ class Linear(nn.Module):
             # a layer without a copy in the selected format (e.g. a drafter's own head) runs its float32 weights
             fmt = weights._ACTIVE.get()
             if fmt is None:
-                fmt = FP32 if self.mode is None else FORMATS[self.mode]
+                fmt = self.default_format()
             elif fmt is not FP32 and fmt.name not in self.lowp:
                 fmt = FP32
             if N == 1 and native.available() and self.weight.device.type == "cpu":
@@ -222,35 +227,33 @@ class Block(nn.Module):
         _, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
         ctx.cache.update(self.index, k, v, ctx.write)
 
-    def _runs_natively(self, x: torch.Tensor, ctx: "StepContext") -> bool:
-        """Whether the native block kernel computes this call exactly (see m2r2.engine.native): not when a submodule
-        was replaced (e.g. by a LoRA-wrapped linear), nor when hooks expect the submodules to be called."""
+    def _native_format(self, x: torch.Tensor, ctx: "StepContext"):
+        """The weight format the native block kernel computes this call from, or None where it does not compute
+        it exactly (see m2r2.engine.native): not when a submodule was replaced (e.g. by a LoRA-wrapped linear),
+        when hooks expect the submodules to be called, or for a format whose weights it cannot read."""
         mods = self._modules  # (direct dict reads: this runs for every block of every step)
         if not ctx.native or any(type(mods[n]) is not t for n, t in self._NATIVE_PARTS):
-            return False
+            return None
         qkv = mods["qkv"]
         w = qkv._parameters["weight"]
-        fmt = ctx.weights or (FP32 if qkv.mode is None else FORMATS[qkv.mode])
+        fmt = ctx.weights or qkv.default_format()
         # (the mask check: a mask replaced after the context was built, rather than passed to it, is honoured too)
-        return ctx.write.mask is ctx.causal_mask and w.dtype == torch.float32 and fmt.name in _NATIVE_FORMATS \
-            and fmt.native_block_ready(self) \
+        ok = ctx.write.mask is ctx.causal_mask and w.dtype == torch.float32 and fmt.native_block_ready(self) \
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
             and not any(m._forward_hooks or m._forward_pre_hooks for m in mods.values())
+        return fmt if ok else None
 
     def forward(self, x: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
         # a decode-sized step: the whole block is one C call (not for blocks that borrow this forward,
         # like the MoE blocks with their own FFN or q/k norms: they compute something the kernel does not)
-        if type(self) is Block and self._runs_natively(x, ctx):
-            fmt = ctx.weights or (FP32 if self.qkv.mode is None else FORMATS[self.qkv.mode])
+        fmt = self._native_format(x, ctx) if type(self) is Block else None
+        if fmt is not None:
             return native.block(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos, ctx.sin,
                                 ctx.native_rows, fmt)
         q, k, v = self.qkv_proj(self.input_norm(x), ctx.cos, ctx.sin)
         k_all, v_all = ctx.cache.update(self.index, k, v, ctx.write)
         x = x + self.attend(q, k_all, v_all, ctx.write.mask)
         return x + self.mlp(x)
-
-
-_NATIVE_FORMATS = ("fp32", "fp16", "gguf")  # the formats the native block kernel reads (kernels/decode.c: KIND_*)
 
 
 class StepContext:

@@ -90,6 +90,9 @@ class Float32(WeightFormat):
     def native_weight(self, lin):
         return lin.weight
 
+    def native_block_ready(self, blk) -> bool:  # every block has float32 weights (checked per block every step)
+        return True
+
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool) for fp16 products split across threads
 _POOL_LOCK = threading.Lock()
