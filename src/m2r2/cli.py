@@ -84,30 +84,28 @@ def add_strategy_args(p: argparse.ArgumentParser) -> None:
     taken = {s for a in p._actions for s in a.option_strings}
     by_name: dict[str, list] = {}
     for n in names:
-        spec = registry.get(n)
-        hints = registry._hints(spec.options)
-        for f in spec.option_fields():
-            by_name.setdefault(f.name, []).append((n, f, hints.get(f.name)))
+        for opt in registry.get(n).option_specs.values():
+            by_name.setdefault(opt.name, []).append((n, opt))
     for key, uses in by_name.items():
         flag = "--" + key.replace("_", "-")
-        if flag in taken or len({str(tp) for _, _, tp in uses}) > 1:  # a clash, or one name with two types
+        if flag in taken or len({(o.kinds, o.nullable) for _, o in uses}) > 1:  # a clash, or one name, two types
             continue
-        _, f, tp = uses[0]
-        who = ", ".join(n for n, _, _ in uses)
-        helptext = f"{f.metadata.get('help', '')} (strategies: {who})"
+        opt = uses[0][1]
+        who = ", ".join(n for n, _ in uses)
+        helptext = f"{opt.metadata.get('help', '')} (strategies: {who})"
         dest = _OPT_PREFIX + key
-        if registry._kinds(tp)[0] == {bool}:
+        if opt.kinds == {bool}:
             p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=helptext)
             continue
 
-        def parse(s: str, f=f, tp=tp, flag=flag):
+        def parse(s: str, opt=opt, flag=flag):
             from .errors import StrategyError
             try:
-                return registry.check_value(flag, f, tp, registry.parse_text(f, tp, s, flag))
+                return registry.check_value(flag, opt, registry.parse_text(opt, s, flag))
             except StrategyError as e:
                 raise argparse.ArgumentTypeError(str(e)) from None
-        choices = f.metadata.get("choices")
+        choices = opt.metadata.get("choices")
         p.add_argument(flag, dest=dest, type=parse, default=argparse.SUPPRESS, metavar=key.upper(),
                        help=helptext + (f"; one of {', '.join(map(str, choices))}" if choices else ""))
 

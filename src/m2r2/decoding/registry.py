@@ -25,9 +25,11 @@ one-line errors for the API and the CLI alike; ~150 lines of introspection do th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -74,6 +76,35 @@ class Options:
 
 
 @dataclass(frozen=True)
+class OptionSpec:
+    """One option of a strategy: its dataclass field (default, ``option`` metadata) and the base types its
+    annotation allows (an unresolvable annotation: the default's type) and whether it may be None."""
+
+    field: dataclasses.Field
+    kinds: frozenset
+    nullable: bool
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def metadata(self):
+        return self.field.metadata
+
+    @property
+    def type_name(self) -> str:
+        return "/".join(sorted(k.__name__ for k in self.kinds)) + ("|None" if self.nullable else "")
+
+
+def _option_spec(f: dataclasses.Field, tp) -> OptionSpec:
+    if tp is None:
+        return OptionSpec(f, frozenset({type(f.default)}), f.default is None)
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return OptionSpec(f, frozenset(a for a in args if a is not type(None)), type(None) in args)
+
+
+@dataclass(frozen=True)
 class StrategySpec:
     name: str
     options: type
@@ -83,6 +114,22 @@ class StrategySpec:
 
     def option_fields(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.options))
+
+    @functools.cached_property
+    def option_specs(self) -> dict[str, OptionSpec]:
+        """Every option by name, its annotation resolved once."""
+        try:
+            hints = typing.get_type_hints(self.options)
+        except Exception:  # an annotation that does not resolve: accept any value of the default's type
+            hints = {}
+        return {f.name: _option_spec(f, hints.get(f.name)) for f in dataclasses.fields(self.options)}
+
+    def option(self, key: str) -> OptionSpec:
+        opt = self.option_specs.get(key)
+        if opt is None:
+            raise StrategyError(f"strategy {self.name} takes no option {key!r} "
+                                f"(its options: {', '.join(self.option_specs) or 'none'})")
+        return opt
 
 
 REGISTRY: dict[str, StrategySpec] = {}
@@ -135,26 +182,12 @@ def get(name: str) -> StrategySpec:
     return spec
 
 
-def _hints(cls: type) -> dict:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # an annotation that does not resolve: accept any value of the default's type
-        return {}
-
-
-def _kinds(tp) -> tuple[set, bool]:
-    """The base types an annotation allows, and whether None is allowed."""
-    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (tp,)
-    kinds = {a for a in args if a is not type(None)}
-    return kinds, type(None) in args
-
-
-def check_value(where: str, f: dataclasses.Field, tp, value):
-    """``value`` for option ``f``, converted where harmless (int -> float, a path -> str) and checked; errors
+def check_value(where: str, opt: OptionSpec, value):
+    """``value`` for option ``opt``, converted where harmless (int -> float, a path -> str) and checked; errors
     start with ``where`` (the strategy and option, or the command-line flag)."""
-    kinds, nullable = _kinds(tp) if tp is not None else ({type(f.default)}, f.default is None)
+    kinds = opt.kinds
     if value is None:
-        if nullable or not kinds:
+        if opt.nullable or not kinds:
             return None
         raise StrategyError(f"{where} needs a value")
     if isinstance(value, os.PathLike) and str in kinds:
@@ -171,7 +204,7 @@ def check_value(where: str, f: dataclasses.Field, tp, value):
         value = float(value)
     elif str in kinds and not isinstance(value, str):
         raise StrategyError(f"{where} must be text, got {value!r}")
-    md = f.metadata
+    md = opt.metadata
     if md.get("choices") is not None and value not in md["choices"]:
         raise StrategyError(f"{where} must be one of {', '.join(map(str, md['choices']))}, got {value!r}")
     lo, hi = md.get("min"), md.get("max")
@@ -187,13 +220,11 @@ def make_options(name: str, values: dict | None = None, host: Host | None = None
     strategy does not take is an error naming the ones it does."""
     spec = get(name)
     values = dict(values or {})
-    fields = {f.name: f for f in spec.option_fields()}
-    unknown = [k for k in values if k not in fields]
+    unknown = [k for k in values if k not in spec.option_specs]
     if unknown:
-        takes = ", ".join(fields) or "none"
+        takes = ", ".join(spec.option_specs) or "none"
         raise StrategyError(f"strategy {name} takes no option {', '.join(map(repr, unknown))} (its options: {takes})")
-    hints = _hints(spec.options)
-    checked = {k: check_value(f"strategy {name}: {k.replace('_', ' ')}", fields[k], hints.get(k), v)
+    checked = {k: check_value(f"strategy {name}: {k.replace('_', ' ')}", spec.option_specs[k], v)
                for k, v in values.items()}
     opts = spec.options(**checked)
     if host is not None and hasattr(opts, "validate"):
@@ -219,18 +250,15 @@ def create(name: str, host_or_model, **values) -> Strategy:
 
 def parse_value(name: str, key: str, text: str):
     """A command-line string for option ``key`` of strategy ``name``, as the option's type."""
-    spec = get(name)
-    fields = {f.name: f for f in spec.option_fields()}
-    if key not in fields:
-        raise StrategyError(f"strategy {name} takes no option {key!r} (its options: {', '.join(fields) or 'none'})")
-    f, tp = fields[key], _hints(spec.options).get(key)
-    return check_value(f"--opt {key}", f, tp, parse_text(f, tp, text, f"--opt {key}"))
+    opt = get(name).option(key)
+    return check_value(f"--opt {key}", opt, parse_text(opt, text, f"--opt {key}"))
 
 
-def parse_text(f: dataclasses.Field, tp, text: str, flag: str):
-    kinds, nullable = _kinds(tp) if tp is not None else ({type(f.default)}, f.default is None)
+def parse_text(opt: OptionSpec, text: str, flag: str):
+    """A command-line string as option ``opt``'s type (not yet checked: ``check_value``)."""
+    kinds = opt.kinds
     s = text.strip()
-    if nullable and s.lower() in ("none", "null", ""):
+    if opt.nullable and s.lower() in ("none", "null", ""):
         return None
     if bool in kinds:
         if s.lower() in ("1", "true", "yes", "on"):
@@ -254,14 +282,11 @@ def parse_text(f: dataclasses.Field, tp, text: str, flag: str):
 def describe(name: str) -> str:
     """One strategy's help: what it does and each option with its type and default."""
     spec = get(name)
-    hints = _hints(spec.options)
     lines = [f"{spec.name}{' (lossless)' if spec.lossless else ''}: {spec.help}"]
-    for f in spec.option_fields():
-        tp = hints.get(f.name)
-        kinds, nullable = _kinds(tp) if tp is not None else ({type(f.default)}, False)
-        tname = "/".join(sorted(k.__name__ for k in kinds)) + ("|None" if nullable else "")
-        extra = f"; one of {', '.join(map(str, f.metadata['choices']))}" if f.metadata.get("choices") else ""
-        lines.append(f"    {f.name} ({tname}, default {f.default!r}{extra}): {f.metadata.get('help', '')}")
+    for opt in spec.option_specs.values():
+        md = opt.metadata
+        extra = f"; one of {', '.join(map(str, md['choices']))}" if md.get("choices") else ""
+        lines.append(f"    {opt.name} ({opt.type_name}, default {opt.field.default!r}{extra}): {md.get('help', '')}")
     return "\n".join(lines)
 
 
