@@ -182,7 +182,7 @@ def create_app(lm, batcher: Batcher, *, model_name: str, api_key: str | None = N
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         return body
 
-    def submit(ids: list[int], c: dict, loop, queue: asyncio.Queue):
+    def submit(ids: list[int], c: dict, prompt_param: str, loop, queue: asyncio.Queue):
         req = Request(ids, c["max_tokens"], c["sampling"], c["stop"], c["strategy"], c["options"])
 
         def on_event(ev: Event) -> None:
@@ -193,8 +193,7 @@ def create_app(lm, batcher: Batcher, *, model_name: str, api_key: str | None = N
             raise APIError(429, str(e), type_="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         except ContextLengthError as e:
-            raise APIError(400, str(e), param="messages" if "messages" in c else "prompt",
-                           code="context_length_exceeded") from None
+            raise APIError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
         except StrategyError as e:
             raise APIError(400, str(e), param="m2r2", code="invalid_value") from None
         except M2R2Error as e:
@@ -204,7 +203,6 @@ def create_app(lm, batcher: Batcher, *, model_name: str, api_key: str | None = N
         body = await read_json(request)
         c = _common(body, default_strategy)
         if kind == "chat":
-            c["messages"] = True
             ids = chat_prompt(lm, body.get("messages"))
         else:
             if body.get("echo"):
@@ -212,7 +210,7 @@ def create_app(lm, batcher: Batcher, *, model_name: str, api_key: str | None = N
             ids = completion_prompt(lm, body.get("prompt"))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        handle = submit(ids, c, loop, queue)
+        handle = submit(ids, c, "messages" if kind == "chat" else "prompt", loop, queue)
         metrics.started(handle)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{handle.id}"
         obj = "chat.completion" if kind == "chat" else "text_completion"

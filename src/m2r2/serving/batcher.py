@@ -126,8 +126,8 @@ class Batcher:
         self.running = False
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        # counters (read by the server's metrics)
-        self.steps = self.tokens_out = self.tokens_in = self.requests = 0
+        # counters: generated tokens (the metrics' tokens/s) and engine steps
+        self.steps = self.tokens_out = 0
 
     # ---------------------------------------------------------------- the client side
     def validate(self, req: Request) -> None:
@@ -157,7 +157,6 @@ class Batcher:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             h = Handle(next(self.ids), req, on_event)
             self.queue.append(h)
-            self.requests += 1
             self.cond.notify()
         return h
 
@@ -240,7 +239,6 @@ class Batcher:
         strategy = None if req.strategy == "plain" else self.lm.strategy(req.strategy, **req.strategy_options)
         budget = (strategy or self.plain).budget(req.max_tokens, len(req.prompt_ids), self.ctx)
         state = DecodeState(self.model, [list(req.prompt_ids)], [budget], req.sampling, cache=self.cache.rows(i, i + 1))
-        self.tokens_in += len(req.prompt_ids)
         return _Slot(i, h, state, strategy, self.eos, budget, self.lm.tokenizer)
 
     def _prefill_chunk(self, s: _Slot) -> None:

@@ -28,7 +28,6 @@ class Metrics:
         self._window: deque = deque()
         self._lock = threading.Lock()
         self.batcher = batcher
-        self._last_out = batcher.tokens_out
 
     def _rate(self) -> float:
         now = time.perf_counter()
