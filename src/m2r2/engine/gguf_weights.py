@@ -16,19 +16,16 @@ import torch
 
 from ..errors import UnsupportedModelError
 from . import native
-from .blocks import read_gguf_tensors, unpermute_qk_rows
-
-KERNEL_FORMATS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}  # block formats the native kernels run so far
-
+from .blocks import BLOCK_FORMATS, read_gguf_tensors, unpermute_qk_rows
 
 def _blocks(tensors: dict, name: str) -> tuple[str, np.ndarray]:
     t = tensors.get(name)
     if t is None:
         raise UnsupportedModelError(f"the GGUF has no tensor {name}")
-    kind = KERNEL_FORMATS.get(t.format)
-    if kind is None:
-        raise UnsupportedModelError(f"{name} is {t.format}; weights='gguf' runs {', '.join(KERNEL_FORMATS)} blocks "
-                                    "so far")
+    kind = t.format.lower()  # native.BLOCK_KINDS: the block formats the kernels run so far
+    if kind not in native.BLOCK_KINDS:
+        raise UnsupportedModelError(f"{name} is {t.format}; weights='gguf' runs "
+                                    f"{', '.join(k.upper() for k in native.BLOCK_KINDS)} blocks so far")
     return kind, t.raw
 
 
@@ -42,7 +39,7 @@ def attach_gguf_blocks(model, path) -> None:
         if len(kinds) != 1:
             raise UnsupportedModelError(f"fused rows of mixed block formats {sorted(kinds)} are not supported")
         blocks = torch.from_numpy(np.ascontiguousarray(np.concatenate([d for _, d in parts], 0)))
-        _, bb = native.BLOCK_KINDS[parts[0][0]]
+        bb = BLOCK_FORMATS[parts[0][0].upper()].bytes_per_block
         if tuple(blocks.shape) != (lin.out_features, lin.in_features // 32 * bb):
             raise UnsupportedModelError(f"GGUF blocks {tuple(blocks.shape)} do not fit a {lin.out_features} x "
                                         f"{lin.in_features} layer")

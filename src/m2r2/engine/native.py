@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .blocks import BLOCK_FORMATS
+
 SOURCE = Path(__file__).with_name("kernels") / "decode.c"
 # M2R2_NATIVE_MARCH: the -march target (default the build machine's own; e.g. x86-64, x86-64-v3 to build
 # and test the SSE2-only or AVX2 code on an AVX-512 machine); part of the flags, so of the cache key
@@ -182,14 +184,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_f
     return y
 
 
-BLOCK_KINDS = {"q4_1": (2, 20), "q8_0": (3, 34)}  # GGUF block format -> (kernels/decode.c KIND_*, bytes per block)
+BLOCK_KINDS = {"q4_1": 2, "q8_0": 3}  # GGUF block formats the kernels run -> kernels/decode.c KIND_* (layouts: blocks.py)
 
 
 def qgemv(x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """x (rows <= 16, in) float32, contiguous @ W^T + bias, W as GGUF blocks: ``blocks`` (out, in/32 * bytes per
     block) uint8, contiguous, in format ``fmt`` ("q4_1", "q8_0") -> (rows, out) float32. Each block is dequantised
     to the float32 weights exactly and summed in float32 (see kernels/decode.c)."""
-    kind, bb = BLOCK_KINDS[fmt]
+    kind, bb = BLOCK_KINDS[fmt], BLOCK_FORMATS[fmt.upper()].bytes_per_block
     rows, in_f = x.shape
     if rows > 16 or in_f % 32 or blocks.shape != (out_features, in_f // 32 * bb) or blocks.dtype != torch.uint8:
         raise ValueError(f"qgemv: x {tuple(x.shape)}, blocks {tuple(blocks.shape)} do not fit {fmt}")

@@ -202,7 +202,7 @@ class GGUFBlocks(WeightFormat):
 
     def native_kind(self, lin) -> int:
         from . import native
-        return native.BLOCK_KINDS[lin.lowp[self.name][0]][0]
+        return native.BLOCK_KINDS[lin.lowp[self.name][0]]
 
     def native_block_ready(self, blk) -> bool:
         kinds = {blk._modules[n].lowp.get(self.name, (None,))[0] for n in ("qkv", "o", "gate_up", "down")}
