@@ -207,7 +207,8 @@ def test_adapter_weights_shapes_and_draft_vocab_are_validated(tiny_lm2, tmp_path
 
 def test_peer_router_and_mod_files_are_validated(tiny_lm2, tmp_path):
     from m2r2.decoding.drafters.draft_model import DraftModel
-    from m2r2.decoding.drafters.medusa import MedusaHeads, read_draft_vocab
+    from m2r2.artifacts import read_draft_vocab
+    from m2r2.decoding.drafters.medusa import MedusaHeads
     from m2r2.baselines.mod import MoDConfig, MoDRouters
     from m2r2.stream.router import ARLARouter, RouterConfig
     lm, ident = tiny_lm2, tiny_lm2.source.identity

@@ -56,7 +56,8 @@ def _identity(host: Host) -> str:
 def _peer(host: Host, kind: str, path, draft_vocab: bool):
     """The Medusa or draft-model drafter from ``path`` or the artifact shipped for this model."""
     from .decoding.drafters.draft_model import DraftModel, DraftModelDrafter
-    from .decoding.drafters.medusa import MedusaDrafter, MedusaHeads, find_shipped as find_peer, read_draft_vocab
+    from .artifacts import read_draft_vocab
+    from .decoding.drafters.medusa import MedusaDrafter, MedusaHeads, find_shipped as find_peer
     key = ("peer", kind, None if path is None else str(path))
     if key not in host.artifacts:
         identity = _identity(host)

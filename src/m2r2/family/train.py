@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..provenance import command_line
 from ..errors import M2R2Error
 from ..artifacts import load_artifact, save_artifact, shapes_of
-from ..training.loop import CHECKPOINT, LOG, Run, cosine  # noqa: F401 (CHECKPOINT, LOG: names kept here)
+from ..training.loop import Run, cosine
 from .data import TokenData
 from .model import ARCHS, Counter, FamilyConfig, FamilyModel
 

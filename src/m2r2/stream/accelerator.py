@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..artifacts import DRAFT_VOCAB, atomic_write, find_shipped as find_artifact, load_artifact, read_draft_vocab, save_artifact
-from ..artifacts import shapes_of, shipped_roots, write_draft_vocab  # noqa: F401 (write_draft_vocab: its old home)
+from ..artifacts import shapes_of, shipped_roots
 from ..engine.model import RMSNorm, StepContext, Transformer
 
 ADAPTER_FORMAT = 1

@@ -27,8 +27,8 @@ from ..stream.accelerator import Accelerator as M2R2Accelerator
 from ..stream.accelerator import LossWeights, distill_loss
 from ..provenance import command_line
 from ..errors import M2R2Error
-from ..artifacts import save_checkpoint as _atomic_save, write_draft_vocab  # noqa: F401 (_atomic_save: old name)
-from .loop import CHECKPOINT, LOG, Run, open_log, warmup_cosine  # noqa: F401 (open_log: its old home)
+from ..artifacts import write_draft_vocab
+from .loop import Run, warmup_cosine
 
 
 class TrainError(M2R2Error):

@@ -27,7 +27,6 @@ from torch import nn
 
 from ...errors import AdapterError
 from ...artifacts import find_shipped as find_artifact, load_artifact, save_artifact, shapes_of
-from ...artifacts import read_draft_vocab  # noqa: F401 (its old home; api imports it from here)
 from ..loop import DecodeState
 from .base import Draft, Drafter, DraftHead
 from ...engine.model import Transformer
