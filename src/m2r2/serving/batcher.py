@@ -169,8 +169,9 @@ class Batcher:
     def start(self) -> "Batcher":
         """Run the engine loop in a thread of its own (tests, embedding). ``m2r2 serve`` runs it in the main
         thread instead (``run``): libgomp throttles its workers' spinning once it manages more threads than
-        there are CPUs, so a second OpenMP pool (one per thread that computes) halves the kernels' speed here
-        (a one-token step of the embedded model: 10 ms in the main thread, 19 ms in another)."""
+        there are CPUs, so a second OpenMP pool (one per thread that computes) slows the kernels markedly here
+        (about half speed for a one-token step of the embedded model in an ad-hoc check on this 2-core machine;
+        no benchmark file records it)."""
         self.running = True
         self.thread = threading.Thread(target=self._run, name="m2r2-batcher", daemon=True)
         self.thread.start()
