@@ -1,36 +1,116 @@
-"""weights="gguf": the GGUF's own Q4_1 / Q8_0 blocks run by the native kernels. A block dequantises in the kernel
+"""weights="gguf": the GGUF's own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) run by the native kernels. A block dequantises in the kernel
 to exactly the float32 model's weights, so products agree with the float32 path up to summation order, a row's
 result does not depend on its neighbours, and greedy decoding gives the float32 model's tokens."""
+
+import contextlib
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
-from gguf import quants
 
 import m2r2
 from m2r2.engine import native, weights
+from m2r2.engine.blocks import BLOCK_FORMATS, dequantize
 
 from conftest import assert_close_rel, assert_same_tokens, make_tiny
+from test_blocks import random_blocks
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels could not be built here")
 
 
-@pytest.mark.parametrize("fmt,qtype", [("q4_1", Q.Q4_1), ("q8_0", Q.Q8_0)])
-@pytest.mark.parametrize("out_f,in_f", [(96, 64), (13, 96), (960, 576), (7, 1536)])
-def test_block_products_are_the_dequantised_products(fmt, qtype, out_f, in_f):
-    rng = np.random.default_rng(out_f + in_f)
-    raw = quants.quantize((rng.standard_normal((out_f, in_f)) * 0.05).astype(np.float32), qtype)
-    w = torch.from_numpy(quants.dequantize(raw, qtype).astype(np.float32))  # the float32 model's weights
-    blocks = torch.from_numpy(np.ascontiguousarray(raw))
+FORMATS = list(native.BLOCK_KINDS)  # every block format the kernels run
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)  # every block format the kernels run
+
+
+def random_block_rows(fmt: str, out_f: int, in_f: int, seed: int) -> np.ndarray:
+    """(out_f, bytes per row) random blocks of ``fmt`` with finite scales (tests/test_blocks.py's generator)."""
+    f = BLOCK_FORMATS[fmt.upper()]
+    return random_blocks(np.random.default_rng(seed), fmt.upper(), out_f, in_f // f.weights_per_block)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_dequantises_exactly(fmt):
+    """x = the identity: row i of the product is column i of W, i.e. the kernel's dequantised weights, which must
+    be the reference dequantiser's bit for bit (each term is w * 1 added to zeros)."""
+    in_f = BLOCK_FORMATS[fmt.upper()].weights_per_block * 2
+    raw = random_block_rows(fmt, 11, in_f, 5)
+    y = native.qgemv(torch.eye(in_f), torch.from_numpy(raw), fmt, None, 11)
+    assert np.array_equal(y.numpy(), dequantize(raw, fmt.upper()).T)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("out_f,blocks", [(96, 2), (13, 3), (960, 2), (7, 6)])
+def test_block_products_are_the_dequantised_products(fmt, out_f, blocks):
+    in_f = BLOCK_FORMATS[fmt.upper()].weights_per_block * blocks
+    raw = random_block_rows(fmt, out_f, in_f, out_f + blocks)
+    w = torch.from_numpy(dequantize(raw, fmt.upper()))  # the float32 model's weights
     g = torch.Generator().manual_seed(0)
-    x, b = torch.randn(9, in_f, generator=g), torch.randn(out_f, generator=g)
-    y = native.qgemv(x, blocks, fmt, b, out_f)
+    rows = 19  # more than one pass of rows (8 per pass on AVX-512, 3 on AVX2, 4 in plain C)
+    x, b = torch.randn(rows, in_f, generator=g), torch.randn(out_f, generator=g)
+    blocks_t = torch.from_numpy(raw)
+    y = native.qgemv(x, blocks_t, fmt, b, out_f)
     assert_close_rel(y, (x.double() @ w.double().T + b.double()))  # only the order of summation differs
-    for r in range(9):  # a row's result does not depend on how many rows share the call
-        assert torch.equal(native.qgemv(x[r:r + 1].contiguous(), blocks, fmt, b, out_f)[0], y[r])
+    for threads in (1, 3):
+        with torch_threads(threads):
+            for r in (0, 4, 11, 18):  # a row's result does not depend on its neighbours or the thread count
+                assert torch.equal(native.qgemv(x[r:r + 1].contiguous(), blocks_t, fmt, b, out_f)[0], y[r])
+            assert torch.equal(native.qgemv(x[3:12].contiguous(), blocks_t, fmt, b, out_f), y[3:12])
     with pytest.raises(ValueError):
-        native.qgemv(torch.randn(17, in_f), blocks, fmt, b, out_f)  # more rows than a decode step has
+        native.qgemv(x[:, :-1].contiguous(), blocks_t, fmt, b, out_f)  # input features do not fit the blocks
+
+
+CROSS_BUILD = """
+import sys, numpy as np, torch
+from m2r2.engine import native
+assert native.available()
+d = np.load(sys.argv[1])
+out = {}
+for fmt in native.BLOCK_KINDS:
+    out[fmt] = native.qgemv(torch.from_numpy(d["x_" + fmt]), torch.from_numpy(d["raw_" + fmt]), fmt, None,
+                            d["raw_" + fmt].shape[0]).numpy()
+np.savez(sys.argv[2], **out)
+"""
+
+
+@pytest.mark.slow
+def test_same_bits_from_every_code_path(tmp_path):
+    """The AVX-512, AVX2 and plain C block loops keep each row's 32 partial sums in the same lanes, so on a CPU with
+    FMA they give the same bits (on this machine: whichever of them the CPU supports)."""
+    import os
+    import subprocess
+    import sys
+    cpu = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " fma" not in cpu:
+        pytest.skip("needs x86-64 with FMA to build the variants")
+    arrays = {}
+    for i, fmt in enumerate(FORMATS):
+        in_f = BLOCK_FORMATS[fmt.upper()].weights_per_block * 3
+        arrays["raw_" + fmt] = random_block_rows(fmt, 37, in_f, 100 + i)
+        arrays["x_" + fmt] = np.random.default_rng(i).standard_normal((5, in_f)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", **arrays)
+    builds = {"native": {}, "avx2": {"M2R2_NATIVE_MARCH": "x86-64-v3"},
+              "plain-c": {"M2R2_NATIVE_MARCH": "x86-64-v3", "M2R2_NATIVE_PORTABLE": "1"}}
+    if " avx512f" not in cpu:
+        builds.pop("native")
+    results = {}
+    for name, env in builds.items():
+        out = tmp_path / f"{name}.npz"
+        subprocess.run([sys.executable, "-c", CROSS_BUILD, str(tmp_path / "in.npz"), str(out)], check=True,
+                       env={**os.environ, "M2R2_CACHE": str(tmp_path / "cache"), **env}, timeout=600)
+        results[name] = np.load(out)
+    first, *others = results.values()
+    for fmt in FORMATS:
+        for other in others:
+            assert np.array_equal(first[fmt].view(np.uint32), other[fmt].view(np.uint32)), fmt
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +151,78 @@ def test_gguf_weights_need_a_gguf_model(tmp_path):
     with pytest.raises(m2r2.WeightFormatError, match="GGUF"):
         lm.model.build_weights("gguf")
     assert "gguf" in weights.names()
+
+
+def quantized_rows(fmt: str, rows: int, in_f: int, rng) -> np.ndarray:
+    """(rows, bytes per row) blocks of ``fmt`` holding weights of a trained layer's size (~0.05)."""
+    import gguf
+    if fmt in ("q4_k", "q6_k"):  # the gguf package quantises neither: random quants, scales sized to ~0.05 weights
+        f = BLOCK_FORMATS[fmt.upper()]
+        raw = rng.integers(0, 256, (rows, in_f // 256, f.bytes_per_block), dtype=np.uint8)
+        if fmt == "q4_k":
+            for at, size in ((0, 1e-4), (2, 1e-4)):
+                raw[:, :, at:at + 2] = (np.abs(rng.standard_normal(raw.shape[:2])) * size).astype(np.float16) \
+                    .view(np.uint8).reshape(*raw.shape[:2], 2)
+        else:
+            raw[:, :, 208:210] = (rng.standard_normal(raw.shape[:2]) * 2e-5).astype(np.float16).view(np.uint8) \
+                .reshape(*raw.shape[:2], 2)
+        return raw.reshape(rows, -1)
+    w = (rng.standard_normal((rows, in_f)) * 0.05).astype(np.float32)
+    return gguf.quants.quantize(w, gguf.GGMLQuantizationType[fmt.upper()])
+
+
+def test_mixed_formats_and_k_quants_through_the_block_kernel(tmp_path):
+    """A model whose fused linears mix block formats the way Q4_K_M files do (q, k in Q4_K and v in Q6_K; other
+    layers Q5_x / Q4_0 / Q8_0), its float32 weights set to the blocks' values: the block kernel on the blocks
+    gives the float32 model's greedy tokens, and each linear's product (segments included) the float32 one."""
+    from m2r2.engine.gguf_weights import BlockWeight
+    from m2r2.engine.model import Linear
+    make_tiny(tmp_path, "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+              num_hidden_layers=2)
+    lm = m2r2.load(tmp_path)
+    m, rng = lm.model, np.random.default_rng(0)
+    plans = [{"qkv": ["q4_k", "q4_k", "q6_k"], "o": ["q4_k"], "gate_up": ["q4_k", "q4_k"], "down": ["q6_k"]},
+             {"qkv": ["q5_0", "q5_1", "q4_0"], "o": ["q8_0"], "gate_up": ["q4_1", "q5_1"], "down": ["q4_0"]}]
+    c = m.cfg
+    split = {"qkv": [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim],
+             "gate_up": [c.intermediate_size] * 2}
+    with torch.no_grad():
+        for blk, plan in zip(m.layers, plans):
+            for name, fmts in plan.items():
+                lin = getattr(blk, name)
+                sizes = split.get(name, [lin.out_features])
+                parts = [(f, quantized_rows(f, n, lin.in_features, rng)) for f, n in zip(fmts, sizes)]
+                dense = torch.from_numpy(np.concatenate([dequantize(r, f.upper()) for f, r in parts], 0))
+                lin.weight.copy_(Linear.pack(dense, lin.parts))
+                lin.build_row_layout()
+                lin.lowp["gguf"] = BlockWeight([(f, torch.from_numpy(np.ascontiguousarray(r))) for f, r in parts])
+                x = torch.randn(5, lin.in_features)
+                assert_close_rel(weights.get("gguf").product(lin, x), x.double() @ dense.double().T)
+        head = m.lm_head
+        raw = quantized_rows("q8_0", head.out_features, head.in_features, rng)
+        head.weight.copy_(Linear.pack(torch.from_numpy(dequantize(raw, "Q8_0")), head.parts))
+        head.build_row_layout()
+        head.lowp["gguf"] = BlockWeight([("q8_0", torch.from_numpy(raw))])
+    assert m.layers[0].qkv.lowp["gguf"].kind == native.KIND_SEGMENTS
+    calls = []
+    orig = native.block
+    for seed in range(3):
+        # prompts of 7, 40 and 73 tokens: prefills of one pass, more than a decode step, more than one row tile
+        ids = torch.randint(2, 256, (7 + 33 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        plain = lm.generate(ids, max_new_tokens=24).token_ids
+        with m.use_weights("gguf"):
+            native.block = lambda *a, **k: calls.append(1) or orig(*a, **k)
+            try:
+                ours = lm.generate(ids, max_new_tokens=24).token_ids
+            finally:
+                native.block = orig
+        assert_same_tokens(ours, plain, None, ids, m)
+    assert calls  # the decode steps ran the block kernel
+    ids = torch.randint(2, 256, (1, 70), generator=torch.Generator().manual_seed(9))
+    pos = torch.arange(70)[None]
+    with torch.inference_mode():  # a prefill's logits (a native call of 70 rows): the float32 model's
+        with m.use_weights("gguf"):
+            ours = m(ids, m.new_cache(1, 128), pos)
+        with m.use_weights("fp32"), native.disabled():
+            ref = m(ids, m.new_cache(1, 128), pos)
+    assert_close_rel(ours, ref.double())

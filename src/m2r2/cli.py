@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmarks: every arm on the same prompts in one process.")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")
     for modname in ("m2r2.bench.decode", "m2r2.bench.spec", "m2r2.bench.exit", "m2r2.bench.moe",
-                    "m2r2.bench.family", "m2r2.bench.serve"):
+                    "m2r2.bench.family", "m2r2.bench.serve", "m2r2.bench.products"):
         _add_optional(modname, bsub)
     serve = _add_optional("m2r2.serving.cli", sub)
     if serve is not None:

@@ -125,7 +125,7 @@ class Linear(nn.Module):
         N = x2.shape[0]
         # the derived copies serve decode-sized float32 products nothing differentiates (neither FBGEMM's nor
         # oneDNN's op has autograd); a prefill (compute-bound) is as fast, and exact, through the GEMM below
-        derived = N <= self.GEMM_ROWS and x.dtype == torch.float32 \
+        derived = x.dtype == torch.float32 \
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         if derived:
             # the format: the one this thread selected (``weights.using``), else this layer's default (``mode``);
@@ -135,6 +135,8 @@ class Linear(nn.Module):
                 fmt = self.default_format()
             elif fmt is not FP32 and fmt.name not in self.lowp:
                 fmt = FP32
+            derived = N <= self.GEMM_ROWS or fmt.any_rows
+        if derived:
             if N == 1 and native.available() and self.weight.device.type == "cpu":
                 # one C call streams the weight on every thread (float32, or the half copy in fp16)
                 w = fmt.native_weight(self)
@@ -262,7 +264,8 @@ class StepContext:
     causal rule, or ``mask`` (B, 1, T, S) with S = max(positions) + 1 for strategies whose rows see other
     keys: Lookahead's window, early exit's riding rows), the weight format selected in this thread
     (``weights``: None, each layer's default; see ``m2r2.engine.weights.using``), and whether the blocks may
-    run as native kernels (a decode-sized float32 step on CPU under the causal rule)."""
+    run as native kernels (on CPU under the causal rule: a decode-sized float32 step, or a step of any length
+    in a format whose kernels take any number of rows, the GGUF blocks)."""
 
     def __init__(self, model: "Transformer", cache: KVCache, positions: torch.Tensor,
                  rope_positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
@@ -273,7 +276,8 @@ class StepContext:
             self.write.mask = mask
         self.cos, self.sin = model.rope(positions if rope_positions is None else rope_positions)
         self.weights = weights.active()
-        self.native = mask is None and positions.numel() <= Linear.GEMM_ROWS and type(cache) is KVCache \
+        rows_ok = positions.numel() <= Linear.GEMM_ROWS or (self.weights or model.lm_head.default_format()).any_rows
+        self.native = mask is None and rows_ok and type(cache) is KVCache \
             and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" and native.available()
         self.causal_mask = self.write.mask if mask is None else None
         self.native_rows = native.rows_of(positions) if self.native else None

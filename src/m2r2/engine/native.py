@@ -36,8 +36,9 @@ from .blocks import BLOCK_FORMATS
 SOURCE = Path(__file__).with_name("kernels") / "decode.c"
 # M2R2_NATIVE_MARCH: the -march target (default the build machine's own; e.g. x86-64, x86-64-v3 to build
 # and test the SSE2-only or AVX2 code on an AVX-512 machine); part of the flags, so of the cache key
+# M2R2_NATIVE_PORTABLE=1: the plain C block loops instead of the AVX2 / AVX-512 intrinsics (tests compare them)
 FLAGS = ["-O3", f"-march={os.environ.get('M2R2_NATIVE_MARCH') or 'native'}", "-fopenmp", "-fPIC", "-shared",
-         "-std=c11"]
+         "-std=c11", *(["-DM2R2_PORTABLE"] if os.environ.get("M2R2_NATIVE_PORTABLE") == "1" else [])]
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -52,7 +53,8 @@ KINDS = {torch.float32: 0, torch.float16: 1}  # weight storage the kernels read 
 class Dims(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
                 ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float), ("kind", ctypes.c_int)]
+                ("scale", ctypes.c_float), ("kind_qkv", ctypes.c_int), ("kind_o", ctypes.c_int),
+                ("kind_gate_up", ctypes.c_int), ("kind_down", ctypes.c_int)]
 
 
 class Weights(ctypes.Structure):
@@ -80,7 +82,8 @@ def library_path(cc: str) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_key(),
+    sources = [p.read_text() for p in sorted(SOURCE.parent.glob("*.[ch]"))]  # decode.c and what it includes
+    key = hashlib.sha256("\0".join([*sources, cc, version, " ".join(FLAGS), _cpu_key(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"decode-{key}.so"
 
@@ -115,6 +118,8 @@ def _build() -> ctypes.CDLL:
     lib.m2r2_block_scratch.restype = ctypes.c_long
     lib.m2r2_qgemv.argtypes = [P, I, P, I, P, P, I, I, I]
     lib.m2r2_qgemv.restype = None
+    lib.m2r2_fma_rate.argtypes = [ctypes.c_long, I]
+    lib.m2r2_fma_rate.restype = ctypes.c_double
     return lib
 
 
@@ -184,21 +189,49 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_f
     return y
 
 
-BLOCK_KINDS = {"q4_1": 2, "q8_0": 3}  # GGUF block formats the kernels run -> kernels/decode.c KIND_* (layouts: blocks.py)
+# GGUF block formats the kernels run -> kernels/qblocks.h KIND_* (layouts: blocks.py)
+BLOCK_KINDS = {"q4_1": 2, "q8_0": 3, "q4_0": 4, "q5_0": 5, "q5_1": 6, "q4_k": 7, "q6_k": 8}
+KIND_SEGMENTS = 9  # a fused linear of row segments in different block formats (qblocks.h: m2r2_qseg)
+
+
+class _QSeg(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("kind", ctypes.c_int), ("rows", ctypes.c_int)]
+
+
+def segment_table(parts: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The kernel's description of a linear stored as consecutive row segments ``parts`` ((format, (rows, bytes per
+    row) uint8 blocks), in output-row order), as a uint8 tensor to pass with kind ``KIND_SEGMENTS``. It points into
+    the parts' tensors: keep them alive as long as the table."""
+    table = (_QSeg * (len(parts) + 1))(*[_QSeg(b.data_ptr(), BLOCK_KINDS[f], b.shape[0]) for f, b in parts],
+                                       _QSeg(None, 0, 0))
+    return torch.frombuffer(bytearray(bytes(table)), dtype=torch.uint8)
 
 
 def qgemv(x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """x (rows <= 16, in) float32, contiguous @ W^T + bias, W as GGUF blocks: ``blocks`` (out, in/32 * bytes per
-    block) uint8, contiguous, in format ``fmt`` ("q4_1", "q8_0") -> (rows, out) float32. Each block is dequantised
-    to the float32 weights exactly and summed in float32 (see kernels/decode.c)."""
-    kind, bb = BLOCK_KINDS[fmt], BLOCK_FORMATS[fmt.upper()].bytes_per_block
+    """x (rows, in) float32, contiguous @ W^T + bias, W as GGUF blocks: ``blocks`` (out, in / weights per block *
+    bytes per block) uint8, contiguous, in format ``fmt`` (a key of ``BLOCK_KINDS``) -> (rows, out) float32. Each
+    block is dequantised to the float32 weights exactly and summed in float32 (kernels/qblocks.h); any number of
+    rows (up to 8 per pass over the weights on AVX-512)."""
+    f = BLOCK_FORMATS[fmt.upper()]
     rows, in_f = x.shape
-    if rows > 16 or in_f % 32 or blocks.shape != (out_features, in_f // 32 * bb) or blocks.dtype != torch.uint8:
+    if in_f % f.weights_per_block or blocks.dtype != torch.uint8 or not blocks.is_contiguous() \
+            or tuple(blocks.shape) != (out_features, in_f // f.weights_per_block * f.bytes_per_block):
         raise ValueError(f"qgemv: x {tuple(x.shape)}, blocks {tuple(blocks.shape)} do not fit {fmt}")
-    y = torch.empty(rows, out_features, dtype=torch.float32)
-    _lib.m2r2_qgemv(x.data_ptr(), rows, blocks.data_ptr(), kind, None if bias is None else bias.data_ptr(),
-                    y.data_ptr(), in_f, out_features, torch.get_num_threads())
+    return qgemv_kind(x, blocks, BLOCK_KINDS[fmt], bias, out_features)
+
+
+def qgemv_kind(x: torch.Tensor, w: torch.Tensor, kind: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``qgemv`` by kernel kind, unchecked: ``w`` blocks of kind ``kind``, or a ``segment_table`` (``KIND_SEGMENTS``)."""
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    _lib.m2r2_qgemv(x.data_ptr(), x.shape[0], w.data_ptr(), kind, None if bias is None else bias.data_ptr(),
+                    y.data_ptr(), x.shape[1], out_features, torch.get_num_threads())
     return y
+
+
+def fma_rate(threads: int, iters: int = 2_000_000) -> float:
+    """Float32 multiply-adds per second this machine sustains on ``threads`` threads (the compute floor of a
+    product: rows x weights multiply-adds at this rate)."""
+    return library().m2r2_fma_rate(iters, threads)
 
 
 # block -> {half: (weight pointers, ctypes args)}; kept outside the block so that copies and pickles of a
@@ -226,7 +259,7 @@ def _block_args(blk, fmt) -> tuple:
         return cached[1]
     c = blk.cfg
     dims = Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
-                blk.scale, fmt.native_kind(mods["qkv"]))
+                blk.scale, *(fmt.native_kind(mods[n]) for n in ("qkv", "o", "gate_up", "down")))
     args = (ctypes.byref(dims), ctypes.byref(Weights(*ptrs)), dims)
     per_block[fmt.name] = (ptrs, args)
     return args

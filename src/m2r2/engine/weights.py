@@ -42,6 +42,9 @@ class WeightFormat:
     name: str = ""
     bytes_per_weight: float = 4.0
     exact: bool = False  # equal to the float32 model up to summation order
+    # products of any number of rows (prefills too) run in this format; otherwise only decode-sized steps do
+    # (up to Linear.GEMM_ROWS rows) and longer ones run the float32 GEMM
+    any_rows: bool = False
 
     def available(self) -> bool:
         return True
@@ -174,13 +177,14 @@ class Int8(_Fbgemm):
 
 
 class GGUFBlocks(WeightFormat):
-    """The GGUF file's own blocks (Q4_1, Q8_0), read from the file at load (``attach_gguf_blocks`` in
-    ``engine/gguf_weights.py``; ``m2r2.load(weights="gguf")``), never derived from the float32 weights. A block is
-    dequantised in the kernel to exactly the float32 model's weights and multiplied in float32, so the products
-    are the float32 model's up to the order of summation, while a step reads ~1/6 of the bytes. Each linear keeps
-    ``lowp["gguf"] = (block format, uint8 blocks (out, in/32 x bytes per block))``."""
+    """The GGUF file's own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K), read from the file at load
+    (``attach_gguf_blocks`` in ``engine/gguf_weights.py``; ``m2r2.load(weights="gguf")``), never derived from the
+    float32 weights. A block is dequantised in the kernel to exactly the float32 model's weights and multiplied in
+    float32, so the products are the float32 model's up to the order of summation, while a step reads ~1/6 of the
+    bytes. Each linear keeps ``lowp["gguf"]``, a ``gguf_weights.BlockWeight``."""
 
-    name, bytes_per_weight, exact = "gguf", 0.625, True  # Q4_1: 20 bytes per 32 weights
+    name, bytes_per_weight, exact = "gguf", 0.625, True  # nominal (Q4_1); BlockWeight.nbytes has a layer's own
+    any_rows = True  # the block kernels also run prefills (no float32 copy needed): any number of rows
 
     def available(self) -> bool:
         from . import native
@@ -192,21 +196,17 @@ class GGUFBlocks(WeightFormat):
                                     "m2r2.load(..., weights='gguf')")
 
     def product(self, lin: "nn.Module", x2: torch.Tensor) -> torch.Tensor:
-        from . import native
-        kind, blocks = lin.lowp[self.name]
-        return native.qgemv(x2.contiguous(), blocks, kind, lin.bias, lin.out_features)
+        return lin.lowp[self.name].product(x2.contiguous(), lin.bias, lin.out_features)
 
     def native_weight(self, lin):
         entry = lin.lowp.get(self.name)
-        return None if entry is None else entry[1]
+        return None if entry is None else entry.native
 
     def native_kind(self, lin) -> int:
-        from . import native
-        return native.BLOCK_KINDS[lin.lowp[self.name][0]]
+        return lin.lowp[self.name].kind
 
     def native_block_ready(self, blk) -> bool:
-        kinds = {blk._modules[n].lowp.get(self.name, (None,))[0] for n in ("qkv", "o", "gate_up", "down")}
-        return len(kinds) == 1 and None not in kinds  # one block format for all four (the kernel takes one kind)
+        return all(self.name in blk._modules[n].lowp for n in ("qkv", "o", "gate_up", "down"))
 
 
 FORMATS: dict[str, WeightFormat] = {}

@@ -153,91 +153,20 @@ static void axpy_rows(int kind, float *acc, const float *x, const void *W, size_
 #define COL_TILE 1024  /* several rows: a 32-row x 1024-column tile of W (128 KB in float32) stays in L2 */
 #define ROW_BLOCK 32   /* while every row's x passes over it; a multiple of 4 keeps the row grouping of T=1 */
 
+#include "qblocks.h"  /* the GGUF block formats (KIND_Q4_1 ...) */
+
 /* y[T, out) = x[T, in) @ W (in, out) + b. Inside a parallel region (every thread calls it): thread t sums
  * the rows of its contiguous slab of W into its own partials (part + t*T*out), then after a barrier each
  * thread adds up the partials over its share of the columns. part holds nthreads*T*out floats. One row
  * streams the slab once; several rows walk it tile by tile so that W is read from memory once for all of
- * them. Each output sums its terms in the same order either way, so a row's result does not depend on T. */
-/* ---- GGUF block formats: y[t, o] = sum_i W[o, i] x[t, i] + b[o] with W as the GGUF stores it --------------
- * W holds `out` rows of in/32 blocks each (Q4_1: f16 d, f16 m, 16 bytes of nibbles, weight j < 16 the low
- * nibble of byte j and j >= 16 the high nibble of byte j - 16, value d * q + m; Q8_0: f16 d, 32 int8, value
- * q * d). Each block is dequantised once into 32 floats exactly as the gguf package does (float32 products and
- * sums, no fused multiply-add: the dequantised float32 model's weights, bit for bit) and used for every row of
- * x; each row keeps 32 partial sums (one per position in a block) added in a fixed tree at the end, so a row's
- * result does not depend on how many rows share the call. Threads split the output rows (no partial sums to
- * combine). x: (T, in) float32, T <= 16; in a multiple of 32. */
-enum { KIND_Q4_1 = 2, KIND_Q8_0 = 3 };
-
-static inline void dequant_q4_1(const unsigned char *restrict b, float *restrict w) {
-    half d, m;
-    memcpy(&d, b, 2);
-    memcpy(&m, b + 2, 2);
-    const float df = H2F(d), mf = H2F(m);
-    const unsigned char *restrict qs = b + 4;
-    for (int j = 0; j < 16; j++) {
-        w[j] = df * (float)(qs[j] & 15) + mf;
-        w[j + 16] = df * (float)(qs[j] >> 4) + mf;
-    }
-}
-
-static inline void dequant_q8_0(const unsigned char *restrict b, float *restrict w) {
-    half d;
-    memcpy(&d, b, 2);
-    const float df = H2F(d);
-    const signed char *restrict q = (const signed char *)(b + 2);
-    for (int j = 0; j < 32; j++)
-        w[j] = (float)q[j] * df;
-}
-
-static inline float sum32(const float *s) {  /* a fixed tree: 32 -> 16 -> 8 -> 4 -> 2 -> 1 */
-    float a[16];
-    for (int j = 0; j < 16; j++)
-        a[j] = s[j] + s[j + 16];
-    for (int j = 0; j < 8; j++)
-        a[j] = a[j] + a[j + 8];
-    for (int j = 0; j < 4; j++)
-        a[j] = a[j] + a[j + 4];
-    return (a[0] + a[2]) + (a[1] + a[3]);
-}
-
-#define QROWS(NAME, DEQ, BB)                                                                                  \
-    static void NAME(const float *restrict x, int T, const unsigned char *restrict W, const float *b, float *y,  \
-                     int in, int out, int o0, int o1) {                                                       \
-        const int nb = in / 32;                                                                               \
-        const size_t row_bytes = (size_t)nb * (BB);                                                           \
-        float w[32] __attribute__((aligned(64)));                                                             \
-        float s[16][32] __attribute__((aligned(64)));                                                         \
-        for (int o = o0; o < o1; o++) {                                                                       \
-            const unsigned char *restrict row = W + (size_t)o * row_bytes;                                    \
-            for (int t = 0; t < T; t++)                                                                       \
-                for (int j = 0; j < 32; j++)                                                                  \
-                    s[t][j] = 0.0f;                                                                           \
-            for (int k = 0; k < nb; k++) {                                                                    \
-                DEQ(row + (size_t)k * (BB), w);                                                               \
-                for (int t = 0; t < T; t++) {                                                                 \
-                    const float *restrict xt = x + (size_t)t * in + (size_t)k * 32;                           \
-                    for (int j = 0; j < 32; j++)                                                              \
-                        s[t][j] += w[j] * xt[j];                                                 \
-                }                                                                                             \
-            }                                                                                                 \
-            for (int t = 0; t < T; t++) {                                                                     \
-                const float v = sum32(s[t]);                                                                  \
-                y[(size_t)t * out + o] = b ? v + b[o] : v;                                                    \
-            }                                                                                                 \
-        }                                                                                                     \
-    }
-QROWS(qrows_q4_1, dequant_q4_1, 20)
-QROWS(qrows_q8_0, dequant_q8_0, 34)
+ * them. Each output sums its terms in the same order either way, so a row's result does not depend on T.
+ * GGUF blocks (W: out rows of blocks, qblocks.h): each thread computes its share of the output rows directly. */
 
 static void gemv_team(const float *x, int T, const void *W, int kind, const float *b, float *y, float *part,
                       int in, int out) {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    if (kind >= KIND_Q4_1) {  /* GGUF blocks: each thread its output rows, written directly */
-        const int o0 = (int)((long)out * tid / nt), o1 = (int)((long)out * (tid + 1) / nt);
-        if (kind == KIND_Q4_1)
-            qrows_q4_1(x, T, (const unsigned char *)W, b, y, in, out, o0, o1);
-        else
-            qrows_q8_0(x, T, (const unsigned char *)W, b, y, in, out, o0, o1);
+    if (qkind(kind)) {  /* GGUF blocks: each thread its output rows, written directly */
+        qrows_share(kind, x, T, W, b, y, in, out, tid, nt);
 #pragma omp barrier
         return;
     }
@@ -292,7 +221,7 @@ static void rms_norm(const float *x, const float *w, float eps, float *y, int n)
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter;  /* sizes */
     float eps, scale;  /* RMSNorm epsilon, attention scale */
-    int kind;  /* storage of the four weights below: KIND_F32 or KIND_F16 */
+    int kind_qkv, kind_o, kind_gate_up, kind_down;  /* storage of the four weights below: KIND_* */
 } m2r2_dims;
 
 typedef struct {
@@ -334,7 +263,7 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, cons
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++)
             rms_norm(x + (size_t)t * D, w->in_norm, d->eps, h + (size_t)t * D, D);
-        gemv_team(h, T, w->qkv, d->kind, w->qkv_b, qkv, part, D, nqkv);
+        gemv_team(h, T, w->qkv, d->kind_qkv, w->qkv_b, qkv, part, D, nqkv);
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {
             /* RoPE on the q and k heads, then K and V into the cache */
@@ -380,7 +309,7 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, cons
                     o[i] += p * v[i];
             }
         }
-        gemv_team(att, T, w->o, d->kind, w->o_b, h, part, nq, D);  /* h = attention output projected */
+        gemv_team(att, T, w->o, d->kind_o, w->o_b, h, part, nq, D);  /* h = attention output projected */
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {
             float *xt = x + (size_t)t * D, *ht = h + (size_t)t * D;
@@ -388,7 +317,7 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, cons
                 xt[i] += ht[i];
             rms_norm(xt, w->post_norm, d->eps, ht, D);
         }
-        gemv_team(h, T, w->gate_up, d->kind, w->gate_up_b, gu, part, D, 2 * I);
+        gemv_team(h, T, w->gate_up, d->kind_gate_up, w->gate_up_b, gu, part, D, 2 * I);
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {
             float *g = gu + (size_t)t * 2 * I;
@@ -399,7 +328,7 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, cons
 #pragma omp single
         for (int t = 1; t < T; t++)
             memmove(gu + (size_t)t * I, gu + (size_t)t * 2 * I, sizeof(float) * I);
-        gemv_team(gu, T, w->down, d->kind, w->down_b, h, part, I, D);
+        gemv_team(gu, T, w->down, d->kind_down, w->down_b, h, part, I, D);
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++)
             for (int i = 0; i < D; i++)
@@ -408,16 +337,35 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, cons
 }
 
 
-void m2r2_qgemv(const float *x, int T, const unsigned char *W, int kind, const float *b, float *y, int in, int out,
+/* y (T, out) = x (T, in) @ W^T + b for W GGUF blocks of one kind, or segments (qblocks.h), on `threads` threads */
+void m2r2_qgemv(const float *x, int T, const void *W, int kind, const float *b, float *y, int in, int out,
                 int threads) {
 #pragma omp parallel num_threads(threads)
-    {
-        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int o0 = (int)((long)out * tid / nt), o1 = (int)((long)out * (tid + 1) / nt);
-        if (kind == KIND_Q4_1)
-            qrows_q4_1(x, T, W, b, y, in, out, o0, o1);
-        else
-            qrows_q8_0(x, T, W, b, y, in, out, o0, o1);
-    }
+    qrows_share(kind, x, T, W, b, y, in, out, omp_get_thread_num(), omp_get_num_threads());
 }
 
+/* The machine's float32 multiply-add rate (multiply-adds per second over `threads` threads), for the compute
+ * floor of the products: 16 independent accumulators of 16 lanes per thread, `iters` rounds, fmaf (vectorised
+ * to the widest FMA the target has). */
+double m2r2_fma_rate(long iters, int threads) {
+    double start = omp_get_wtime(), sink = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    {
+        float acc[16][16], a[16], b[16];
+        for (int j = 0; j < 16; j++) {
+            a[j] = 0.999f + 1e-5f * (float)j;
+            b[j] = 1e-4f * (float)(omp_get_thread_num() + 1);
+            for (int i = 0; i < 16; i++)
+                acc[i][j] = (float)i;
+        }
+        for (long n = 0; n < iters; n++)
+            for (int i = 0; i < 16; i++)
+                for (int j = 0; j < 16; j++)
+                    acc[i][j] = QFMA(acc[i][j], a[j], b[j]);
+        for (int i = 0; i < 16; i++)
+            for (int j = 0; j < 16; j++)
+                sink += acc[i][j];
+    }
+    const double secs = omp_get_wtime() - start;
+    return sink == 12345.678 ? 0.0 : (double)iters * 256.0 * threads / secs;  /* (keeps the loop alive) */
+}
