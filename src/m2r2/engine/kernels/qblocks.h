@@ -54,7 +54,8 @@ static inline float f16_at(const unsigned char *p) {
 }
 
 /* Unit u (32 weights) of a row, dequantised exactly as m2r2.engine.blocks does (the specification) */
-static void deq_unit(int kind, const unsigned char *restrict row, int u, float *restrict w) {
+static inline __attribute__((always_inline)) void deq_unit(int kind, const unsigned char *restrict row, int u,
+                                                           float *restrict w) {
     switch (kind) {
     case KIND_Q4_0: {
         const unsigned char *b = row + (size_t)u * 18, *qs = b + 2;
@@ -135,6 +136,20 @@ static void deq_unit(int kind, const unsigned char *restrict row, int u, float *
     }
     }
 }
+
+/* for (u < nu) { w = unit u of kind KIND; BODY }, one loop per kind so that each is compiled (and vectorised)
+ * for its constant kind */
+#define EACH_UNIT(KIND, WB, ...) for (int u = 0; u < nu; u++) { deq_unit(KIND, row, u, WB); __VA_ARGS__ }
+#define UNIT_LOOPS(WB, ...)                                                                              \
+    switch (kind) {                                                                                      \
+    case KIND_Q4_0: EACH_UNIT(KIND_Q4_0, WB, __VA_ARGS__) break;                                         \
+    case KIND_Q4_1: EACH_UNIT(KIND_Q4_1, WB, __VA_ARGS__) break;                                         \
+    case KIND_Q5_0: EACH_UNIT(KIND_Q5_0, WB, __VA_ARGS__) break;                                         \
+    case KIND_Q5_1: EACH_UNIT(KIND_Q5_1, WB, __VA_ARGS__) break;                                         \
+    case KIND_Q8_0: EACH_UNIT(KIND_Q8_0, WB, __VA_ARGS__) break;                                         \
+    case KIND_Q4_K: EACH_UNIT(KIND_Q4_K, WB, __VA_ARGS__) break;                                         \
+    case KIND_Q6_K: EACH_UNIT(KIND_Q6_K, WB, __VA_ARGS__) break;                                         \
+    }
 
 #if defined(__FP_FAST_FMAF) || defined(FP_FAST_FMAF) || defined(__ARM_FEATURE_FMA)
 #define QFMA(a, b, c) fmaf(a, b, c)
@@ -249,14 +264,59 @@ static inline __attribute__((always_inline)) void qdot_rows(int kind, const unsi
             ROWS_FMA
         }
         break;
-    default: {  /* K-quants: through 32 floats in L1 */
-        float wb[32] __attribute__((aligned(64)));
+    case KIND_Q4_K:  /* sub-block k of a super-block: table[i] = (d * sc[k]) * i - (dmin * m[k]) */
+        for (int sb = 0; sb < nu / 8; sb++) {
+            const unsigned char *b = row + (size_t)sb * 144, *s = b + 4;
+            float scale[8], offset[8];
+            const float d = f16_at(b), dmin = f16_at(b + 2);
+            for (int j = 0; j < 4; j++) {
+                scale[j] = d * (float)(s[j] & 63);
+                offset[j] = dmin * (float)(s[j + 4] & 63);
+                scale[j + 4] = d * (float)((s[j + 8] & 15) | (s[j] >> 6) << 4);
+                offset[j + 4] = dmin * (float)((s[j + 8] >> 4) | (s[j + 4] >> 6) << 4);
+            }
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) {
+            const int u = sb * 8 + k;
+            const __m512 table = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(scale[k]), iota),
+                                               _mm512_set1_ps(offset[k]));
+            const unsigned char *qs = b + 16 + 32 * (k >> 1);
+            __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs)),
+                    q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16)));
+            if (k & 1) {
+                q0 = _mm512_srli_epi32(q0, 4);
+                q1 = _mm512_srli_epi32(q1, 4);
+            }
+            w0 = _mm512_permutexvar_ps(q0, table);
+            w1 = _mm512_permutexvar_ps(q1, table);
+            ROWS_FMA
+            }
+        }
+        break;
+    case KIND_Q6_K:  /* (d * scale[j / 16]) * (q - 32), q six bits from ql (low 4) and qh (high 2) */
         for (int u = 0; u < nu; u++) {
-            deq_unit(kind, row, u, wb);
-            w0 = _mm512_load_ps(wb);
-            w1 = _mm512_load_ps(wb + 16);
+            const unsigned char *b = row + (size_t)(u >> 3) * 210;
+            const int h = (u >> 2) & 1, k = u & 3;
+            const unsigned char *ql = b + 64 * h + 32 * (k & 1), *qh = b + 128 + 32 * h;
+            const signed char *sc = (const signed char *)(b + 192) + 8 * h + 2 * k;
+            const float d = f16_at(b + 208);
+            const __m128i lshift = _mm_cvtsi32_si128(4 * (k >> 1)), hshift = _mm_cvtsi32_si128(2 * k);
+            const __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3), m32 = _mm512_set1_epi32(32);
+#define Q6(off)                                                                                          \
+    _mm512_cvtepi32_ps(_mm512_sub_epi32(                                                                 \
+        _mm512_or_si512(                                                                                 \
+            _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + (off)))), lshift), m15), \
+            _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + (off)))), hshift), m3), 4)), \
+        m32))
+            w0 = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[0]), Q6(0));
+            w1 = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[1]), Q6(16));
+#undef Q6
             ROWS_FMA
         }
+        break;
+    default: {  /* (none left: every kind above has its register dequantiser) */
+        float wb[32] __attribute__((aligned(64)));
+        UNIT_LOOPS(wb, w0 = _mm512_load_ps(wb); w1 = _mm512_load_ps(wb + 16); ROWS_FMA)
     }
     }
 #undef ROWS_FMA
@@ -281,18 +341,18 @@ static inline __attribute__((always_inline)) void qdot_rows(int kind, const unsi
     for (int g = 0; g < 4 * G; g++)
         a[g] = _mm256_setzero_ps();
     float wb[32] __attribute__((aligned(32)));
-    for (int u = 0; u < nu; u++) {
-        deq_unit(kind, row, u, wb);
-        const __m256 w0 = _mm256_load_ps(wb), w1 = _mm256_load_ps(wb + 8), w2 = _mm256_load_ps(wb + 16),
-                     w3 = _mm256_load_ps(wb + 24);
-        for (int g = 0; g < G; g++) {
-            const float *xg = x + (size_t)g * in + (size_t)u * 32;
-            a[4 * g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg), a[4 * g]);
-            a[4 * g + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 8), a[4 * g + 1]);
-            a[4 * g + 2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xg + 16), a[4 * g + 2]);
-            a[4 * g + 3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xg + 24), a[4 * g + 3]);
-        }
+#define ROWS_FMA                                                                                          \
+    const __m256 w0 = _mm256_load_ps(wb), w1 = _mm256_load_ps(wb + 8), w2 = _mm256_load_ps(wb + 16),      \
+                 w3 = _mm256_load_ps(wb + 24);                                                            \
+    for (int g = 0; g < G; g++) {                                                                        \
+        const float *xg = x + (size_t)g * in + (size_t)u * 32;                                           \
+        a[4 * g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg), a[4 * g]);                                   \
+        a[4 * g + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 8), a[4 * g + 1]);                       \
+        a[4 * g + 2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xg + 16), a[4 * g + 2]);                      \
+        a[4 * g + 3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xg + 24), a[4 * g + 3]);                      \
     }
+    UNIT_LOOPS(wb, ROWS_FMA)
+#undef ROWS_FMA
     for (int g = 0; g < G; g++)
         out[g] = reduce32(a[4 * g], a[4 * g + 1], a[4 * g + 2], a[4 * g + 3]);
 }
@@ -307,14 +367,14 @@ static inline __attribute__((always_inline)) void qdot_rows(int kind, const unsi
     for (int g = 0; g < G; g++)
         for (int j = 0; j < 32; j++)
             s[g][j] = 0.0f;
-    for (int u = 0; u < nu; u++) {
-        deq_unit(kind, row, u, wb);
-        for (int g = 0; g < G; g++) {
-            const float *restrict xg = x + (size_t)g * in + (size_t)u * 32;
-            for (int j = 0; j < 32; j++)
-                s[g][j] = QFMA(wb[j], xg[j], s[g][j]);
-        }
+#define ROWS_FMA                                                                                          \
+    for (int g = 0; g < G; g++) {                                                                        \
+        const float *restrict xg = x + (size_t)g * in + (size_t)u * 32;                                  \
+        for (int j = 0; j < 32; j++)                                                                     \
+            s[g][j] = QFMA(wb[j], xg[j], s[g][j]);                                                       \
     }
+    UNIT_LOOPS(wb, ROWS_FMA)
+#undef ROWS_FMA
     for (int g = 0; g < G; g++)
         out[g] = sum32(s[g]);
 }
