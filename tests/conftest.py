@@ -127,6 +127,13 @@ def embedded_lm():
         pytest.skip(str(e))
 
 
+@pytest.fixture(scope="session")
+def embedded_fp32(embedded_lm):
+    """The embedded model on float32 weights (``embedded_lm`` runs the GGUF's own blocks, the default)."""
+    import m2r2
+    return m2r2.load(weights="fp32")
+
+
 def next_token_probs(model, ids: list[int], sampling) -> torch.Tensor:
     """The sampling distribution (V,) of the token after ``ids``, from a fresh full forward."""
     with torch.no_grad():

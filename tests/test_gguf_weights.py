@@ -113,15 +113,12 @@ def test_same_bits_from_every_code_path(tmp_path):
             assert np.array_equal(first[fmt].view(np.uint32), other[fmt].view(np.uint32)), fmt
 
 
-@pytest.fixture(scope="module")
-def gguf_lm():
-    return m2r2.load(weights="gguf")
-
-
 @pytest.mark.slow
-def test_embedded_model_on_its_blocks(gguf_lm, embedded_lm, monkeypatch):
-    m, ref = gguf_lm.model, embedded_lm.model
+def test_embedded_model_on_its_blocks(embedded_lm, embedded_fp32, monkeypatch):
+    gguf_lm = embedded_lm  # a GGUF loads as its own blocks by default
+    m, ref = gguf_lm.model, embedded_fp32.model
     assert m.weights == "gguf" and all("gguf" in lin.lowp for lin in m._linears())
+    assert embedded_fp32.model.weights == "fp32"
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         for i in (0, 17, 29):  # every fused linear of a few blocks agrees with the float32 weights
@@ -136,9 +133,9 @@ def test_embedded_model_on_its_blocks(gguf_lm, embedded_lm, monkeypatch):
     monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
     prompts = ["Name three colours.", "What is the capital of France?", "Write a haiku about rain."]
     for p in prompts:
-        ids = embedded_lm.encode(p)
+        ids = embedded_fp32.encode(p)
         ours = gguf_lm.generate(ids, max_new_tokens=40).token_ids
-        plain = embedded_lm.generate(ids, max_new_tokens=40).token_ids
+        plain = embedded_fp32.generate(ids, max_new_tokens=40).token_ids
         assert_same_tokens(ours, plain, None, ids, ref)
     assert calls  # the decode steps ran the native block kernel on the blocks
 
@@ -148,6 +145,7 @@ def test_gguf_weights_need_a_gguf_model(tmp_path):
     with pytest.raises(m2r2.WeightFormatError, match="GGUF"):
         m2r2.load(tmp_path, weights="gguf")
     lm = m2r2.load(tmp_path)
+    assert lm.model.weights == "fp32"  # the default for a model that is not a GGUF
     with pytest.raises(m2r2.WeightFormatError, match="GGUF"):
         lm.model.build_weights("gguf")
     assert "gguf" in weights.names()
@@ -226,3 +224,18 @@ def test_mixed_formats_and_k_quants_through_the_block_kernel(tmp_path):
         with m.use_weights("fp32"), native.disabled():
             ref = m(ids, m.new_cache(1, 128), pos)
     assert_close_rel(ours, ref.double())
+
+
+@pytest.mark.slow
+def test_blocks_only_load_dequantises_float32_weights_on_demand(embedded_fp32):
+    """Loaded as its blocks, the model holds no float32 linear weights; asking for one (training, the PyTorch path)
+    dequantises it from the blocks: the float32 model's weights bit for bit."""
+    lm = m2r2.load(weights="gguf")
+    lins, refs = lm.model._linears(), embedded_fp32.model._linears()
+    assert all(lin.weight.numel() == 0 for lin in lins)
+    for i in (0, 50, len(lins) - 1):  # a q/k (unpermuted rows), a fused gate/up, the tied head
+        assert torch.equal(lins[i].dense(), refs[i].dense())
+    assert lins[1].weight.numel() == 0  # only what was asked for
+    x = torch.randn(2, 3, lm.config.hidden_size, requires_grad=True)  # autograd runs the float32 weights
+    lins[1](x).sum().backward()
+    assert x.grad is not None and lins[1].weight.numel() == lins[1].in_features * lins[1].out_features

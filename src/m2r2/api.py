@@ -173,15 +173,23 @@ class LM:
         return outs[0] if single else outs
 
 
-def load(model: str | os.PathLike | None = None, *, dtype: str = "float32", weights: str = "fp32",
+def load(model: str | os.PathLike | None = None, *, dtype: str = "float32", weights: str | None = None,
          threads: int | None = None) -> LM:
     """Load a model: the embedded SmolLM2-135M-Instruct by default, or a local Hugging Face directory,
     a GGUF file, or a hub id (where a hub is reachable). ``dtype``: float32 (exact) or bfloat16.
-    ``weights``: "fp32" (exact), or "fp16" / "int8" to run the linear layers from reduced-precision copies
-    with float32 activations on CPU (fewer bytes per token, output close to but not always equal to
-    fp32's; ``lm.model.use_weights(kind)`` selects another one inside a block, in that thread only)."""
+    ``weights``: how the linear layers are stored and run. "gguf": a GGUF file's own blocks, dequantised
+    exactly to the float32 weights inside the native kernels (exact, ~1/5 of the bytes: the default for a GGUF
+    in float32 where the kernels build); "fp32": float32 weights (exact; the default otherwise); "fp16" / "int8":
+    reduced-precision copies with float32 activations on CPU (fewer bytes per token, output close to but not
+    always equal to fp32's). ``lm.model.use_weights(kind)`` selects another one inside a block, in that thread
+    only."""
     if dtype not in DTYPES:
         raise OptionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    source = None
+    if weights is None:  # the exact format that reads the fewest bytes
+        source = resolve(model)
+        weights = "gguf" if source.gguf is not None and DTYPES[dtype] == torch.float32 \
+            and weight_formats.get("gguf").available() else "fp32"
     fmt = weight_formats.get(weights)  # WeightFormatError for an unknown or unusable format
     if fmt is not weight_formats.FP32 and DTYPES[dtype] != torch.float32:
         raise WeightFormatError(f"weights={weights} needs dtype float32")
@@ -192,11 +200,14 @@ def load(model: str | os.PathLike | None = None, *, dtype: str = "float32", weig
     elif torch.get_num_threads() > available_cpus():  # a container's CPU quota, a narrower affinity mask
         torch.set_num_threads(available_cpus())
     t0 = time.perf_counter()
-    source = resolve(model)
-    m, tok = load_model(source, dtype=DTYPES[dtype], threads=threads)
-    if fmt.name == "gguf":  # the file's own blocks, beside the float32 weights (prefill still runs those)
-        if source.gguf is None:
-            raise WeightFormatError("weights='gguf' needs a model loaded from a GGUF file (the embedded one is)")
+    source = source or resolve(model)
+    gguf = fmt.name == "gguf"
+    if gguf and source.gguf is None:
+        raise WeightFormatError("weights='gguf' needs a model loaded from a GGUF file (the embedded one is)")
+    # the file's own blocks instead of float32 linear weights (each layer's float32 weight is dequantised from
+    # its blocks only if something needs it: training, the PyTorch path)
+    m, tok = load_model(source, dtype=DTYPES[dtype], threads=threads, linear_weights=not gguf)
+    if gguf:
         from .engine.gguf_weights import attach_gguf_blocks
         attach_gguf_blocks(m, source.gguf)
     m.set_weights(weights)

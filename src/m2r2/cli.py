@@ -18,9 +18,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight dtype (float32: exact and fastest on CPU; bfloat16: for GPUs, slow on CPU)")
-    p.add_argument("--weights", default="fp32", choices=list(weight_format_names()),
-                   help="CPU: run the linear layers from fp16 or int8 copies of the float32 weights (fewer bytes "
-                        "per token; output close to, not always equal to, fp32's; default fp32)")
+    p.add_argument("--weights", default=None, choices=list(weight_format_names()),
+                   help="how the linear layers run: gguf (a GGUF's own blocks, exact; the default for a GGUF), fp32 "
+                        "(exact; the default otherwise), fp16 or int8 copies (fewer bytes, output close to fp32's)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

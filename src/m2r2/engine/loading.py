@@ -291,15 +291,22 @@ def _dir_identity(d: Path) -> str:
     return f"hf:{h.hexdigest()}"
 
 
-def _load_state_dict(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _is_linear_weight(key: str) -> bool:
+    """A Hugging Face Llama-family key of a projection's weight (what a GGUF loaded as its blocks does not read)."""
+    return key.endswith(("_proj.weight", "lm_head.weight"))
+
+
+def _load_state_dict(d: Path, linear_weights: bool = True) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
     files = sorted(d.glob("*.safetensors"))
     try:
         if files:
             sd: dict[str, torch.Tensor] = {}
-            for f in files:
-                sd.update(load_file(str(f)))
+            for f in files:  # only the tensors wanted are read (the file is memory-mapped)
+                with safe_open(str(f), framework="pt") as fh:
+                    for k in fh.keys():
+                        if linear_weights or not _is_linear_weight(k):
+                            sd[k] = fh.get_tensor(k)
             return sd
         bins = sorted(d.glob("pytorch_model*.bin"))
         if bins:
@@ -363,9 +370,10 @@ def rope_table(hf_config, max_positions: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_positions: int | None = None,
-               threads: int | None = None):
+               threads: int | None = None, linear_weights: bool = True):
     """Build m2r2's ``Transformer`` and the tokenizer (or None) from a Hugging Face directory. Linear
-    weights are laid out for ``threads`` intra-op threads (default: torch's current count)."""
+    weights are laid out for ``threads`` intra-op threads (default: torch's current count); with
+    ``linear_weights=False`` they are not read (``Transformer.load_dense``: the GGUF blocks come next)."""
     from transformers import AutoConfig
     d = source.hf_dir
     try:
@@ -376,14 +384,15 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_posi
     cfg = ModelConfig.from_hf(hf_config, eos)
     n_pos = min(cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings, 1 << 17)
     model = Transformer(cfg, rope_table(hf_config, n_pos), threads)
-    sd = _load_state_dict(d)
-    _check_tensors(d, sd, cfg)
+    sd = _load_state_dict(d, linear_weights)
+    if linear_weights:
+        _check_tensors(d, sd, cfg)
     try:
-        mapped = hf_state_dict_to_m2r2(sd, cfg)
+        mapped = hf_state_dict_to_m2r2(sd, cfg, linear_weights)
     except KeyError as e:
         raise UnsupportedModelError(f"the weights in {d} lack tensor {e.args[0]!r}: not a {cfg.model_type} checkpoint?") from e
     try:
-        model.load_dense(mapped)
+        model.load_dense(mapped, linear_weights)
     except (KeyError, ValueError, RuntimeError) as e:
         raise UnsupportedModelError(f"weights in {d} do not fit the config: {e}") from e
     for name, t in mapped.items():

@@ -24,6 +24,8 @@ from .weights import FORMATS, FP32, lowp_available  # noqa: F401  (lowp_availabl
 from .cache import KVCache, WriteSpec
 from .config import ModelConfig
 
+_MATERIALIZE = threading.Lock()  # one thread dequantises a layer's float32 weight (Linear.float_weight)
+
 # The formats a ``Linear`` can run from (m2r2.engine.weights: fp32, fp16, int8, ...), by name
 WEIGHT_KINDS = weights.names()
 _BUILD_LOCK = threading.Lock()
@@ -70,7 +72,9 @@ class Linear(nn.Module):
         if parts < 1 or in_features % parts:
             raise ValueError(f"parts={parts} must divide in_features={in_features}")
         self.in_features, self.out_features, self.parts = in_features, out_features, parts
-        self.weight = nn.Parameter(torch.zeros(parts, in_features // parts, out_features))
+        # uninitialised (every constructor's caller loads weights next): untouched pages cost no memory, which a
+        # model loaded as its GGUF blocks (no float32 weights at all) relies on
+        self.weight = nn.Parameter(torch.empty(parts, in_features // parts, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # a second, derived copy for 2..GEMM_ROWS rows (speculative verification, riding rows, short
         # prefills): the weight prepacked by oneDNN; see ``build_row_layout``. A plain attribute, not a
@@ -84,7 +88,32 @@ class Linear(nn.Module):
         self.half: torch.Tensor | None = None
 
     def __getstate__(self):  # copies and pickles drop the derived copies (rebuild with build_row_layout)
+        self.float_weight()  # a layer loaded with only its GGUF blocks: the copy gets the float32 weight
         return {**self.__dict__, "packed": None, "lowp": {}, "mode": None, "half": None}
+
+    def float_weight(self) -> torch.Tensor:
+        """The float32 weight parameter (``weight``). A model loaded with only its GGUF blocks
+        (``m2r2.load(weights="gguf")``) has none until something asks: then it is dequantised from the blocks, the
+        exact float32 model's values (``m2r2.engine.blocks``), once per layer (training, the PyTorch path, a copy)."""
+        w = self.weight
+        if w.numel() == 0 and self.in_features and self.out_features:
+            with _MATERIALIZE:
+                if self.weight.numel() == 0:
+                    self._materialize()
+            w = self.weight
+        return w
+
+    def _materialize(self) -> None:
+        import numpy as np
+
+        from .blocks import dequantize
+        bw = self.lowp.get("gguf")
+        if bw is None:
+            raise RuntimeError("this layer has neither float32 weights nor GGUF blocks")
+        dense = torch.from_numpy(np.concatenate([dequantize(b.numpy(), f.upper()) for f, b in bw.parts], 0))
+        with torch.no_grad():
+            self.weight.data = self.pack(dense, self.parts)
+        self.build_row_layout()
 
     @staticmethod
     def pack(dense: torch.Tensor, parts: int) -> torch.Tensor:
@@ -94,7 +123,7 @@ class Linear(nn.Module):
 
     def dense(self) -> torch.Tensor:
         """The weight as (out, in), like ``nn.Linear.weight``."""
-        return self.weight.reshape(self.in_features, self.out_features).t()
+        return self.float_weight().reshape(self.in_features, self.out_features).t()
 
     def build_row_layout(self) -> None:
         """Derive the copy used for 2..GEMM_ROWS rows (call again after changing the weight). A few rows
@@ -106,6 +135,9 @@ class Linear(nn.Module):
         more with a plain GEMM. Only on CPU in float32 where oneDNN is built in; elsewhere, and whenever
         autograd needs the product, a plain GEMM runs."""
         w = self.weight.detach()
+        if w.numel() == 0:  # only GGUF blocks so far (float_weight builds this with the float32 weight)
+            self.packed = None
+            return
         ok = w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.dense().detach().contiguous(), None) if ok else None
 
@@ -149,11 +181,12 @@ class Linear(nn.Module):
                 # the copy is valid for a float32 weight on CPU (a model moved or cast after loading falls back)
                 return torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [None], "").view(
                     *lead, self.out_features)
+        w = self.float_weight()
         if N > 1 or self.parts == 1:  # one ordinary (threaded) gemm
-            y = x2 @ self.weight.view(self.in_features, self.out_features)  # (N, out)
+            y = x2 @ w.view(self.in_features, self.out_features)  # (N, out)
         else:  # (P, 1, in/P) @ (P, in/P, out) -> P partial sums (P, 1, out) -> (1, out)
             xp = x2.view(-1, self.parts, self.in_features // self.parts).transpose(0, 1)
-            y = torch.bmm(xp, self.weight).sum(0)
+            y = torch.bmm(xp, w).sum(0)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
@@ -302,14 +335,20 @@ class Transformer(nn.Module):
         half = cos.shape[-1] // 2  # rotate_half(x)*sin == roll(x, half)*[-sin_lo, sin_hi], exactly
         self.register_buffer("rope_sin_folded", torch.cat((-sin[:, :half], sin[:, half:]), -1), persistent=False)
 
-    def load_dense(self, sd: dict[str, torch.Tensor]) -> None:
+    def load_dense(self, sd: dict[str, torch.Tensor], linear_weights: bool = True) -> None:
         """Load a state dict with ordinary (out, in) linear weights (as ``hf_state_dict_to_m2r2`` makes
-        them), packing each into its ``Linear``'s layout. Raises KeyError / ValueError on a mismatch."""
+        them), packing each into its ``Linear``'s layout. Raises KeyError / ValueError on a mismatch.
+        ``linear_weights=False``: ``sd`` has none (a GGUF loaded as its blocks); every linear layer's weight stays
+        empty until ``Linear.float_weight`` dequantises it from the blocks attached after this."""
         sd = dict(sd)
-        if self.cfg.tie_word_embeddings:
-            sd["lm_head.weight"] = sd["embed_tokens.weight"]
         linears = {name: mod for name, mod in self.named_modules() if isinstance(mod, Linear)}
         packed = {}
+        if linear_weights and self.cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        if not linear_weights:
+            for name, mod in linears.items():
+                mod.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+                packed[name + ".weight"] = mod.weight
         for key, t in sd.items():
             owner, _, leaf = key.rpartition(".")
             mod = linears.get(owner)
@@ -421,8 +460,10 @@ class Transformer(nn.Module):
         return x
 
 
-def hf_state_dict_to_m2r2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Map a Hugging Face Llama-family state dict onto m2r2's fused blocks (done once, at load)."""
+def hf_state_dict_to_m2r2(sd: dict[str, torch.Tensor], cfg: ModelConfig,
+                          linear_weights: bool = True) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face Llama-family state dict onto m2r2's fused blocks (done once, at load); without the
+    linear layers' weights (``linear_weights=False``: the embedding, norms and biases only)."""
 
     def get(name: str) -> torch.Tensor:
         for key in (name, "model." + name):
@@ -432,24 +473,26 @@ def hf_state_dict_to_m2r2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
 
     out: dict[str, torch.Tensor] = {"embed_tokens.weight": get("embed_tokens.weight"),
                                     "norm.weight": get("norm.weight")}
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and linear_weights:
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         a = p + "self_attn."
         out[p + "input_norm.weight"] = get(p + "input_layernorm.weight")
         out[p + "post_norm.weight"] = get(p + "post_attention_layernorm.weight")
-        out[p + "qkv.weight"] = torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"),
-                                           get(a + "v_proj.weight")], 0)
+        if linear_weights:
+            out[p + "qkv.weight"] = torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"),
+                                               get(a + "v_proj.weight")], 0)
+            out[p + "o.weight"] = get(a + "o_proj.weight")
+            m = p + "mlp."
+            out[p + "gate_up.weight"] = torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")], 0)
+            out[p + "down.weight"] = get(m + "down_proj.weight")
         if cfg.attention_bias:
             out[p + "qkv.bias"] = torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"),
                                              get(a + "v_proj.bias")], 0)
-        out[p + "o.weight"] = get(a + "o_proj.weight")
         if cfg.attention_bias and cfg.model_type != "qwen2":
             out[p + "o.bias"] = get(a + "o_proj.bias")
         m = p + "mlp."
-        out[p + "gate_up.weight"] = torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")], 0)
-        out[p + "down.weight"] = get(m + "down_proj.weight")
         if cfg.mlp_bias:
             out[p + "gate_up.bias"] = torch.cat([get(m + "gate_proj.bias"), get(m + "up_proj.bias")], 0)
             out[p + "down.bias"] = get(m + "down_proj.bias")

@@ -91,7 +91,7 @@ class Float32(WeightFormat):
         raise AssertionError("fp32 products run in Linear.forward")
 
     def native_weight(self, lin):
-        return lin.weight
+        return lin.float_weight()
 
     def native_block_ready(self, blk) -> bool:  # every block has float32 weights (checked per block every step)
         return True
@@ -140,7 +140,7 @@ class Float16(_Fbgemm):
             warnings.simplefilter("ignore")
             chunks = [torch.fbgemm_pack_gemm_matrix_fp16(c.contiguous()) for c in dense.chunk(n)]
         if native.available():  # what the native kernels read (one row: ~2x faster than FBGEMM)
-            lin.half = lin.weight.detach().reshape(lin.in_features, lin.out_features).half()
+            lin.half = lin.float_weight().detach().reshape(lin.in_features, lin.out_features).half()
         lin.lowp[self.name] = chunks
 
     def product(self, lin: "nn.Module", x2: torch.Tensor) -> torch.Tensor:

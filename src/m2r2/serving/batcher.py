@@ -99,11 +99,11 @@ def head_rows(model, x: torch.Tensor) -> torch.Tensor:
     """Final norm + LM head for rows x (N, 1, D) -> float32 logits (N, V), each row computed as it is alone (the
     native product's rows are independent of how many share the call; the oneDNN few-row product is not)."""
     lin = model.lm_head
-    if lin.mode == "gguf" and x.shape[0] <= 16:  # the block kernels' rows are independent too
+    if lin.mode == "gguf":  # the block kernels' rows are independent too
         return model.head(x)[:, 0]
     h = model.norm(x).reshape(x.shape[0], -1)
     if native.available() and lin.weight.dtype == torch.float32 and lin.mode is None and x.shape[0] <= 16:
-        return native.gemv(h.contiguous(), lin.weight, lin.bias, lin.out_features).float()
+        return native.gemv(h.contiguous(), lin.float_weight(), lin.bias, lin.out_features).float()
     return torch.cat([model.head(h[i:i + 1].unsqueeze(1))[:, 0] for i in range(h.shape[0])])
 
 
