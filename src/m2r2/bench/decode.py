@@ -248,6 +248,12 @@ def main(args: argparse.Namespace) -> int:
         a.name: roofline(lm.config, bandwidth, weight_formats.bytes_per_weight(ARM_WEIGHTS[a.name]))["tokens_per_s"]
         for a in arms if a.name in ARM_WEIGHTS}
     meta_extra: dict = {}
+    if lm.source.gguf is not None and "m2r2-gguf" in names:
+        # the GGUF block arm reads the file's tensors (the blocks and the norms) per token
+        from ..engine.blocks import read_gguf_tensors
+        size = sum(t.raw.nbytes for t in read_gguf_tensors(lm.source.gguf).values())
+        arm_roofs["m2r2-gguf"] = bandwidth * 1e9 / size
+        meta_extra["roofline_m2r2_gguf"] = {"bytes_per_token": size, "tokens_per_s": arm_roofs["m2r2-gguf"]}
     if lm.source.gguf is not None and "llamacpp" in names:
         # llama.cpp reads the quantised GGUF: about its file size per token (tied embedding = head)
         size = lm.source.gguf.stat().st_size

@@ -24,6 +24,8 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     bases = list(dict.fromkeys([summary["baseline_arm"], *summary["also_against"]]))
     ref = summary.get("reference_arm")
     header = ["arm", "kind", "prompts", "tok/s median", "tok/s mean", "tok/s total"]
+    dec = any("median_decode_tokens_per_s" in e["all"] for e in summary["arms"].values())
+    header += ["decode-only tok/s", "prefill ms"] if dec else []
     header += [f"x {b} (geo/med)" for b in bases] + ["% roofline", "tok/pass"]
     header += [f"same as {ref}"] if ref else []
     near = any("near_ties" in e.get("equality", {}) for e in summary["arms"].values())
@@ -35,9 +37,15 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
         a = e["all"]
         row = [arm, e["kind"], str(a["n"]), _fmt(a["median_tokens_per_s"]), _fmt(a["mean_tokens_per_s"]),
                _fmt(a["aggregate_tokens_per_s"])]
+        if dec:
+            row += [_fmt(a.get("median_decode_tokens_per_s")),
+                    _fmt(None if a.get("median_prefill_seconds") is None else 1e3 * a["median_prefill_seconds"])]
         for b in bases:
             r = a["ratios"].get(b)
-            row.append("1 (base)" if arm == b else (f"{r['geomean']:.2f} / {r['median']:.2f}" if r else "-"))
+            cell = f"{r['geomean']:.2f} / {r['median']:.2f}" if r else "-"
+            if r and "decode_geomean" in r:
+                cell += f" (decode {r['decode_geomean']:.2f})"
+            row.append("1 (base)" if arm == b else cell)
         frac = e["roofline_fraction"]
         own = e["roofline_tokens_per_s"] != summary["roofline_tokens_per_s"]
         row.append(_fmt(None if frac is None else 100 * frac, ".0f", "%" + ("*" if own else "")))

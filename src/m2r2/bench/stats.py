@@ -38,6 +38,13 @@ def _group_stats(rows: list[dict], baselines: dict[str, dict[str, dict]]) -> dic
         "tokens_per_forward_pass": (tokens / sum(passes)) if all(p for p in passes) else None,
         "ratios": {},
     }
+    # per-token speed after the prompt (engines that report it: m2r2's arms, llama.cpp), and the prompt's time
+    dec = [r["extra"]["decode_tokens_per_s"] for r in rows if (r.get("extra") or {}).get("decode_tokens_per_s")]
+    pre = [(r.get("extra") or {}).get("prefill_seconds", (r.get("extra") or {}).get("prompt_seconds")) for r in rows]
+    if len(dec) == len(rows):
+        out["median_decode_tokens_per_s"] = statistics.median(dec)
+    if all(p is not None for p in pre):
+        out["median_prefill_seconds"] = statistics.median(pre)
     for base, by_prompt in baselines.items():
         if rows[0]["arm"] == base:
             continue
@@ -47,6 +54,12 @@ def _group_stats(rows: list[dict], baselines: dict[str, dict[str, dict]]) -> dic
                   and r["tokens_per_s"] > 0]
         if ratios:
             out["ratios"][base] = {"geomean": geomean(ratios), "median": statistics.median(ratios), "n": len(ratios)}
+        dec_ratios = [r["extra"]["decode_tokens_per_s"] / by_prompt[r["prompt_id"]]["extra"]["decode_tokens_per_s"]
+                      for r in rows if r["prompt_id"] in by_prompt
+                      and (r.get("extra") or {}).get("decode_tokens_per_s")
+                      and (by_prompt[r["prompt_id"]].get("extra") or {}).get("decode_tokens_per_s")]
+        if dec_ratios and len(dec_ratios) == len(rows):
+            out["ratios"][base]["decode_geomean"] = geomean(dec_ratios)
     return out
 
 
