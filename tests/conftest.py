@@ -127,6 +127,18 @@ def embedded_lm():
         pytest.skip(str(e))
 
 
+def count_native_blocks(monkeypatch) -> list:
+    """Record the index of every block the native kernel runs from here on (one block per call, or the whole
+    stack in one ``native.blocks`` call): a list to inspect after the run."""
+    from m2r2.engine import native
+    calls: list = []
+    one, stack = native.block, native.blocks
+    monkeypatch.setattr(native, "block", lambda blk, *a, **k: calls.append(blk.index) or one(blk, *a, **k))
+    monkeypatch.setattr(native, "blocks", lambda model, *a, **k: calls.extend(b.index for b in model.layers)
+                        or stack(model, *a, **k))
+    return calls
+
+
 @pytest.fixture(scope="session")
 def embedded_fp32(embedded_lm):
     """The embedded model on float32 weights (``embedded_lm`` runs the GGUF's own blocks, the default)."""

@@ -12,7 +12,7 @@ import m2r2
 from m2r2.engine import native, weights
 from m2r2.engine.blocks import BLOCK_FORMATS, dequantize
 
-from conftest import assert_close_rel, assert_same_tokens, make_tiny
+from conftest import assert_close_rel, assert_same_tokens, count_native_blocks, make_tiny
 from test_blocks import random_blocks
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels could not be built here")
@@ -128,9 +128,7 @@ def test_embedded_model_on_its_blocks(embedded_lm, embedded_fp32, monkeypatch):
                 assert_close_rel(lin(x), x.double() @ lin32.dense().double().T)
         x = torch.randn(2, m.cfg.hidden_size, generator=g)
         assert_close_rel(m.lm_head(x), x.double() @ ref.lm_head.dense().double().T)
-    calls = []
-    orig = native.block
-    monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    calls = count_native_blocks(monkeypatch)
     prompts = ["Name three colours.", "What is the capital of France?", "Write a haiku about rain."]
     for p in prompts:
         ids = embedded_fp32.encode(p)
@@ -203,17 +201,14 @@ def test_mixed_formats_and_k_quants_through_the_block_kernel(tmp_path):
         head.lowp["gguf"] = BlockWeight([("q8_0", torch.from_numpy(raw))])
     assert m.layers[0].qkv.lowp["gguf"].kind == native.KIND_SEGMENTS
     calls = []
-    orig = native.block
     for seed in range(3):
         # prompts of 7, 40 and 73 tokens: prefills of one pass, more than a decode step, more than one row tile
         ids = torch.randint(2, 256, (7 + 33 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
         plain = lm.generate(ids, max_new_tokens=24).token_ids
-        with m.use_weights("gguf"):
-            native.block = lambda *a, **k: calls.append(1) or orig(*a, **k)
-            try:
-                ours = lm.generate(ids, max_new_tokens=24).token_ids
-            finally:
-                native.block = orig
+        with m.use_weights("gguf"), pytest.MonkeyPatch.context() as mp:
+            ran = count_native_blocks(mp)
+            ours = lm.generate(ids, max_new_tokens=24).token_ids
+        calls += ran
         assert_same_tokens(ours, plain, None, ids, m)
     assert calls  # the decode steps ran the block kernel
     ids = torch.randint(2, 256, (1, 70), generator=torch.Generator().manual_seed(9))

@@ -11,7 +11,7 @@ from m2r2.engine import native
 from m2r2.decoding.loop import decode
 from m2r2.engine.model import Linear
 
-from conftest import FAR, assert_close_rel, make_tiny, ulps_apart
+from conftest import FAR, assert_close_rel, count_native_blocks, make_tiny, ulps_apart
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels could not be built here")
 
@@ -95,13 +95,9 @@ def test_native_block_matches_pytorch_block(tmp_path, overrides):
     make_tiny(tmp_path, "llama", seed=3, **overrides)
     lm = m2r2.load(tmp_path)
     ids = list(range(5, 29))
-    calls = []
-    orig = native.block
-    try:
-        native.block = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = count_native_blocks(mp)
         got, c1 = _one_token_steps(lm.model, ids, True)
-    finally:
-        native.block = orig
     ref, c2 = _one_token_steps(lm.model, ids, False)
     assert len(calls) == len(ids) * lm.config.num_layers  # every block of every step ran natively
     assert_close_rel(got, ref)
@@ -144,9 +140,7 @@ def test_ragged_batch_steps_run_natively_like_pytorch(tiny_lm, monkeypatch):
     assert_close_rel(a2, b2)
     for x, y in zip(ca, cb):
         assert_close_rel(x, y)
-    calls = []
-    orig = native.block
-    monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    calls = count_native_blocks(monkeypatch)
     out, _ = decode(m, prompts, max_new_tokens=12)
     assert calls  # the batched decode steps took the native path
     with native.disabled():
@@ -165,9 +159,7 @@ def test_greedy_decoding_is_unchanged_by_the_kernels(tiny_lm):
 
 def test_kernels_only_run_where_they_apply(tiny_lm, monkeypatch):
     """Steps of more than 16 token rows, replaced masks, autograd and hooks keep the PyTorch path."""
-    calls = []
-    orig = native.block
-    monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    calls = count_native_blocks(monkeypatch)
     m = tiny_lm.model
     with torch.inference_mode():
         m(torch.tensor([list(range(17))]), m.new_cache(1, 20), torch.arange(17).view(1, -1))  # 17 tokens
@@ -204,9 +196,7 @@ def test_a_replaced_linear_keeps_the_pytorch_path(tiny_lm, monkeypatch):
     with torch.no_grad():
         lora.b.normal_()
     m.layers[1].qkv = lora
-    calls = []
-    orig = native.block
-    monkeypatch.setattr(native, "block", lambda blk, *a, **k: calls.append(blk.index) or orig(blk, *a, **k))
+    calls = count_native_blocks(monkeypatch)
     got, _ = _one_token_steps(m, [3, 4, 5], True)
     ref, _ = _one_token_steps(m, [3, 4, 5], False)
     assert 1 not in calls and set(calls) == set(range(m.cfg.num_layers)) - {1}
@@ -268,9 +258,7 @@ def test_a_rows_block_result_does_not_depend_on_its_neighbours(tiny_lm, monkeypa
     """A decode step of several sequences (one row each, different positions) gives every row bit for bit what
     the step of that sequence alone gives: what lets a server batch requests without changing their outputs."""
     m = tiny_lm.model
-    calls = []
-    orig = native.block
-    monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    calls = count_native_blocks(monkeypatch)
     g = torch.Generator().manual_seed(5)
     B, L = 6, 40
     lengths = torch.tensor([3, 17, 9, 30, 1, 22])
@@ -285,3 +273,26 @@ def test_a_rows_block_result_does_not_depend_on_its_neighbours(tiny_lm, monkeypa
             alone = m.hidden(ids[b:b + 1], cache.rows(b, b + 1, lengths[b:b + 1]), lengths[b:b + 1].view(1, 1))
             assert torch.equal(alone[0], together[b]), b
     assert len(calls) == (B + 1) * m.cfg.num_layers  # every block ran natively
+
+
+def test_the_whole_stack_in_one_call_equals_block_by_block(tiny_lm, monkeypatch):
+    """A full-depth step runs every block in one C call (native.blocks) when all of them would run natively: the
+    same bits as the block-by-block calls, states and cache alike."""
+    m = tiny_lm.model
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 5), generator=g)
+    pos = torch.arange(5).expand(2, 5)
+    with torch.inference_mode():
+        c1, c2 = m.new_cache(2, 16), m.new_cache(2, 16)
+        calls = count_native_blocks(monkeypatch)
+        whole, counted = [], native.blocks
+        monkeypatch.setattr(native, "blocks", lambda *a, **k: whole.append(1) or counted(*a, **k))
+        stack = m.hidden(ids, c1, pos)
+        assert calls == list(range(m.cfg.num_layers)) and whole == [1]
+        monkeypatch.setattr(type(m), "_native_stack", lambda self, x, ctx: None)  # block by block
+        calls.clear()
+        layered = m.hidden(ids, c2, pos)
+        assert calls == list(range(m.cfg.num_layers))
+    assert torch.equal(stack, layered)
+    for a, b in zip(c1.k + c1.v, c2.k + c2.v):
+        assert torch.equal(a, b)

@@ -454,10 +454,28 @@ class Transformer(nn.Module):
         """The full-depth forward of ``forward`` up to the final states (B, T, D), before norm and head."""
         ctx = self.context(cache, positions)
         x = self.embed(ids)
-        for i in range(self.cfg.num_layers):
-            x = self.layer(i, x, ctx)
+        fmt = self._native_stack(x, ctx)
+        if fmt is not None:  # every block native in one format: the whole stack in one C call
+            x = native.blocks(self, x, ctx.cache, ctx.cos, ctx.sin, ctx.native_rows, fmt)
+            cache.counters.layer_calls += x.shape[0] * x.shape[1] * len(self.layers)
+        else:
+            for i in range(self.cfg.num_layers):
+                x = self.layer(i, x, ctx)
         cache.counters.forward_passes += 1
         return x
+
+    def _native_stack(self, x: torch.Tensor, ctx: StepContext):
+        """The one weight format in which every block would run its native kernel this step (each block's own
+        checks, ``Block._native_format``), or None; also None when ``layer`` is replaced on this model."""
+        if not ctx.native or "layer" in self.__dict__:
+            return None
+        fmt = None
+        for blk in self.layers:
+            f = blk._native_format(x, ctx) if type(blk) is Block else None
+            if f is None or (fmt is not None and f is not fmt):
+                return None
+            fmt = f
+        return fmt
 
 
 def hf_state_dict_to_m2r2(sd: dict[str, torch.Tensor], cfg: ModelConfig,

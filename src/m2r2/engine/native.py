@@ -114,6 +114,8 @@ def _build() -> ctypes.CDLL:
     lib.m2r2_gemv.restype = None
     lib.m2r2_block.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, P, P, I, P, I]
     lib.m2r2_block.restype = None
+    lib.m2r2_blocks.argtypes = [I, P, P, P, I, P, P, P, P, P, P, I, P, I]
+    lib.m2r2_blocks.restype = None
     lib.m2r2_block_scratch.argtypes = [ctypes.POINTER(Dims), I, I, I]
     lib.m2r2_block_scratch.restype = ctypes.c_long
     lib.m2r2_qgemv.argtypes = [P, I, P, I, P, P, I, I, I]
@@ -260,7 +262,8 @@ def _block_args(blk, fmt) -> tuple:
     c = blk.cfg
     dims = Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
                 blk.scale, *(fmt.native_kind(mods[n]) for n in ("qkv", "o", "gate_up", "down")))
-    args = (ctypes.byref(dims), ctypes.byref(Weights(*ptrs)), dims)
+    wts = Weights(*ptrs)
+    args = (ctypes.byref(dims), ctypes.byref(wts), dims, wts)
     per_block[fmt.name] = (ptrs, args)
     return args
 
@@ -280,11 +283,47 @@ def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     From the linears' weights in format ``fmt`` (an ``m2r2.engine.weights`` format). cos, sin: (B, T, hd)
     contiguous. Returns the new states."""
     lib = _lib
-    dims_p, weights_p, dims = _block_args(blk, fmt)
+    dims_p, weights_p, dims, _ = _block_args(blk, fmt)
     threads = torch.get_num_threads()
     n, max_len = x.shape[0] * x.shape[1], k.shape[2]
     buf = scratch(lib.m2r2_block_scratch(dims_p, n, max_len, threads))
     y = x.clone(memory_format=torch.contiguous_format)
     lib.m2r2_block(dims_p, weights_p, y.data_ptr(), n, rows[0].data_ptr(), rows[1].data_ptr(), cos.data_ptr(),
                    sin.data_ptr(), k.data_ptr(), v.data_ptr(), max_len, buf.data_ptr(), threads)
+    return y
+
+
+# model -> {format name: (per-block arg tuples, ctypes pointer arrays)}: the whole stack's structs, rebuilt when
+# any block's are
+_STACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def blocks(model, x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor,
+           rows: tuple[torch.Tensor, torch.Tensor], fmt) -> torch.Tensor:
+    """Every block of ``model`` in turn on a (B, T) step (``block``'s arguments, for all layers: ``cache`` the
+    model's KVCache), in one C call and one parallel region: what ``block`` layer by layer computes, bit for bit,
+    without a return to Python (and an idle thread team) between blocks. Returns the final states."""
+    lib = _lib
+    args = [_block_args(blk, fmt) for blk in model.layers]
+    per_model = _STACK.get(model)
+    if per_model is None:
+        per_model = _STACK[model] = {}
+    cached = per_model.get(fmt.name)
+    if cached is None or len(cached[0]) != len(args) or any(a is not b for a, b in zip(cached[0], args)):
+        n = len(args)
+        dims = (ctypes.c_void_p * n)(*[ctypes.addressof(a[2]) for a in args])
+        ws = (ctypes.c_void_p * n)(*[ctypes.addressof(a[3]) for a in args])
+        # the block needing the most scratch per row (the same one for any row count and cache length)
+        widest = max(args, key=lambda a: lib.m2r2_block_scratch(a[0], 1, 0, 1))[0]
+        cached = per_model[fmt.name] = (args, dims, ws, widest)
+    _, dims, ws, widest = cached
+    n = len(args)
+    kc = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.k])
+    vc = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.v])
+    threads = torch.get_num_threads()
+    rows_n, max_len = x.shape[0] * x.shape[1], cache.k[0].shape[2]
+    buf = scratch(lib.m2r2_block_scratch(widest, rows_n, max_len, threads))
+    y = x.clone(memory_format=torch.contiguous_format)
+    lib.m2r2_blocks(n, dims, ws, y.data_ptr(), rows_n, rows[0].data_ptr(), rows[1].data_ptr(), cos.data_ptr(),
+                    sin.data_ptr(), kc, vc, max_len, buf.data_ptr(), threads)
     return y

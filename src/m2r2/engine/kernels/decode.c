@@ -249,16 +249,16 @@ long m2r2_block_scratch(const m2r2_dims *d, int T, int max_len, int threads) {
  * decode step, ragged or not) are the same call. cos and sin are the rows' RoPE rows (T, head_dim; sin
  * sign-folded so that rot(v) = v*cos + roll(v, hd/2)*sin). Every row's K/V is written before any row
  * attends, so rows of one sequence see each other's new slots whatever their order. */
-void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const int *row_b, const int *row_pos,
-                const float *cos, const float *sin, float *kcache, float *vcache, int max_len, float *scratch,
-                int threads) {
+/* The body of m2r2_block, run by every thread of an enclosing parallel region (ends at a barrier) */
+static void block_team(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const int *row_b,
+                       const int *row_pos, const float *cos, const float *sin, float *kcache, float *vcache,
+                       int max_len, float *scratch, int threads) {
     const int D = d->hidden, H = d->heads, KV = d->kv_heads, hd = d->head_dim, I = d->inter;
     const int nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, half_hd = hd / 2, group = H / KV;
     long widest = 2L * I > nqkv ? 2L * I : nqkv;
     float *h = scratch, *qkv = h + (size_t)T * D, *att = qkv + (size_t)T * nqkv, *gu = att + (size_t)T * nq;
     float *part = gu + (size_t)T * 2 * I, *scores = part + (size_t)threads * T * widest;
 
-#pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++)
@@ -334,6 +334,24 @@ void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, cons
             for (int i = 0; i < D; i++)
                 x[(size_t)t * D + i] += h[(size_t)t * D + i];
     }
+}
+
+void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const int *row_b, const int *row_pos,
+                const float *cos, const float *sin, float *kcache, float *vcache, int max_len, float *scratch,
+                int threads) {
+#pragma omp parallel num_threads(threads)
+    block_team(d, w, x, T, row_b, row_pos, cos, sin, kcache, vcache, max_len, scratch, threads);
+}
+
+/* n blocks one after another (a full-depth step), in one parallel region: block l with d[l], w[l] and its
+ * cache tensors kc[l], vc[l]; the threads go from one block to the next without leaving the region. Each block
+ * computes exactly what m2r2_block computes. scratch: m2r2_block_scratch of the widest block. */
+void m2r2_blocks(int n, const m2r2_dims *const *d, const m2r2_weights *const *w, float *x, int T, const int *row_b,
+                 const int *row_pos, const float *cos, const float *sin, float *const *kc, float *const *vc,
+                 int max_len, float *scratch, int threads) {
+#pragma omp parallel num_threads(threads)
+    for (int l = 0; l < n; l++)
+        block_team(d[l], w[l], x, T, row_b, row_pos, cos, sin, kc[l], vc[l], max_len, scratch, threads);
 }
 
 
