@@ -167,9 +167,10 @@ def test_embedded_embedding_gather(embedded_tensors):
 
 
 @pytest.mark.slow
-def test_unpermuted_qk_equal_loaded_model(embedded_tensors, embedded_lm):
+def test_unpermuted_qk_equal_loaded_model(embedded_tensors, embedded_fp32):
     """GGUF q/k rows, dequantised and un-permuted (or un-permuted as raw blocks, then dequantised), are the
-    float32 q/k projections m2r2 loads today, bit for bit; v and the tied embedding need no permutation."""
+    float32 q/k projections of transformers' conversion, bit for bit; v and the tied embedding need no permutation."""
+    embedded_lm = embedded_fp32  # the float32 checkpoint transformers converted (not the model's own blocks)
     cfg = embedded_lm.model.cfg
     for layer in (0, 17, cfg.num_layers - 1):
         w = embedded_lm.model.layers[layer].qkv.dense().detach().numpy()

@@ -44,7 +44,11 @@ def test_kernel_dequantises_exactly(fmt):
     in_f = BLOCK_FORMATS[fmt.upper()].weights_per_block * 2
     raw = random_block_rows(fmt, 11, in_f, 5)
     y = native.qgemv(torch.eye(in_f), torch.from_numpy(raw), fmt, None, 11)
-    assert np.array_equal(y.numpy(), dequantize(raw, fmt.upper()).T)
+    ref = dequantize(raw, fmt.upper())
+    assert np.array_equal(y.numpy(), ref.T)
+    # the whole-weight dequantiser (a long prefill's GEMM, float32 weights on demand): the same bits
+    assert np.array_equal(native.qdequant(torch.from_numpy(raw), fmt, 11, in_f).numpy().view(np.uint32),
+                          ref.view(np.uint32))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -234,3 +238,68 @@ def test_blocks_only_load_dequantises_float32_weights_on_demand(embedded_fp32):
     x = torch.randn(2, 3, lm.config.hidden_size, requires_grad=True)  # autograd runs the float32 weights
     lins[1](x).sum().backward()
     assert x.grad is not None and lins[1].weight.numel() == lins[1].in_features * lins[1].out_features
+
+
+@pytest.mark.slow
+def test_a_gguf_loads_without_a_float32_conversion(tmp_path, monkeypatch, embedded_fp32):
+    """Run as its blocks (the default), a GGUF needs only its config and tokenizer converted: no float32
+    checkpoint is written to the cache, and the embedding and norms read from the file are the float32 model's
+    bit for bit. Asking for an ordinary checkpoint (source.hf_dir) converts the weights then."""
+    monkeypatch.setenv("M2R2_CACHE", str(tmp_path))
+    lm = m2r2.load()
+    assert lm.model.weights == "gguf" and not (lm.source.config_dir / "model.safetensors").exists()
+    ref = embedded_fp32.model
+    for name, t in lm.model.state_dict().items():
+        if "norm" in name:
+            assert torch.equal(t, ref.state_dict()[name]), name
+    assert lm.model.embed_tokens.weight.numel() == 0  # the embedding: rows dequantised from the file per lookup
+    ids = torch.tensor([[0, 5, 49151, 17, 5]])
+    assert torch.equal(lm.model.embed(ids), ref.embed(ids))
+    assert torch.equal(lm.model.embedding_weight(), ref.embed_tokens.weight)  # the whole table when asked
+    ids = embedded_fp32.encode("Name three colours.")
+    assert lm.generate(ids, max_new_tokens=12).token_ids == embedded_fp32.generate(ids, max_new_tokens=12).token_ids
+
+
+def _one_tensor_gguf(path, fmt: str) -> None:
+    import gguf
+    w = gguf.GGUFWriter(path, "llama")
+    x = (np.random.default_rng(0).standard_normal((4, 64)) * 0.05).astype(np.float32)
+    if fmt == "F16":
+        w.add_tensor("blk.0.attn_q.weight", x.astype(np.float16))
+    else:
+        w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(x, gguf.GGMLQuantizationType[fmt]),
+                     raw_dtype=gguf.GGMLQuantizationType[fmt])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_only_block_formats_the_kernels_run_default_to_blocks(tmp_path):
+    from m2r2.engine.gguf_weights import unsupported
+    _one_tensor_gguf(tmp_path / "q.gguf", "Q8_0")
+    _one_tensor_gguf(tmp_path / "f.gguf", "F16")
+    assert unsupported(tmp_path / "q.gguf") is None
+    assert "F16" in unsupported(tmp_path / "f.gguf")  # such a model loads with float32 weights by default
+
+
+def test_qk_rows_are_unpermuted_only_where_llama_cpp_permuted_them(embedded_lm, monkeypatch):
+    """llama.cpp permutes q/k rows for "llama" GGUFs only; a Qwen2 GGUF keeps Hugging Face's order."""
+    from types import SimpleNamespace
+
+    from m2r2.engine import gguf_weights
+    from m2r2.engine.blocks import read_gguf_tensors
+    path, cfg = embedded_lm.source.gguf, embedded_lm.model.cfg
+    raw_q = read_gguf_tensors(path)["blk.0.attn_q.weight"].raw
+
+    def lin(real):  # a stand-in with the real layer's shape: the shared model is not touched
+        return SimpleNamespace(in_features=real.in_features, out_features=real.out_features, lowp={})
+
+    blk = embedded_lm.model.layers[0]
+    for arch, same in (("qwen2", True), ("llama", False)):
+        layer = SimpleNamespace(**{n: lin(getattr(blk, n)) for n in ("qkv", "o", "gate_up", "down")})
+        fake = SimpleNamespace(cfg=cfg, layers=[layer], lm_head=lin(embedded_lm.model.lm_head))
+        monkeypatch.setattr(gguf_weights, "gguf_architecture", lambda p: arch)
+        gguf_weights.attach_gguf_blocks(fake, path)
+        q_rows = layer.qkv.lowp["gguf"].parts[0][1][:raw_q.shape[0]].numpy()  # q rows come first
+        assert np.array_equal(q_rows, raw_q) == same, arch

@@ -266,12 +266,14 @@ def fake_gguf(gguf_file, monkeypatch):
     from m2r2.engine import loading
     calls = []
 
-    def convert(path, tmp, digest, hook=None):
+    def convert(path, tmp, digest, weights=True, hook=None):
         calls.append(tmp.name)
-        (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+        if weights:
+            (tmp / "model.safetensors").write_bytes(b"x" * 1000)
         if hook:
             hook()
-        (tmp / "m2r2-cache.json").write_text(json.dumps({"format": loading.CACHE_FORMAT, "sha256": digest}))
+        (tmp / "m2r2-cache.json").write_text(json.dumps({"format": loading.CACHE_FORMAT, "sha256": digest,
+                                                         "weights": weights}))
 
     monkeypatch.setattr(loading, "_convert_into", convert)
     return (*gguf_file, calls)
@@ -336,6 +338,19 @@ def test_cache_format_is_checked_on_read(fake_gguf):
     assert loading.convert_gguf(f) == target and len(calls) == 2  # another format: converted again
     assert json.loads(meta.read_text())["format"] == loading.CACHE_FORMAT
     assert not (target / "leftover-from-old-format").exists() and _leftovers(cache) == []
+
+
+def test_config_only_entry_is_completed_when_weights_are_asked_for(fake_gguf):
+    """A GGUF run as its blocks converts only its config and tokenizer; an ordinary checkpoint asked for later
+    (source.hf_dir) converts the weights into the same entry, once."""
+    from m2r2.engine import loading
+    f, cache, calls = fake_gguf
+    target = loading.convert_gguf(f, weights=False)
+    assert not (target / "model.safetensors").exists() and len(calls) == 1
+    assert loading.convert_gguf(f, weights=False) == target and len(calls) == 1  # cached
+    assert loading.convert_gguf(f) == target and (target / "model.safetensors").is_file() and len(calls) == 2
+    assert loading.convert_gguf(f, weights=False) == target and loading.convert_gguf(f) == target
+    assert len(calls) == 2  # a full entry serves both
 
 
 def test_concurrent_first_loads_convert_once(fake_gguf, monkeypatch):

@@ -188,8 +188,10 @@ def load(model: str | os.PathLike | None = None, *, dtype: str = "float32", weig
     source = None
     if weights is None:  # the exact format that reads the fewest bytes
         source = resolve(model)
-        weights = "gguf" if source.gguf is not None and DTYPES[dtype] == torch.float32 \
-            and weight_formats.get("gguf").available() else "fp32"
+        weights = "fp32"
+        if source.gguf is not None and DTYPES[dtype] == torch.float32 and weight_formats.get("gguf").available():
+            from .engine.gguf_weights import unsupported
+            weights = "fp32" if unsupported(source.gguf) else "gguf"
     fmt = weight_formats.get(weights)  # WeightFormatError for an unknown or unusable format
     if fmt is not weight_formats.FP32 and DTYPES[dtype] != torch.float32:
         raise WeightFormatError(f"weights={weights} needs dtype float32")

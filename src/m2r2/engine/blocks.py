@@ -276,6 +276,16 @@ class BlockTensor:
         return dequantize(self.raw, self.format).reshape(self.shape)
 
 
+def gguf_architecture(path: str | os.PathLike) -> str:
+    """The GGUF's ``general.architecture`` ("llama", "qwen2", ...; "" if absent)."""
+    from gguf import GGUFReader
+    try:
+        field = GGUFReader(Path(path), "r").fields.get("general.architecture")
+        return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else ""
+    except Exception as e:
+        raise UnsupportedModelError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
 def read_gguf_tensors(path: str | os.PathLike) -> dict[str, BlockTensor]:
     """Every tensor of the GGUF file at ``path`` by name, memory-mapped (nothing is copied). A missing file
     raises ``ModelNotFoundError``; a file that is not a readable GGUF, or holds a tensor in a format m2r2

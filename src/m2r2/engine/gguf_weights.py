@@ -20,7 +20,11 @@ import torch
 
 from ..errors import UnsupportedModelError
 from . import native
-from .blocks import BLOCK_FORMATS, read_gguf_tensors, unpermute_qk_rows
+from .blocks import BLOCK_FORMATS, gguf_architecture, read_gguf_tensors, unpermute_qk_rows
+
+# GGUF architectures whose q/k rows llama.cpp's converter permutes for its RoPE (LlamaModel.permute; Mistral is
+# written as "llama" too); Qwen2 and the others keep Hugging Face's order, as transformers' GGUF loader assumes
+PERMUTED_QK = ("llama",)
 
 @dataclass
 class BlockWeight:
@@ -45,8 +49,16 @@ class BlockWeight:
     def nbytes(self) -> int:
         return sum(b.numel() for _, b in self.parts)
 
+    GEMM_ROWS = 128  # from this many rows (a long prefill, compute-bound) the weight is dequantised for a GEMM
+
     def product(self, x2: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-        return native.qgemv_kind(x2, self.native, self.kind, bias, out_features)
+        if x2.shape[0] < self.GEMM_ROWS:
+            return native.qgemv_kind(x2, self.native, self.kind, bias, out_features)
+        # exactly the float32 weights, then the library's GEMM (the float32 path's arithmetic for a prefill)
+        w = torch.cat([native.qdequant(b, f, b.shape[0], x2.shape[1]) for f, b in self.parts]) \
+            if len(self.parts) > 1 else native.qdequant(self.parts[0][1], self.parts[0][0], out_features, x2.shape[1])
+        y = x2 @ w.T
+        return y if bias is None else y + bias
 
 
 def _blocks(tensors: dict, name: str) -> tuple[str, np.ndarray]:
@@ -60,10 +72,66 @@ def _blocks(tensors: dict, name: str) -> tuple[str, np.ndarray]:
     return kind, t.raw
 
 
+def gguf_state_dict(path, cfg) -> dict[str, torch.Tensor]:
+    """The tensors of a GGUF model that are neither linear weights nor the embedding (``embedding_blocks``), by
+    m2r2 name, straight from the file: the norms and any biases (q/k rows in Hugging Face order, as the blocks).
+    What ``Transformer.load_dense(..., linear_weights=False)`` takes."""
+    tensors = read_gguf_tensors(path)
+    permuted = gguf_architecture(path) in PERMUTED_QK
+
+    def get(name: str, optional: bool = False) -> torch.Tensor | None:
+        t = tensors.get(name)
+        if t is None:
+            if optional:
+                return None
+            raise UnsupportedModelError(f"the GGUF has no tensor {name}")
+        return torch.from_numpy(np.ascontiguousarray(t.dequantize(), dtype=np.float32))
+
+    out = {"norm.weight": get("output_norm.weight")}
+    for i in range(cfg.num_layers):
+        p, q = f"blk.{i}.", f"layers.{i}."
+        out[q + "input_norm.weight"] = get(p + "attn_norm.weight")
+        out[q + "post_norm.weight"] = get(p + "ffn_norm.weight")
+        qb, kb, vb = (get(p + f"attn_{n}.bias", True) for n in "qkv")
+        if qb is not None and kb is not None and vb is not None:
+            if permuted:
+                qb = torch.from_numpy(unpermute_qk_rows(qb.numpy()[:, None], cfg.num_heads)[:, 0].copy())
+                kb = torch.from_numpy(unpermute_qk_rows(kb.numpy()[:, None], cfg.num_kv_heads)[:, 0].copy())
+            out[q + "qkv.bias"] = torch.cat([qb, kb, vb])
+        for src, dst in (("attn_output.bias", "o.bias"), ("ffn_down.bias", "down.bias")):
+            b = get(p + src, True)
+            if b is not None:
+                out[q + dst] = b
+        gb, ub = get(p + "ffn_gate.bias", True), get(p + "ffn_up.bias", True)
+        if gb is not None and ub is not None:
+            out[q + "gate_up.bias"] = torch.cat([gb, ub])
+    return out
+
+
+def embedding_blocks(path, cfg) -> tuple[str, np.ndarray]:
+    """The token embedding as the GGUF stores it: (format, (vocab, bytes per row) uint8), copied out of the map."""
+    t = read_gguf_tensors(path).get("token_embd.weight")
+    if t is None or t.shape != (cfg.vocab_size, cfg.hidden_size):
+        raise UnsupportedModelError(f"the GGUF's token embedding {None if t is None else t.shape} does not fit "
+                                    f"vocab {cfg.vocab_size} x hidden {cfg.hidden_size}")
+    return t.format, np.ascontiguousarray(t.raw)
+
+
+def unsupported(path) -> str | None:
+    """Why the block kernels cannot run the GGUF at ``path`` (a linear layer stored in a format they do not
+    read, e.g. F16 or Q2_K), or None when they can (then ``m2r2.load`` runs its blocks by default)."""
+    for name, t in read_gguf_tensors(path).items():
+        if name.startswith("blk.") and name.endswith(".weight") and len(t.shape) == 2 \
+                and t.format.lower() not in native.BLOCK_KINDS:
+            return f"{name} is {t.format}"
+    return None
+
+
 def attach_gguf_blocks(model, path) -> None:
     """Give every linear layer of ``model`` (loaded from the GGUF at ``path``) its blocks from the file."""
     cfg = model.cfg
     tensors = read_gguf_tensors(path)
+    permuted = gguf_architecture(path) in PERMUTED_QK
 
     def put(lin, parts: list[tuple[str, np.ndarray]]) -> None:
         merged: list[tuple[str, list[np.ndarray]]] = []  # consecutive parts of one format become one segment
@@ -88,7 +156,8 @@ def attach_gguf_blocks(model, path) -> None:
         kq, q = _blocks(tensors, p + "attn_q.weight")
         kk, k = _blocks(tensors, p + "attn_k.weight")
         kv, v = _blocks(tensors, p + "attn_v.weight")
-        q, k = unpermute_qk_rows(q, cfg.num_heads), unpermute_qk_rows(k, cfg.num_kv_heads)
+        if permuted:
+            q, k = unpermute_qk_rows(q, cfg.num_heads), unpermute_qk_rows(k, cfg.num_kv_heads)
         put(blk.qkv, [(kq, q), (kk, k), (kv, v)])
         put(blk.o, [_blocks(tensors, p + "attn_output.weight")])
         put(blk.gate_up, [_blocks(tensors, p + "ffn_gate.weight"), _blocks(tensors, p + "ffn_up.weight")])

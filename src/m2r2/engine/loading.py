@@ -95,9 +95,17 @@ def file_digest(path: Path) -> str:
 class ModelSource:
     """Where a model comes from and what identifies it (adapters record ``identity``)."""
     name: str  # what the user asked for, for messages
-    hf_dir: Path  # an ordinary Hugging Face directory (converted GGUFs live in the cache)
+    config_dir: Path  # config.json and the tokenizer (a GGUF's, converted without its weights, in the cache)
     identity: str  # stable hash of the weights' source file(s)
     gguf: Path | None = None
+
+    @property
+    def hf_dir(self) -> Path:
+        """An ordinary Hugging Face directory, weights included: a GGUF is dequantised into the cache the first
+        time this is asked for (``config_dir``, then with its ``model.safetensors``); otherwise the directory."""
+        if self.gguf is None:
+            return self.config_dir
+        return convert_gguf(self.gguf, self.identity.split(":", 1)[1], weights=True)
 
 
 def _log(msg: str) -> None:
@@ -115,13 +123,15 @@ STALE_TMP_SECONDS = 3600  # a temporary folder whose owner cannot be told apart 
 REUSED_PID_SECONDS = 86400  # ... and one whose owner pid is alive is junk after this (the pid was reused)
 
 
-def _cached(target: Path, digest: str) -> bool:
-    """A finished conversion of this GGUF in the current cache format (anything else is converted again)."""
+def _cached(target: Path, digest: str, weights: bool = True) -> bool:
+    """A finished conversion of this GGUF in the current cache format, with the float32 weights if ``weights``
+    (anything else is converted again)."""
     try:
         meta = json.loads((target / "m2r2-cache.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT and meta.get("sha256") == digest
+    return isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT and meta.get("sha256") == digest \
+        and (not weights or meta.get("weights", True))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -184,18 +194,20 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
-def convert_gguf(path: Path, digest: str | None = None) -> Path:
-    """Dequantise a GGUF once into a cached Hugging Face directory; return that directory. One process converts
-    (others wait on a lock, then read its result); an entry of another cache format is converted again; the
-    temporary folder is removed on any exit, and ones left by killed processes are swept."""
+def convert_gguf(path: Path, digest: str | None = None, weights: bool = True) -> Path:
+    """Convert a GGUF once into a cached Hugging Face directory; return that directory: its config and
+    tokenizer, and with ``weights`` its float32 weights (dequantised, ~20 s and 4 bytes per weight: only what
+    asks for an ordinary checkpoint needs them; m2r2 runs the file's own blocks). One process converts (others
+    wait on a lock, then read its result); an entry of another cache format is converted again; the temporary
+    folder is removed on any exit, and ones left by killed processes are swept."""
     _check_gguf_header(path)
     digest = digest or file_digest(path)
     target = cache_root() / f"gguf-{digest[:16]}"
-    if _cached(target, digest):
+    if _cached(target, digest, weights):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(target.parent / f".{target.name}.lock"):
-        if _cached(target, digest):  # another process converted it while this one waited
+        if _cached(target, digest, weights):  # another process converted it while this one waited
             return target
         _sweep_stale_tmp(target.parent)
         tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
@@ -203,46 +215,54 @@ def convert_gguf(path: Path, digest: str | None = None) -> Path:
         tmp.mkdir(parents=True)
         try:
             with _sigterm_unwinds():
-                _convert_into(path, tmp, digest)
-                if target.exists():  # an older cache format or an unfinished entry
+                _convert_into(path, tmp, digest, weights)
+                if target.exists():  # an older cache format, an unfinished entry, or one without weights
                     shutil.rmtree(target)
                 try:
                     os.replace(tmp, target)
                 except OSError:  # without a lock (no fcntl), another process may have finished first
-                    if not _cached(target, digest):
+                    if not _cached(target, digest, weights):
                         raise
         finally:  # KeyboardInterrupt and SystemExit too: never leave a half-written folder behind
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _convert_into(path: Path, tmp: Path, digest: str) -> None:
+def _convert_into(path: Path, tmp: Path, digest: str, weights: bool = True) -> None:
     """The conversion itself (transformers reads the GGUF), written into ``tmp``."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
     from safetensors.torch import save_file
 
-    steps = tqdm(total=3, desc=f"converting {path.name} (first load only)", unit="step", file=sys.stderr)
+    what = "" if weights else ", config and tokenizer"
+    steps = tqdm(total=3 if weights else 2, desc=f"converting {path.name}{what} (first load only)", unit="step",
+                 file=sys.stderr)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         steps.update(1)
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        if weights:
+            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            config, generation = hf.config, hf.generation_config
+        else:
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            generation = GenerationConfig.from_model_config(config)
         steps.update(1)
-        config = hf.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(tmp)
-        hf.generation_config.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        sd = {k: v.contiguous() for k, v in hf.state_dict().items()
-              if not (config.tie_word_embeddings and k == "lm_head.weight")}
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if weights:
+            sd = {k: v.contiguous() for k, v in hf.state_dict().items()
+                  if not (config.tie_word_embeddings and k == "lm_head.weight")}
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            steps.update(1)
         (tmp / "m2r2-cache.json").write_text(json.dumps(
-            {"format": CACHE_FORMAT, "source": str(path), "sha256": digest, "created": time.time()}))
-        steps.update(1)
+            {"format": CACHE_FORMAT, "source": str(path), "sha256": digest, "weights": weights,
+             "created": time.time()}))
     except Exception as e:  # the GGUF parsed but transformers could not map it
         raise UnsupportedModelError(f"cannot convert {path}: {e}") from e
     finally:
@@ -254,13 +274,14 @@ def resolve(name: str | os.PathLike | None) -> ModelSource:
     if name is None or str(name) in EMBEDDED_NAMES:
         gguf = embedded_gguf_path()
         digest = file_digest(gguf)
-        return ModelSource("SmolLM2-135M-Instruct (embedded)", convert_gguf(gguf, digest), f"gguf:{digest}", gguf)
+        return ModelSource("SmolLM2-135M-Instruct (embedded)", convert_gguf(gguf, digest, weights=False),
+                           f"gguf:{digest}", gguf)
     p = Path(name).expanduser()
     if p.is_file():
         if p.suffix != ".gguf":
             raise UnsupportedModelError(f"{p} is a file but not a .gguf; pass a model directory or a GGUF file")
         digest = file_digest(p)
-        return ModelSource(str(p), convert_gguf(p, digest), f"gguf:{digest}", p)
+        return ModelSource(str(p), convert_gguf(p, digest, weights=False), f"gguf:{digest}", p)
     if p.is_dir():
         if (p / "config.json").is_file():
             return ModelSource(str(p), p, _dir_identity(p))
@@ -375,7 +396,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_posi
     weights are laid out for ``threads`` intra-op threads (default: torch's current count); with
     ``linear_weights=False`` they are not read (``Transformer.load_dense``: the GGUF blocks come next)."""
     from transformers import AutoConfig
-    d = source.hf_dir
+    from_blocks = not linear_weights and source.gguf is not None  # every tensor from the GGUF itself
+    d = source.config_dir if from_blocks else source.hf_dir
     try:
         hf_config = AutoConfig.from_pretrained(str(d))
     except Exception as e:
@@ -384,13 +406,20 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_posi
     cfg = ModelConfig.from_hf(hf_config, eos)
     n_pos = min(cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings, 1 << 17)
     model = Transformer(cfg, rope_table(hf_config, n_pos), threads)
-    sd = _load_state_dict(d, linear_weights)
-    if linear_weights:
-        _check_tensors(d, sd, cfg)
-    try:
-        mapped = hf_state_dict_to_m2r2(sd, cfg, linear_weights)
-    except KeyError as e:
-        raise UnsupportedModelError(f"the weights in {d} lack tensor {e.args[0]!r}: not a {cfg.model_type} checkpoint?") from e
+    if from_blocks:
+        from .gguf_weights import embedding_blocks, gguf_state_dict
+        mapped = gguf_state_dict(source.gguf, cfg)
+        model.set_embedding_blocks(*embedding_blocks(source.gguf, cfg))
+        mapped["embed_tokens.weight"] = model.embed_tokens.weight
+    else:
+        sd = _load_state_dict(d, linear_weights)
+        if linear_weights:
+            _check_tensors(d, sd, cfg)
+        try:
+            mapped = hf_state_dict_to_m2r2(sd, cfg, linear_weights)
+        except KeyError as e:
+            raise UnsupportedModelError(f"the weights in {d} lack tensor {e.args[0]!r}: not a {cfg.model_type} "
+                                        "checkpoint?") from e
     try:
         model.load_dense(mapped, linear_weights)
     except (KeyError, ValueError, RuntimeError) as e:

@@ -110,7 +110,10 @@ class Linear(nn.Module):
         bw = self.lowp.get("gguf")
         if bw is None:
             raise RuntimeError("this layer has neither float32 weights nor GGUF blocks")
-        dense = torch.from_numpy(np.concatenate([dequantize(b.numpy(), f.upper()) for f, b in bw.parts], 0))
+        if native.available():  # the same values (kernels/qblocks.h follows blocks.py), on every thread
+            dense = torch.cat([native.qdequant(b, f, b.shape[0], self.in_features) for f, b in bw.parts])
+        else:
+            dense = torch.from_numpy(np.concatenate([dequantize(b.numpy(), f.upper()) for f, b in bw.parts], 0))
         with torch.no_grad():
             self.weight.data = self.pack(dense, self.parts)
         self.build_row_layout()
@@ -309,7 +312,8 @@ class StepContext:
             self.write.mask = mask
         self.cos, self.sin = model.rope(positions if rope_positions is None else rope_positions)
         self.weights = weights.active()
-        rows_ok = positions.numel() <= Linear.GEMM_ROWS or (self.weights or model.lm_head.default_format()).any_rows
+        rows_ok = positions.numel() <= Linear.GEMM_ROWS or \
+            positions.numel() < (self.weights or model.lm_head.default_format()).native_max_rows
         self.native = mask is None and rows_ok and type(cache) is KVCache \
             and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" and native.available()
         self.causal_mask = self.write.mask if mask is None else None
@@ -417,7 +421,47 @@ class Transformer(nn.Module):
         return self.rope_cos[positions].to(dtype), self.rope_sin_folded[positions].to(dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        blocks = self.__dict__.get("_embed_blocks")
+        if blocks is not None and self.embed_tokens.weight.numel() == 0:  # rows dequantised from the GGUF
+            from .blocks import dequantize_rows
+            fmt, raw = blocks
+            rows = dequantize_rows(raw, fmt, ids.reshape(-1).numpy())
+            return torch.from_numpy(rows).view(*ids.shape, self.cfg.hidden_size)
         return self.embed_tokens(ids)
+
+    def set_embedding_blocks(self, fmt: str, raw) -> None:
+        """Embed tokens from the GGUF's own rows (``fmt`` blocks, ``raw`` (vocab, bytes per row) uint8): each lookup
+        dequantises only its rows (the float32 embedding's values exactly, ``blocks.dequantize_rows``), so the
+        embedding costs the file's bytes, not 4 per weight; ``embedding_weight()`` builds the float32 table if
+        something needs it whole."""
+        self.embed_tokens.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.__dict__["_embed_blocks"] = (fmt, raw)
+
+    def materialize(self, layers=None) -> None:
+        """Give the float32 weights to the linear layers of ``layers`` (indices; default all), the LM head and the
+        embedding, where the model runs from GGUF blocks and has none yet (a no-op otherwise): for code that
+        reads the weights themselves (``state_dict``, copies)."""
+        chosen = range(len(self.layers)) if layers is None else layers
+        for i in chosen:
+            for mod in self.layers[i].modules():
+                if isinstance(mod, Linear):
+                    mod.float_weight()
+        self.lm_head.float_weight()
+        self.embedding_weight()
+
+    def embedding_weight(self) -> torch.Tensor:
+        """The embedding table (vocab, hidden) as float32 weights (dequantised from the GGUF once if the model
+        embeds from its blocks)."""
+        w = self.embed_tokens.weight
+        blocks = self.__dict__.get("_embed_blocks")
+        if blocks is not None and w.numel() == 0:
+            from .blocks import dequantize
+            with _MATERIALIZE:
+                if self.embed_tokens.weight.numel() == 0:
+                    full = torch.from_numpy(dequantize(blocks[1], blocks[0]))
+                    self.embed_tokens.weight = nn.Parameter(full, requires_grad=False)
+            w = self.embed_tokens.weight
+        return w
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         ctx.cache.counters.layer_calls += x.shape[0] * x.shape[1]

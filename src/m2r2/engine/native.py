@@ -120,6 +120,8 @@ def _build() -> ctypes.CDLL:
     lib.m2r2_block_scratch.restype = ctypes.c_long
     lib.m2r2_qgemv.argtypes = [P, I, P, I, P, P, I, I, I]
     lib.m2r2_qgemv.restype = None
+    lib.m2r2_qdequant.argtypes = [P, I, I, I, P, I]
+    lib.m2r2_qdequant.restype = None
     lib.m2r2_fma_rate.argtypes = [ctypes.c_long, I]
     lib.m2r2_fma_rate.restype = ctypes.c_double
     return lib
@@ -227,6 +229,18 @@ def qgemv_kind(x: torch.Tensor, w: torch.Tensor, kind: int, bias: torch.Tensor |
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     _lib.m2r2_qgemv(x.data_ptr(), x.shape[0], w.data_ptr(), kind, None if bias is None else bias.data_ptr(),
                     y.data_ptr(), x.shape[1], out_features, torch.get_num_threads())
+    return y
+
+
+def qdequant(blocks: torch.Tensor, fmt: str, rows: int, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """GGUF blocks ``blocks`` (rows, bytes per row) uint8 in format ``fmt`` -> float32 (rows, in_features), exactly
+    the reference dequantiser's values (``blocks.dequantize``), on every intra-op thread; into ``out`` if given."""
+    f = BLOCK_FORMATS[fmt.upper()]
+    if tuple(blocks.shape) != (rows, in_features // f.weights_per_block * f.bytes_per_block) or in_features % \
+            f.weights_per_block or blocks.dtype != torch.uint8 or not blocks.is_contiguous():
+        raise ValueError(f"qdequant: blocks {tuple(blocks.shape)} do not hold {rows} x {in_features} {fmt}")
+    y = torch.empty(rows, in_features, dtype=torch.float32) if out is None else out
+    _lib.m2r2_qdequant(blocks.data_ptr(), BLOCK_KINDS[fmt], rows, in_features, y.data_ptr(), torch.get_num_threads())
     return y
 
 

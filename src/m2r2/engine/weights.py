@@ -45,6 +45,7 @@ class WeightFormat:
     # products of any number of rows (prefills too) run in this format; otherwise only decode-sized steps do
     # (up to Linear.GEMM_ROWS rows) and longer ones run the float32 GEMM
     any_rows: bool = False
+    native_max_rows: int = 0  # steps below this many token rows may run the native block kernels (beyond 16)
 
     def available(self) -> bool:
         return True
@@ -184,7 +185,12 @@ class GGUFBlocks(WeightFormat):
     bytes. Each linear keeps ``lowp["gguf"]``, a ``gguf_weights.BlockWeight``."""
 
     name, bytes_per_weight, exact = "gguf", 0.625, True  # nominal (Q4_1); BlockWeight.nbytes has a layer's own
-    any_rows = True  # the block kernels also run prefills (no float32 copy needed): any number of rows
+    any_rows = True  # products of any number of rows run on the blocks (no float32 copy needed)
+    # a step of up to 127 rows runs the native block kernel; a longer one (a prefill: compute-bound) the PyTorch
+    # path, whose products dequantise each weight for a GEMM (gguf_weights.BlockWeight.GEMM_ROWS). Measured on
+    # 2 cores (embedded model, ms per prefill, native / PyTorch on blocks / dequantise + GEMM): 36 tokens 84 / 78
+    # / 119, 128 tokens 259 / 261 / 249, 512 tokens 1234 / 1086 / 954
+    native_max_rows = 128
 
     def available(self) -> bool:
         from . import native

@@ -60,6 +60,7 @@ def cut(target: Transformer, layers: list[int]) -> Transformer:
     threads = max(b.qkv.parts for b in target.layers)
     m = Transformer(cfg, (target.rope_cos, target.rope_sin), threads=threads)
     sd = {}
+    target.materialize(layers)  # a model run from GGUF blocks: the float32 weights this cut copies
     full = target.state_dict()
     for new, old in enumerate(layers):
         for k, v in full.items():

@@ -387,3 +387,21 @@ double m2r2_fma_rate(long iters, int threads) {
     const double secs = omp_get_wtime() - start;
     return sink == 12345.678 ? 0.0 : (double)iters * 256.0 * threads / secs;  /* (keeps the loop alive) */
 }
+
+/* W (rows x in, GGUF blocks of kind `kind`, one format) dequantised to float32 out (rows, in), exactly
+ * (m2r2.engine.blocks), on `threads` threads: the weight of a compute-bound product (a long prefill) handed to
+ * a GEMM. */
+void m2r2_qdequant(const unsigned char *W, int kind, int rows, int in, float *out, int threads) {
+    const int nu = in / 32;
+    const size_t row_bytes = (size_t)(in / q_block_weights(kind)) * q_block_bytes(kind);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int o = 0; o < rows; o++) {
+        const unsigned char *row = W + (size_t)o * row_bytes;
+        float *dst = out + (size_t)o * in;
+        switch (kind) {
+#define DQ(K) case K: for (int u = 0; u < nu; u++) deq_unit(K, row, u, dst + (size_t)u * 32); break;
+        DQ(KIND_Q4_0) DQ(KIND_Q4_1) DQ(KIND_Q5_0) DQ(KIND_Q5_1) DQ(KIND_Q8_0) DQ(KIND_Q4_K) DQ(KIND_Q6_K)
+#undef DQ
+        }
+    }
+}
