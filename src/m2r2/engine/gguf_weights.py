@@ -164,3 +164,8 @@ def attach_gguf_blocks(model, path) -> None:
         put(blk.down, [_blocks(tensors, p + "ffn_down.weight")])
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     put(model.lm_head, [_blocks(tensors, head)])
+    emb = model.__dict__.get("_embed_blocks")
+    if head == "token_embd.weight" and emb is not None:  # tied: the embedding rows are the head's blocks, one copy
+        fmt, blocks = model.lm_head.lowp["gguf"].parts[0]
+        if fmt.upper() == emb[0].upper() and tuple(blocks.shape) == emb[1].shape:
+            model.__dict__["_embed_blocks"] = (emb[0], blocks.numpy())
