@@ -50,6 +50,7 @@ of attention heads, k the number of key/value heads. transformers' GGUF loader u
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,18 +279,27 @@ class BlockTensor:
 
 def gguf_architecture(path: str | os.PathLike) -> str:
     """The GGUF's ``general.architecture`` ("llama", "qwen2", ...; "" if absent)."""
-    from gguf import GGUFReader
-    try:
-        field = GGUFReader(Path(path), "r").fields.get("general.architecture")
-        return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else ""
-    except Exception as e:
-        raise UnsupportedModelError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    return _read_gguf(*_file_key(path))[1]
 
 
 def read_gguf_tensors(path: str | os.PathLike) -> dict[str, BlockTensor]:
     """Every tensor of the GGUF file at ``path`` by name, memory-mapped (nothing is copied). A missing file
     raises ``ModelNotFoundError``; a file that is not a readable GGUF, or holds a tensor in a format m2r2
-    does not read, ``UnsupportedModelError``."""
+    does not read, ``UnsupportedModelError``. Parsed once per file version (the gguf package's reader takes
+    seconds on a file with a large vocabulary in its metadata): later calls return the same mapping."""
+    return dict(_read_gguf(*_file_key(path))[0])
+
+
+def _file_key(path) -> tuple[str, int, int]:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelNotFoundError(f"{p} does not exist or is not a file")
+    st = p.stat()
+    return str(p.resolve()), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf(path: str, size: int, mtime_ns: int) -> tuple[dict[str, BlockTensor], str]:
     p = Path(path)
     if not p.is_file():
         raise ModelNotFoundError(f"{p} does not exist or is not a file")
@@ -331,4 +341,6 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, BlockTensor]:
                                         f"{rows * row_bytes}; the file may be truncated or corrupt")
         raw = data.reshape(-1).view(np.uint8).reshape(rows, row_bytes)
         out[t.name] = BlockTensor(t.name, fmt, shape, raw)
-    return out
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field is not None and field.data else ""
+    return out, arch

@@ -13,10 +13,11 @@
  *
  * Speed. A one-row step is compute-bound on dequantisation, not on memory: the AVX-512 path builds Q4_0/Q4_1's
  * 16 possible values of a block once (a 16-float table, exact as above) and looks all 32 weights up with two
- * permutes; Q5_0/Q5_1 use a 32-entry table the same way. Each dequantised unit is used for up to GMAX rows
- * held in registers, so extra rows cost their multiply-adds only (the multi-row curve of the benchmark
- * `m2r2 bench products`). Other formats (Q4_K, Q6_K), and every format on the AVX2 and plain C paths,
- * dequantise a unit into 32 floats in L1 and run the same multiply-add loop over it.
+ * permutes; Q5_0/Q5_1 use a 32-entry table the same way; Q4_K builds a table per sub-block from its super-
+ * block's scales (read once), Q6_K converts its six-bit values. Each dequantised unit is used for up to GMAX
+ * rows held in registers, so extra rows cost their multiply-adds only (the multi-row curve of the benchmark
+ * `m2r2 bench products`). On the AVX2 and plain C paths every format dequantises a unit into 32 floats in L1
+ * (deq_unit, compiled per format) and runs the same multiply-add loop over it.
  */
 #include <stdint.h>
 
@@ -314,10 +315,6 @@ static inline __attribute__((always_inline)) void qdot_rows(int kind, const unsi
             ROWS_FMA
         }
         break;
-    default: {  /* (none left: every kind above has its register dequantiser) */
-        float wb[32] __attribute__((aligned(64)));
-        UNIT_LOOPS(wb, w0 = _mm512_load_ps(wb); w1 = _mm512_load_ps(wb + 16); ROWS_FMA)
-    }
     }
 #undef ROWS_FMA
     for (int g = 0; g < G; g++)
