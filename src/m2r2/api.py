@@ -210,7 +210,9 @@ def load(model: str | os.PathLike | None = None, *, dtype: str = "float32", weig
     # its blocks only if something needs it: training, the PyTorch path)
     m, tok = load_model(source, dtype=DTYPES[dtype], threads=threads, linear_weights=not gguf)
     if gguf:
+        from .engine.blocks import release_gguf_maps
         from .engine.gguf_weights import attach_gguf_blocks
         attach_gguf_blocks(m, source.gguf)
+        release_gguf_maps()  # every block is copied into the model by now
     m.set_weights(weights)
     return LM(m, tok, source, time.perf_counter() - t0)

@@ -290,6 +290,12 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, BlockTensor]:
     return dict(_read_gguf(*_file_key(path))[0])
 
 
+def release_gguf_maps() -> None:
+    """Drop the parsed GGUFs (and their file mappings): after a load has copied what it keeps, so the mapped
+    file's pages do not stay resident with the process."""
+    _read_gguf.cache_clear()
+
+
 def _file_key(path) -> tuple[str, int, int]:
     p = Path(path)
     if not p.is_file():
