@@ -20,11 +20,15 @@ import torch
 
 from ..errors import UnsupportedModelError
 from . import native
-from .blocks import BLOCK_FORMATS, gguf_architecture, read_gguf_tensors, unpermute_qk_rows
+from .blocks import BLOCK_FORMATS, dequantize, gguf_architecture, read_gguf_tensors, unpermute_qk_rows
 
 # GGUF architectures whose q/k rows llama.cpp's converter permutes for its RoPE (LlamaModel.permute; Mistral is
 # written as "llama" too); Qwen2 and the others keep Hugging Face's order, as transformers' GGUF loader assumes
 PERMUTED_QK = ("llama",)
+
+
+def _qk_permuted(path) -> bool:
+    return gguf_architecture(path) in PERMUTED_QK
 
 @dataclass
 class BlockWeight:
@@ -51,13 +55,18 @@ class BlockWeight:
 
     GEMM_ROWS = 128  # from this many rows (a long prefill, compute-bound) the weight is dequantised for a GEMM
 
+    def dense(self, in_features: int) -> torch.Tensor:
+        """The float32 weight (out, in): exactly the reference dequantiser's values (``blocks.dequantize``), through
+        the native kernels where they are built."""
+        if native.available():
+            return torch.cat([native.qdequant(b, f, b.shape[0], in_features) for f, b in self.parts])
+        return torch.from_numpy(np.concatenate([dequantize(b.numpy(), f.upper()) for f, b in self.parts]))
+
     def product(self, x2: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
         if x2.shape[0] < self.GEMM_ROWS:
             return native.qgemv_kind(x2, self.native, self.kind, bias, out_features)
         # exactly the float32 weights, then the library's GEMM (the float32 path's arithmetic for a prefill)
-        w = torch.cat([native.qdequant(b, f, b.shape[0], x2.shape[1]) for f, b in self.parts]) \
-            if len(self.parts) > 1 else native.qdequant(self.parts[0][1], self.parts[0][0], out_features, x2.shape[1])
-        y = x2 @ w.T
+        y = x2 @ self.dense(x2.shape[1]).T
         return y if bias is None else y + bias
 
 
@@ -77,7 +86,7 @@ def gguf_state_dict(path, cfg) -> dict[str, torch.Tensor]:
     m2r2 name, straight from the file: the norms and any biases (q/k rows in Hugging Face order, as the blocks).
     What ``Transformer.load_dense(..., linear_weights=False)`` takes."""
     tensors = read_gguf_tensors(path)
-    permuted = gguf_architecture(path) in PERMUTED_QK
+    permuted = _qk_permuted(path)
 
     def get(name: str, optional: bool = False) -> torch.Tensor | None:
         t = tensors.get(name)
@@ -109,7 +118,8 @@ def gguf_state_dict(path, cfg) -> dict[str, torch.Tensor]:
 
 
 def embedding_blocks(path, cfg) -> tuple[str, np.ndarray]:
-    """The token embedding as the GGUF stores it: (format, (vocab, bytes per row) uint8), copied out of the map."""
+    """The token embedding as the GGUF stores it: (format, (vocab, bytes per row) uint8), a view of the mapped file
+    (``attach_gguf_blocks`` swaps in the LM head's copy where the two are tied)."""
     t = read_gguf_tensors(path).get("token_embd.weight")
     if t is None or t.shape != (cfg.vocab_size, cfg.hidden_size):
         raise UnsupportedModelError(f"the GGUF's token embedding {None if t is None else t.shape} does not fit "
@@ -131,7 +141,7 @@ def attach_gguf_blocks(model, path) -> None:
     """Give every linear layer of ``model`` (loaded from the GGUF at ``path``) its blocks from the file."""
     cfg = model.cfg
     tensors = read_gguf_tensors(path)
-    permuted = gguf_architecture(path) in PERMUTED_QK
+    permuted = _qk_permuted(path)
 
     def put(lin, parts: list[tuple[str, np.ndarray]]) -> None:
         merged: list[tuple[str, list[np.ndarray]]] = []  # consecutive parts of one format become one segment

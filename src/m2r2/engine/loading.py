@@ -312,22 +312,15 @@ def _dir_identity(d: Path) -> str:
     return f"hf:{h.hexdigest()}"
 
 
-def _is_linear_weight(key: str) -> bool:
-    """A Hugging Face Llama-family key of a projection's weight (what a GGUF loaded as its blocks does not read)."""
-    return key.endswith(("_proj.weight", "lm_head.weight"))
-
-
-def _load_state_dict(d: Path, linear_weights: bool = True) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
+def _load_state_dict(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     files = sorted(d.glob("*.safetensors"))
     try:
         if files:
             sd: dict[str, torch.Tensor] = {}
-            for f in files:  # only the tensors wanted are read (the file is memory-mapped)
-                with safe_open(str(f), framework="pt") as fh:
-                    for k in fh.keys():
-                        if linear_weights or not _is_linear_weight(k):
-                            sd[k] = fh.get_tensor(k)
+            for f in files:
+                sd.update(load_file(str(f)))
             return sd
         bins = sorted(d.glob("pytorch_model*.bin"))
         if bins:
@@ -396,7 +389,9 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_posi
     weights are laid out for ``threads`` intra-op threads (default: torch's current count); with
     ``linear_weights=False`` they are not read (``Transformer.load_dense``: the GGUF blocks come next)."""
     from transformers import AutoConfig
-    from_blocks = not linear_weights and source.gguf is not None  # every tensor from the GGUF itself
+    if not linear_weights and source.gguf is None:
+        raise ValueError("linear_weights=False loads a GGUF as its blocks: this model is not a GGUF")
+    from_blocks = not linear_weights  # every tensor from the GGUF itself
     d = source.config_dir if from_blocks else source.hf_dir
     try:
         hf_config = AutoConfig.from_pretrained(str(d))
@@ -412,11 +407,10 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, max_posi
         model.set_embedding_blocks(*embedding_blocks(source.gguf, cfg))
         mapped["embed_tokens.weight"] = model.embed_tokens.weight
     else:
-        sd = _load_state_dict(d, linear_weights)
-        if linear_weights:
-            _check_tensors(d, sd, cfg)
+        sd = _load_state_dict(d)
+        _check_tensors(d, sd, cfg)
         try:
-            mapped = hf_state_dict_to_m2r2(sd, cfg, linear_weights)
+            mapped = hf_state_dict_to_m2r2(sd, cfg)
         except KeyError as e:
             raise UnsupportedModelError(f"the weights in {d} lack tensor {e.args[0]!r}: not a {cfg.model_type} "
                                         "checkpoint?") from e

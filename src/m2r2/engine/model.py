@@ -104,16 +104,10 @@ class Linear(nn.Module):
         return w
 
     def _materialize(self) -> None:
-        import numpy as np
-
-        from .blocks import dequantize
         bw = self.lowp.get("gguf")
         if bw is None:
             raise RuntimeError("this layer has neither float32 weights nor GGUF blocks")
-        if native.available():  # the same values (kernels/qblocks.h follows blocks.py), on every thread
-            dense = torch.cat([native.qdequant(b, f, b.shape[0], self.in_features) for f, b in bw.parts])
-        else:
-            dense = torch.from_numpy(np.concatenate([dequantize(b.numpy(), f.upper()) for f, b in bw.parts], 0))
+        dense = bw.dense(self.in_features)
         with torch.no_grad():
             self.weight.data = self.pack(dense, self.parts)
         self.build_row_layout()
@@ -522,10 +516,8 @@ class Transformer(nn.Module):
         return fmt
 
 
-def hf_state_dict_to_m2r2(sd: dict[str, torch.Tensor], cfg: ModelConfig,
-                          linear_weights: bool = True) -> dict[str, torch.Tensor]:
-    """Map a Hugging Face Llama-family state dict onto m2r2's fused blocks (done once, at load); without the
-    linear layers' weights (``linear_weights=False``: the embedding, norms and biases only)."""
+def hf_state_dict_to_m2r2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face Llama-family state dict onto m2r2's fused blocks (done once, at load)."""
 
     def get(name: str) -> torch.Tensor:
         for key in (name, "model." + name):
@@ -535,26 +527,24 @@ def hf_state_dict_to_m2r2(sd: dict[str, torch.Tensor], cfg: ModelConfig,
 
     out: dict[str, torch.Tensor] = {"embed_tokens.weight": get("embed_tokens.weight"),
                                     "norm.weight": get("norm.weight")}
-    if not cfg.tie_word_embeddings and linear_weights:
+    if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         a = p + "self_attn."
         out[p + "input_norm.weight"] = get(p + "input_layernorm.weight")
         out[p + "post_norm.weight"] = get(p + "post_attention_layernorm.weight")
-        if linear_weights:
-            out[p + "qkv.weight"] = torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"),
-                                               get(a + "v_proj.weight")], 0)
-            out[p + "o.weight"] = get(a + "o_proj.weight")
-            m = p + "mlp."
-            out[p + "gate_up.weight"] = torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")], 0)
-            out[p + "down.weight"] = get(m + "down_proj.weight")
+        out[p + "qkv.weight"] = torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"),
+                                           get(a + "v_proj.weight")], 0)
+        out[p + "o.weight"] = get(a + "o_proj.weight")
+        m = p + "mlp."
+        out[p + "gate_up.weight"] = torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")], 0)
+        out[p + "down.weight"] = get(m + "down_proj.weight")
         if cfg.attention_bias:
             out[p + "qkv.bias"] = torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"),
                                              get(a + "v_proj.bias")], 0)
         if cfg.attention_bias and cfg.model_type != "qwen2":
             out[p + "o.bias"] = get(a + "o_proj.bias")
-        m = p + "mlp."
         if cfg.mlp_bias:
             out[p + "gate_up.bias"] = torch.cat([get(m + "gate_proj.bias"), get(m + "up_proj.bias")], 0)
             out[p + "down.bias"] = get(m + "down_proj.bias")
