@@ -194,7 +194,12 @@ def render_chart(doc: dict, path: Path) -> None:
         ax2.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=30, ha="right", fontsize=8)
         ax2.set_title("by category", fontsize=10)
         ax2.legend(fontsize=7)
-    meta = doc["meta"]
+    save_chart(fig, path, doc["meta"])
+
+
+def save_chart(fig, path: Path, meta: dict) -> None:
+    """Title a benchmark chart with the machine, threads and date of its run, write it and free it."""
+    import matplotlib.pyplot as plt
     fig.suptitle(f"{meta.get('cpu')} · {meta.get('threads')} threads · {meta.get('date')}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .report import _fmt, md_table, provenance_lines, text_table
+from .report import _fmt, md_table, provenance_lines, save_chart, text_table
 
 ENGINES = ("m2r2", "llamacpp")
 DEFAULT_CONCURRENCY = "1,4,8,16"
@@ -174,11 +174,7 @@ def render_serve_chart(doc: dict, path: Path) -> None:
     ax2.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax2.set_ylabel("ms")
     ax2.set_title("latency", fontsize=10)
-    meta = doc["meta"]
-    fig.suptitle(f"{meta.get('cpu')} · {meta.get('threads')} threads · {meta.get('date')}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_chart(fig, path, doc["meta"])
 
 
 def write_serve_results(name: str, meta: dict, records: Sequence[dict], summary: dict,
