@@ -225,6 +225,28 @@ def test_mixed_formats_and_k_quants_through_the_block_kernel(tmp_path):
     assert_close_rel(ours, ref.double())
 
 
+def test_prompts_run_dequantise_plus_gemm_and_decode_steps_never_do(embedded_lm, monkeypatch):
+    """A prompt's forward (hidden(prompt=True), 20+ tokens) dequantises each weight into one reused buffer for a GEMM:
+    the float32 model's logits up to summation order. The same rows as a decode-sized step or a verification
+    (prompt=False) run the row-independent block kernels, never the GEMM."""
+    from m2r2.engine import gguf_weights
+    m = embedded_lm.model
+    gemms = []
+    real = gguf_weights.gemm
+    monkeypatch.setattr(gguf_weights, "gemm", lambda *a: gemms.append(a[0].shape[0]) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for T in (19, 20, 45):
+            ids = torch.randint(2, 40000, (1, T), generator=g)
+            pos = torch.arange(T)[None]
+            gemms.clear()
+            x = m.hidden(ids, m.new_cache(1, 64), pos, prompt=True)
+            assert len(gemms) == (0 if T < 20 else 4 * m.cfg.num_layers)  # every block product of every layer
+            y = m.hidden(ids, m.new_cache(1, 64), pos)  # the native block kernels
+            assert len(gemms) == (0 if T < 20 else 4 * m.cfg.num_layers)
+            assert_close_rel(m.head(x), m.head(y).double())
+
+
 @pytest.mark.slow
 def test_blocks_only_load_dequantises_float32_weights_on_demand(embedded_fp32):
     """Loaded as its blocks, the model holds no float32 linear weights; asking for one (training, the PyTorch path)

@@ -76,7 +76,7 @@ class DecodeState:
             ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         positions = torch.arange(T).expand(self.batch, T)
         m = self.model
-        x = m.hidden(ids, self.cache, positions)
+        x = m.hidden(ids, self.cache, positions, prompt=True)
         last = x[torch.arange(self.batch), lens - 1].unsqueeze(1)  # (B, 1, D): only these need the head
         self.cache.crop(0)
         self.cache.advance(lens)

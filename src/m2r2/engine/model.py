@@ -298,7 +298,7 @@ class StepContext:
     in a format whose kernels take any number of rows, the GGUF blocks)."""
 
     def __init__(self, model: "Transformer", cache: KVCache, positions: torch.Tensor,
-                 rope_positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                 rope_positions: torch.Tensor | None = None, mask: torch.Tensor | None = None, prompt: bool = False):
         self.cache = cache
         self.positions = positions
         self.write = WriteSpec(positions, cache.max_len)
@@ -306,9 +306,14 @@ class StepContext:
             self.write.mask = mask
         self.cos, self.sin = model.rope(positions if rope_positions is None else rope_positions)
         self.weights = weights.active()
-        rows_ok = positions.numel() <= Linear.GEMM_ROWS or \
-            positions.numel() < (self.weights or model.lm_head.default_format()).native_max_rows
-        self.native = mask is None and rows_ok and type(cache) is KVCache \
+        fmt = self.weights or model.lm_head.default_format()
+        rows_ok = positions.numel() <= Linear.GEMM_ROWS or positions.numel() < fmt.native_max_rows
+        # a prompt (``prompt``: a prefill, never a decode step or a verification, whose rows must not depend on each
+        # other) of many tokens per sequence in a format with its own prefill products: layer by layer under
+        # ``fmt.prefill()`` (Transformer.hidden) instead of the native decode-step kernels
+        self.prefill = fmt if prompt and mask is None and fmt.prefill_rows \
+            and positions.shape[-1] >= fmt.prefill_rows else None
+        self.native = mask is None and rows_ok and self.prefill is None and type(cache) is KVCache \
             and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" and native.available()
         self.causal_mask = self.write.mask if mask is None else None
         self.native_rows = native.rows_of(positions) if self.native else None
@@ -466,8 +471,8 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
     def context(self, cache: KVCache, positions: torch.Tensor, rope_positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> StepContext:
-        return StepContext(self, cache, positions, rope_positions, mask)
+                mask: torch.Tensor | None = None, prompt: bool = False) -> StepContext:
+        return StepContext(self, cache, positions, rope_positions, mask, prompt)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.cfg
@@ -488,17 +493,19 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.head(x)
 
-    def hidden(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
-        """The full-depth forward of ``forward`` up to the final states (B, T, D), before norm and head."""
-        ctx = self.context(cache, positions)
+    def hidden(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor, prompt: bool = False) -> torch.Tensor:
+        """The full-depth forward of ``forward`` up to the final states (B, T, D), before norm and head. ``prompt``: a
+        prefill (its rows may be computed together in any order: see ``StepContext``)."""
+        ctx = self.context(cache, positions, prompt=prompt)
         x = self.embed(ids)
         fmt = self._native_stack(x, ctx)
         if fmt is not None:  # every block native in one format: the whole stack in one C call
             x = native.blocks(self, x, ctx.cache, ctx.cos, ctx.sin, ctx.native_rows, fmt)
             cache.counters.layer_calls += x.shape[0] * x.shape[1] * len(self.layers)
         else:
-            for i in range(self.cfg.num_layers):
-                x = self.layer(i, x, ctx)
+            with ctx.prefill.prefill() if ctx.prefill is not None else contextlib.nullcontext():
+                for i in range(self.cfg.num_layers):
+                    x = self.layer(i, x, ctx)
         cache.counters.forward_passes += 1
         return x
 

@@ -46,6 +46,9 @@ class WeightFormat:
     # (up to Linear.GEMM_ROWS rows) and longer ones run the float32 GEMM
     any_rows: bool = False
     native_max_rows: int = 0  # steps below this many token rows may run the native block kernels (beyond 16)
+    # a causal forward of this many tokens per sequence (a prompt) runs layer by layer with the format's prefill
+    # products (GGUF: dequantise + GEMM, gguf_weights.prefill_products); 0: never
+    prefill_rows: int = 0
 
     def available(self) -> bool:
         return True
@@ -68,6 +71,10 @@ class WeightFormat:
     def native_kind(self, lin: "nn.Module") -> int:
         """The kernels' code for what ``native_weight`` holds (kernels/decode.c: KIND_*)."""
         return 1 if self.name == "fp16" else 0
+
+    def prefill(self):
+        """A context manager for the products of a prompt's forward (``prefill_rows``); default: nothing changes."""
+        return contextlib.nullcontext()
 
     def native_block_ready(self, blk) -> bool:
         """Whether the native block kernel can run block ``blk``'s four linears from this format."""
@@ -186,11 +193,14 @@ class GGUFBlocks(WeightFormat):
 
     name, bytes_per_weight, exact = "gguf", 0.625, True  # nominal (Q4_1); BlockWeight.nbytes has a layer's own
     any_rows = True  # products of any number of rows run on the blocks (no float32 copy needed)
-    # a step of up to 127 rows runs the native block kernel; a longer one (a prefill: compute-bound) the PyTorch
-    # path, whose products dequantise each weight for a GEMM (gguf_weights.BlockWeight.GEMM_ROWS). Measured on
-    # 2 cores (embedded model, ms per prefill, native / PyTorch on blocks / dequantise + GEMM): 36 tokens 84 / 78
-    # / 119, 128 tokens 259 / 261 / 249, 512 tokens 1234 / 1086 / 954
+    # a step of up to 127 rows runs the native block kernel (each row's bits independent of the others); a longer
+    # one the PyTorch path, whose products dequantise each weight for a GEMM (gguf_weights.BlockWeight.GEMM_ROWS)
     native_max_rows = 128
+    # a prompt of 20+ tokens (Transformer.hidden(prompt=True)): dequantise + oneDNN's GEMM (gguf_weights.gemm).
+    # Measured on 2 cores, embedded model, ms per prefill, native block kernels / dequantise + GEMM (ad-hoc check,
+    # the benchmark is prefill-by-length): 8 tokens 11 / 21, 16: 19 / 24, 20: 27 / 26, 24: 48 / 29, 36: 68 / 35,
+    # 100: 188 / 71, 512: 761 / 390
+    prefill_rows = 20
 
     def available(self) -> bool:
         from . import native
@@ -213,6 +223,10 @@ class GGUFBlocks(WeightFormat):
 
     def native_block_ready(self, blk) -> bool:
         return all(self.name in blk._modules[n].lowp for n in ("qkv", "o", "gate_up", "down"))
+
+    def prefill(self):
+        from .gguf_weights import prefill_products
+        return prefill_products()
 
 
 FORMATS: dict[str, WeightFormat] = {}

@@ -246,7 +246,7 @@ class Batcher:
         st, p = s.state, s.prompt
         a, b = s.prefilled, min(len(p), s.prefilled + self.prefill_chunk)
         ids = torch.tensor([p[a:b]], dtype=torch.long)
-        x = self.model.hidden(ids, st.cache, torch.arange(a, b).view(1, -1))
+        x = self.model.hidden(ids, st.cache, torch.arange(a, b).view(1, -1), prompt=True)
         st.cache.advance(b - a)
         s.prefilled = b
         if b < len(p):
