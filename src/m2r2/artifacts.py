@@ -166,7 +166,7 @@ def shipped_roots() -> tuple[Path, ...]:
 
 # kind -> (the config file naming it, the kind a config of that name without a "kind" field has)
 SHIPPED_KINDS = {"m2r2": ("adapter.json", "m2r2"), "exit": ("adapter.json", "m2r2"),
-                 "medusa": ("medusa.json", None), "draft-model": ("draft.json", None),
+                 "medusa": ("medusa.json", None), "draft-model": ("draft.json", None), "eagle": ("eagle.json", None),
                  "mod": ("mod.json", "mod"), "moefy": ("moe.json", "moefy")}
 
 

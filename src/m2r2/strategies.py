@@ -4,7 +4,7 @@ loaded model, finding the artifacts trained for it (M2R2 adapters, ARLA routers,
 model, MoD routers) in the package or at the path given.
 
 Lossless (greedy output identical to ``plain``; ``m2r2.decoding.speculative``): ``m2r2``, ``early-exit``,
-``early-exit-adapter``, ``quant-draft``, ``prompt-lookup``, ``lookahead``, ``medusa``, ``draft-model``.
+``early-exit-adapter``, ``quant-draft``, ``prompt-lookup``, ``lookahead``, ``medusa``, ``eagle``, ``draft-model``.
 Lossy, batch 1 (``m2r2.decoding.early_exit``, ``m2r2.baselines``): ``calm``, ``calm-adapter``,
 ``m2r2-exit``, ``m2r2-exit-conf``, ``skipdecode``, ``mod``.
 """
@@ -58,18 +58,27 @@ def _peer(host: Host, kind: str, path, draft_vocab: bool):
     from .decoding.drafters.draft_model import DraftModel, DraftModelDrafter
     from .artifacts import read_draft_vocab
     from .decoding.drafters.medusa import MedusaDrafter, MedusaHeads, find_shipped as find_peer
-    key = ("peer", kind, None if path is None else str(path))
+    from .decoding.drafters.eagle import EagleDrafter, EagleHead
+    key = ("peer", kind, None if path is None else str(path), draft_vocab if kind == "eagle" else None)
     if key not in host.artifacts:
         identity = _identity(host)
         where = path or find_peer(identity, kind)
         if where is None:
+            trainer = "m2r2.training.eagle" if kind == "eagle" else "m2r2.training.peers"
             raise AdapterError(f"no {kind} artifact ships for {host.source.name}; train one with "
-                               "`python -m m2r2.training.peers` and pass its directory as adapter=")
-        obj = (MedusaHeads.load(where, identity) if kind == "medusa"
-               else DraftModel.build(where, host.model, identity))
-        host.artifacts[key] = (obj, read_draft_vocab(where, host.model.cfg.vocab_size))
+                               f"`python -m {trainer}` and pass its directory as adapter=")
+        vocab = read_draft_vocab(where, host.model.cfg.vocab_size)
+        if kind == "eagle":  # the head's read-out is built over its vocabulary (the full one: draft_vocab=False)
+            obj = EagleHead.load(where, host.model, vocab if draft_vocab else None, identity)
+        elif kind == "medusa":
+            obj = MedusaHeads.load(where, identity)
+        else:
+            obj = DraftModel.build(where, host.model, identity)
+        host.artifacts[key] = (obj, vocab)
     obj, vocab = host.artifacts[key]
     vocab = vocab if draft_vocab else None
+    if kind == "eagle":
+        return EagleDrafter(obj)
     return MedusaDrafter(obj, vocab) if kind == "medusa" else DraftModelDrafter(obj, vocab)
 
 
@@ -259,6 +268,9 @@ register_strategy("lookahead", _lookahead, LookaheadOptions, lossless=True,
                   help="Lookahead decoding: an n-gram pool filled by Jacobi iterations riding in the verification")
 register_strategy("medusa", _peer_strategy("medusa"), PeerOptions, lossless=True,
                   help="Medusa heads on the model's final hidden state (the shipped ones, or adapter)")
+register_strategy("eagle", _peer_strategy("eagle"), PeerOptions, lossless=True,
+                  help="an EAGLE-style draft head: one decoder layer on the model's own final hidden states (the "
+                       "shipped one, or adapter)")
 register_strategy("draft-model", _peer_strategy("draft-model"), PeerOptions, lossless=True,
                   help="2-model speculative decoding with a small draft model distilled from this one")
 register_strategy("calm", _calm, CalmOptions,

@@ -43,13 +43,14 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
     "prompt-lookup": ("prompt-lookup", {}),
     "lookahead": ("lookahead", {}),  # W=4, N=4: 12 window rows in every verification forward
     "medusa": ("medusa", {}),  # 3 heads, chain drafting over the draft vocabulary
+    "eagle": ("eagle", {}),  # one decoder layer on the target's features, chain drafting over the draft vocabulary
     "draft-model": ("draft-model", {}),  # 4 layers of the target, LoRA-distilled, its own KV cache
 }
 EXTERNAL_ARMS = ("hf-pld", "hf-assist", "llamacpp")
 ARM_NAMES = (*M2R2_ARMS, *EXTERNAL_ARMS)
 DEFAULT_ARMS = ("m2r2-plain", "m2r2", "m2r2-full-vocab", "m2r2-confstop", "m2r2-int8", "m2r2-r3", "m2r2-r4",
                 "early-exit", "early-exit-adapter", "quant-draft", "prompt-lookup", "lookahead", "medusa",
-                "draft-model", "hf-pld", "hf-assist", "llamacpp")
+                "eagle", "draft-model", "hf-pld", "hf-assist", "llamacpp")
 
 
 class StrategyArm:

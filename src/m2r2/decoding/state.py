@@ -62,6 +62,9 @@ class DecodeState:
         self.pending = torch.zeros(self.batch, dtype=torch.long)  # last sampled token, not yet in the cache
         self.out: list[list[int]] = [[] for _ in prompts]
         self.done = [m <= 0 for m in max_new_tokens]
+        # the final hidden states (B, T, D) of the last prompt forward and the position of its first column
+        self.prefill_states: torch.Tensor | None = None
+        self.prefill_start = 0
 
     @property
     def active(self) -> list[bool]:
@@ -77,6 +80,7 @@ class DecodeState:
         positions = torch.arange(T).expand(self.batch, T)
         m = self.model
         x = m.hidden(ids, self.cache, positions, prompt=True)
+        self.prefill_states, self.prefill_start = x, 0  # the prompt's final hidden states (drafters read them)
         last = x[torch.arange(self.batch), lens - 1].unsqueeze(1)  # (B, 1, D): only these need the head
         self.cache.crop(0)
         self.cache.advance(lens)

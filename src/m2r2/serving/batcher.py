@@ -248,6 +248,7 @@ class Batcher:
         ids = torch.tensor([p[a:b]], dtype=torch.long)
         x = self.model.hidden(ids, st.cache, torch.arange(a, b).view(1, -1), prompt=True)
         st.cache.advance(b - a)
+        st.prefill_states, st.prefill_start = x, a  # (drafters that read the prompt's states)
         s.prefilled = b
         if b < len(p):
             return
