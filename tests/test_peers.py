@@ -68,6 +68,7 @@ DRAFTERS = {
     "medusa-subvocab": lambda lm, tmp: MedusaDrafter(_medusa(lm), vocab=torch.arange(0, 256, 2)),
     "eagle": lambda lm, tmp: EagleDrafter(_eagle(lm)),
     "eagle-subvocab": lambda lm, tmp: EagleDrafter(_eagle(lm, torch.arange(0, 256, 2))),
+    "eagle-q8": lambda lm, tmp: EagleDrafter(_eagle(lm).quantize(lm.model)),  # as shipped heads draft
     "draft-model": lambda lm, tmp: DraftModelDrafter(_draft(lm, tmp)),
     "draft-model-subvocab": lambda lm, tmp: DraftModelDrafter(_draft(lm, tmp), vocab=torch.arange(0, 200)),
 }
@@ -218,11 +219,17 @@ def test_eagle_head_trains_and_round_trips(lm, tmp_path):
     assert float(eagle_loss(head, feats, ids, mask)[0]) < first
     head.eval()  # (rebuilds the derived copies of the trained weights)
     head.save(tmp_path / "e", dtype=torch.float32)
-    back = EagleHead.load(tmp_path / "e", lm.model, torch.arange(0, 256, 2), lm.source.identity)
+    back = EagleHead.load(tmp_path / "e", lm.model, torch.arange(0, 256, 2), lm.source.identity, quantize=False)
     pos = torch.arange(23).expand(2, 23)
-    with torch.no_grad():
-        ref = head.logits(head.features(feats[:, :-1], ids[:, 1:], head.new_cache(2, 24), pos))
-        got = back.logits(back.features(feats[:, :-1], ids[:, 1:], back.new_cache(2, 24), pos))
-    assert_close_rel(got, ref)
+
+    def logits(h):
+        with torch.no_grad():
+            return h.logits(h.features(feats[:, :-1], ids[:, 1:], h.new_cache(2, 24), pos))
+    ref = logits(head)
+    assert_close_rel(logits(back), ref)
+    # as drafting runs it: the layer and read-out from Q8_0 blocks, the same drafts almost everywhere
+    q8 = EagleHead.load(tmp_path / "e", lm.model, torch.arange(0, 256, 2), lm.source.identity)
+    assert q8.net.layers[0].qkv.mode == "gguf" and q8.net.lm_head.mode == "gguf"
+    assert float((logits(q8).argmax(-1) == ref.argmax(-1)).float().mean()) > 0.9
     with pytest.raises(m2r2.AdapterError):
         EagleHead.load(tmp_path / "e", lm.model, None, "another-model")

@@ -147,6 +147,13 @@ class PeerOptions(SpeculativeOptions):
     draft_vocab: bool = option(True, "draft over the artifact's frequent-token vocabulary, when it has one")
 
 
+@dataclass
+class EagleOptions(PeerOptions):
+    # one draft per verification to start (it grows while every draft is accepted): at the acceptance a head trained
+    # on this CPU reaches (~0.25 per draft), a longer chain's verification rows cost more than they return
+    gamma: int = option(1, "initial draft length (adapts between 1 and max_gamma)", min=1)
+
+
 _KV = ("recompute", "propagate")
 
 
@@ -268,7 +275,7 @@ register_strategy("lookahead", _lookahead, LookaheadOptions, lossless=True,
                   help="Lookahead decoding: an n-gram pool filled by Jacobi iterations riding in the verification")
 register_strategy("medusa", _peer_strategy("medusa"), PeerOptions, lossless=True,
                   help="Medusa heads on the model's final hidden state (the shipped ones, or adapter)")
-register_strategy("eagle", _peer_strategy("eagle"), PeerOptions, lossless=True,
+register_strategy("eagle", _peer_strategy("eagle"), EagleOptions, lossless=True,
                   help="an EAGLE-style draft head: one decoder layer on the model's own final hidden states (the "
                        "shipped one, or adapter)")
 register_strategy("draft-model", _peer_strategy("draft-model"), PeerOptions, lossless=True,

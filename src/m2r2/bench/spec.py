@@ -43,7 +43,9 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
     "prompt-lookup": ("prompt-lookup", {}),
     "lookahead": ("lookahead", {}),  # W=4, N=4: 12 window rows in every verification forward
     "medusa": ("medusa", {}),  # 3 heads, chain drafting over the draft vocabulary
-    "eagle": ("eagle", {}),  # one decoder layer on the target's features, chain drafting over the draft vocabulary
+    # one decoder layer on the target's features (Q8_0), chain drafting over the draft vocabulary; its registry
+    # default of one draft to start (adapting), not the benchmark's --gamma
+    "eagle": ("eagle", {"gamma": 1}),
     "draft-model": ("draft-model", {}),  # 4 layers of the target, LoRA-distilled, its own KV cache
 }
 EXTERNAL_ARMS = ("hf-pld", "hf-assist", "llamacpp")

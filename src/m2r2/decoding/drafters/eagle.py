@@ -18,8 +18,8 @@ untrained head drafts roughly what the target's last layer makes of its own outp
 float16 beside the draft vocabulary (``eagle.safetensors``, ``eagle.json``, ``draft_vocab.json``).
 
 Inference runs on the engine: the layer is an engine ``Block`` in a one-layer ``Transformer`` whose LM head is the
-target's head restricted to the draft vocabulary, so a one-row draft step is one native block call plus two small
-products. The target features come from the verification forward the drafter runs itself (``verify_forward``) and
+target's head restricted to the draft vocabulary, both run from Q8_0 blocks (``EagleHead.quantize``: the read-out
+rows are the GGUF's own), so a one-row draft step is one native block call plus two small products. The target features come from the verification forward the drafter runs itself (``verify_forward``) and
 from the prompt's prefill (``DecodeState.prefill_states``).
 """
 
@@ -96,6 +96,32 @@ class EagleHead(nn.Module):
             self.fc.bias.zero_()
         self.embed = target.embed  # the target's own embedding lookup (GGUF rows dequantised per lookup)
 
+    def quantize(self, target: Transformer) -> "EagleHead":
+        """Run the layer and the read-out from Q8_0 blocks (the GGUF block kernels; about a quarter of the float32
+        bytes a draft step reads, which come from memory: the target's step between two drafts evicts them). The
+        read-out rows are the target's own where it runs from Q8_0 blocks. Drafts only propose, so their rounding
+        never changes the output. A no-op without the native kernels."""
+        from ...engine import native
+        from ...engine.gguf_weights import BlockWeight
+        if not native.available():
+            return self
+        import gguf
+        q8 = gguf.GGMLQuantizationType.Q8_0
+
+        def blocks(w: torch.Tensor) -> BlockWeight:
+            return BlockWeight([("q8_0", torch.from_numpy(gguf.quants.quantize(w.detach().float().numpy(), q8)))])
+
+        blk = self.net.layers[0]
+        for n in LINEARS:
+            lin = getattr(blk, n)
+            lin.lowp["gguf"] = blocks(lin.dense())
+        src = target.lm_head.lowp.get("gguf")
+        own = src is not None and len(src.parts) == 1 and src.parts[0][0] == "q8_0"
+        self.net.lm_head.lowp["gguf"] = BlockWeight([("q8_0", src.parts[0][1][self.vocab].contiguous())]) if own \
+            else blocks(self.net.lm_head.dense())
+        self.net.set_weights("gguf")
+        return self
+
     def train(self, mode: bool = True) -> "EagleHead":
         """``eval()`` (mode False) also rebuilds the layer's derived copies (oneDNN's prepacked weights for several
         rows), which training leaves stale."""
@@ -143,7 +169,9 @@ class EagleHead(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, target: Transformer, vocab: torch.Tensor | None,
-             identity: str | None = None) -> "EagleHead":
+             identity: str | None = None, quantize: bool = True) -> "EagleHead":
+        """The shipped (or trained) head for ``target``, its read-out over ``vocab``; ``quantize``: run from Q8_0
+        blocks (``quantize``), as drafting does."""
         head = cls(target, vocab, identity, init_from_target=False)
         D = target.cfg.hidden_size
 
@@ -156,7 +184,8 @@ class EagleHead(nn.Module):
                                 expected={k: tuple(v.shape) for k, v in head.trained_state().items()})
         head.load_trained({k: v.float() for k, v in sd.items()})
         head.training_info = cfg.get("training", {})
-        return head.eval().requires_grad_(False)
+        head = head.eval().requires_grad_(False)
+        return head.quantize(target) if quantize else head
 
     def load_trained(self, sd: dict[str, torch.Tensor]) -> None:
         blk = self.net.layers[0]
@@ -228,10 +257,14 @@ class EagleDrafter(Drafter):
         return {"draft_calls": self.calls, "draft_vocab": len(self.head.vocab)}
 
     def draft_bytes(self, model: Transformer) -> float:
-        """One decoder layer, fc and the draft vocabulary's head rows (float32) per draft token."""
+        """What one draft token reads: the layer's and the read-out's weights (their blocks where quantised) and fc."""
         net = self.head.net
-        return 4 * (sum(p.numel() for p in net.layers[0].parameters()) + self.head.fc.weight.numel()
-                    + net.lm_head.weight.numel())
+
+        def size(lin) -> int:
+            bw = lin.lowp.get("gguf")
+            return bw.nbytes if bw is not None and lin.mode == "gguf" else 4 * lin.weight.numel()
+        blk = net.layers[0]
+        return sum(size(getattr(blk, n)) for n in LINEARS) + size(net.lm_head) + 4 * self.head.fc.weight.numel()
 
     def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The verification forward, keeping the target's features of its rows for the next draft."""
