@@ -10,6 +10,7 @@ import torch
 import m2r2
 from m2r2.stream.accelerator import Accelerator
 from m2r2.decoding.drafters.draft_model import DraftModelDrafter
+from m2r2.decoding.drafters.eagle import EagleDrafter
 from m2r2.decoding.loop import decode
 from m2r2.decoding.drafters.lookahead import LookaheadDrafter
 from m2r2.decoding.drafters.medusa import MedusaDrafter
@@ -17,7 +18,7 @@ from m2r2.engine.model import lowp_available
 from m2r2.decoding.speculative import PromptLookupDrafter, Speculative, StreamDrafter
 
 from conftest import make_tiny
-from test_peers import _draft, _medusa
+from test_peers import _draft, _eagle, _medusa
 
 CTX = 256  # the tiny model's max_position_embeddings
 
@@ -42,6 +43,7 @@ DRAFTERS = {
     "lookahead": lambda lm, tmp: LookaheadDrafter(window=4, ngram=4),
     "medusa": lambda lm, tmp: MedusaDrafter(_medusa(lm)),
     "draft-model": lambda lm, tmp: DraftModelDrafter(_draft(lm, tmp)),
+    "eagle": lambda lm, tmp: EagleDrafter(_eagle(lm)),
 }
 
 

@@ -72,7 +72,7 @@ def test_shipped_adapters_load_and_speculative_output_is_plain(embedded_lm):
     assert shipped, "no adapter ships in the package"
     assert find_shipped(embedded_lm.source.identity, 2) is not None
     prompts = load_prompts("mt-bench")
-    names = ["m2r2", "early-exit", "prompt-lookup"]
+    names = ["m2r2", "early-exit", "prompt-lookup", "eagle"]  # (eagle: the shipped head, from Q8_0 blocks)
     if find_shipped(embedded_lm.source.identity, 2, "exit") is not None:
         names.append("early-exit-adapter")
     for rec in (prompts[10], prompts[70]):

@@ -85,7 +85,8 @@ def test_concurrent_requests_equal_their_solo_runs(server, embedded_lm):
         kw = {"max_tokens": 16 + 8 * i, "temperature": 0.0}
         if i % 3 == 1:
             kw.update(temperature=0.8, top_p=0.9, seed=100 + i)
-        extra = {"m2r2": {"strategy": "prompt-lookup"}} if i % 4 == 2 else None
+        extra = {"m2r2": {"strategy": "prompt-lookup"}} if i % 4 == 2 else \
+            {"m2r2": {"strategy": "eagle"}} if i % 4 == 3 else None  # (a drafter that reads the prompt's states)
         cases.append((p, kw, extra))
 
     def call(case):
@@ -95,9 +96,10 @@ def test_concurrent_requests_equal_their_solo_runs(server, embedded_lm):
 
     with ThreadPoolExecutor(8) as ex:
         got = list(ex.map(call, cases))
-    for (p, kw, _), text in zip(cases, got):
+    for (p, kw, extra), text in zip(cases, got):  # (a seeded sampled request: the same strategy alone)
         want = _solo(embedded_lm, p, max_new_tokens=kw["max_tokens"], temperature=kw["temperature"],
-                     top_p=kw.get("top_p", 1.0), seed=kw.get("seed"))
+                     top_p=kw.get("top_p", 1.0), seed=kw.get("seed"),
+                     strategy=extra["m2r2"]["strategy"] if extra else "plain")
         assert text == want, (p, kw)
     assert server.metric("m2r2_active_slots") == 0
 
