@@ -316,3 +316,49 @@ def test_peer_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_path
     for f in sorted((tmp_path / "whole").glob("*/*.safetensors")):
         a, b = load_file(str(f)), load_file(str(tmp_path / "killed" / f.parent.name / f.name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_eagle_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_path, monkeypatch):
+    """python -m m2r2.training.eagle killed between checkpoints (after step 3; the checkpoint is step 2's) and re-run
+    == one uninterrupted run: the same head, each step logged once with the same values; the head loads and drafts."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    from m2r2.decoding.drafters.eagle import EagleDrafter, EagleHead
+    from m2r2.decoding.loop import decode
+    from m2r2.decoding.speculative import Speculative
+    from m2r2.training import eagle as eagle_train
+    monkeypatch.setattr(importlib.import_module("m2r2.api"), "load", lambda **kw: lm)
+    p = argparse.ArgumentParser()
+    eagle_train._add_args(p)
+
+    def run(out: str) -> int:
+        return eagle_train.main(p.parse_args([
+            "--data", str(data_dir), "--out", str(tmp_path / out), "--steps", "4", "--warmup-steps", "1",
+            "--batch-size", "2", "--max-len", "24", "--draft-vocab", "64", "--checkpoint-every", "2",
+            "--no-progress"]))
+
+    frozen = [p.requires_grad for p in lm.model.parameters()]
+    try:
+        assert run("whole") == 0
+        with monkeypatch.context() as mp:
+            interrupt_after(mp, importlib.import_module("m2r2.training.adapters"), "make_batch", 3)
+            with pytest.raises(KeyboardInterrupt):
+                run("killed")
+        assert [r["step"] for r in _log(tmp_path / "killed")] == [1, 2, 3]
+        assert run("killed") == 0
+    finally:
+        for q, f in zip(lm.model.parameters(), frozen):
+            q.requires_grad_(f)
+    assert [r["step"] for r in _log(tmp_path / "whole")] == [1, 2, 3, 4]
+    assert _log(tmp_path / "killed") == _log(tmp_path / "whole")
+    a, b = (load_file(str(tmp_path / d / "eagle.safetensors")) for d in ("whole", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from m2r2.artifacts import read_draft_vocab
+    vocab = read_draft_vocab(tmp_path / "whole", lm.config.vocab_size)
+    head = EagleHead.load(tmp_path / "whole", lm.model, vocab, lm.source.identity)
+    prompt = [5, 17, 33, 99, 4]
+    plain, _ = decode(lm.model, [prompt], max_new_tokens=16)
+    out, st = decode(lm.model, [prompt], max_new_tokens=16, strategy=Speculative(EagleDrafter(head), gamma=2))
+    assert out == plain and st.extra["drafted"] > 0

@@ -43,22 +43,9 @@ class _Step(nn.Module):
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    from ..options import float_in, int_at_least
-    p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
-    p.add_argument("--out", default="runs/eagle")
+    from .loop import add_run_args
+    add_run_args(p, out="runs/eagle", steps=300, warmup_steps=20, lr=1e-3, checkpoint_every=25)
     p.add_argument("--model", default=None, help="model (default: the embedded one)")
-    p.add_argument("--steps", type=int_at_least("--steps", 1), default=300)
-    p.add_argument("--warmup-steps", type=int_at_least("--warmup-steps", 0), default=20)
-    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=4)
-    p.add_argument("--max-len", type=int_at_least("--max-len", 2), default=320)
-    p.add_argument("--lr", type=float_in("--lr", 0, lo_open=True), default=1e-3)
-    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
-    p.add_argument("--draft-vocab", type=int_at_least("--draft-vocab", 1), default=4096)
-    p.add_argument("--checkpoint-every", type=int_at_least("--checkpoint-every", 1), default=25)
-    p.add_argument("--stop-at", type=int_at_least("--stop-at", 0), default=None,
-                   help="end the run at this step and export (the schedule still spans --steps)")
-    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None)
-    p.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -77,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     sched = TrainConfig(data=args.data, steps=args.steps, warmup_steps=args.warmup_steps, lr=args.lr,
                         batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
-    lm = load(args.model, threads=args.threads)
+    lm = load(model=args.model, threads=args.threads)
     model = lm.model.requires_grad_(False)
     records = load_dataset(args.data, model_identity=lm.source.identity)
     if len(records) < args.batch_size:
@@ -138,8 +125,7 @@ def main(args: argparse.Namespace) -> int:
               due=lambda s: s % args.checkpoint_every == 0 or s == end, checkpoint=checkpoint,
               progress=not args.no_progress, bar=dict(total=end, initial=step, desc="train eagle", unit="step"))
     if not last:  # resumed at the end: the last logged step
-        lines = [json.loads(x) for x in run.log_path.read_text().splitlines() if x.strip()]
-        last = next((x for x in reversed(lines) if x["step"] == step), {})
+        last = run.logged(step)
     if hfacc.is_main_process:
         head.training_info = {"command": command_line(), "config": identity, "examples": len(records),
                               "steps": step, "schedule_steps": args.steps, "tokens_seen": tokens,

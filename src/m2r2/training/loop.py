@@ -79,6 +79,13 @@ class Run:
         if self.main:
             print(f"m2r2: resuming {self.out} at step {step}{extra}", file=sys.stderr)
 
+    def logged(self, step: int) -> dict:
+        """The log record of ``step`` ({} if none): what a run resumed at its end reports as its last step."""
+        if not self.log_path.is_file():
+            return {}
+        lines = [json.loads(x) for x in self.log_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        return next((x for x in reversed(lines) if x.get("step") == step), {})
+
     def save(self, state: dict) -> None:
         if self.main:
             save_checkpoint(state, self.ckpt_path)
@@ -109,3 +116,24 @@ class Run:
             if log_f is not None:
                 log_f.close()
         return step
+
+
+def add_run_args(p, *, out: str, steps: int, warmup_steps: int, lr: float, checkpoint_every: int) -> None:
+    """The options the self-distillation trainers of the peers share (``m2r2.training.peers``, ``.eagle``): data,
+    output, the adapters' batches and schedule (``m2r2.training.adapters.batch_indices`` / ``make_batch``), the draft
+    vocabulary, checkpoints and stopping, threads, progress."""
+    from ..options import float_in, int_at_least
+    p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
+    p.add_argument("--out", default=out)
+    p.add_argument("--steps", type=int_at_least("--steps", 1), default=steps)
+    p.add_argument("--warmup-steps", type=int_at_least("--warmup-steps", 0), default=warmup_steps)
+    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=4)
+    p.add_argument("--max-len", type=int_at_least("--max-len", 2), default=320)
+    p.add_argument("--lr", type=float_in("--lr", 0, lo_open=True), default=lr)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
+    p.add_argument("--draft-vocab", type=int_at_least("--draft-vocab", 1), default=4096)
+    p.add_argument("--checkpoint-every", type=int_at_least("--checkpoint-every", 1), default=checkpoint_every)
+    p.add_argument("--stop-at", type=int_at_least("--stop-at", 0), default=None,
+                   help="end the run at this step and export (the schedule still spans --steps)")
+    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None)
+    p.add_argument("--no-progress", action="store_true")

@@ -24,25 +24,13 @@ from .loop import Run
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    from ..options import float_in, int_at_least, int_list
-    p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
-    p.add_argument("--out", default="runs/peers")
-    p.add_argument("--steps", type=int_at_least("--steps", 1), default=40)
-    p.add_argument("--warmup-steps", type=int_at_least("--warmup-steps", 0), default=8)
-    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=4)
-    p.add_argument("--max-len", type=int_at_least("--max-len", 2), default=320)
-    p.add_argument("--lr", type=float_in("--lr", 0, lo_open=True), default=3e-3)
-    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
+    from ..options import int_at_least, int_list
+    from .loop import add_run_args
+    add_run_args(p, out="runs/peers", steps=40, warmup_steps=8, lr=3e-3, checkpoint_every=10)
     p.add_argument("--medusa-heads", type=int_at_least("--medusa-heads", 1), default=3)
     p.add_argument("--draft-layers", type=int_list("--draft-layers", 0, text=True), default="0,1,2,3",
                    help="layers of the target kept in the draft model")
     p.add_argument("--draft-rank", type=int_at_least("--draft-rank", 1), default=32)
-    p.add_argument("--draft-vocab", type=int_at_least("--draft-vocab", 1), default=4096)
-    p.add_argument("--checkpoint-every", type=int_at_least("--checkpoint-every", 1), default=10)
-    p.add_argument("--stop-at", type=int_at_least("--stop-at", 0), default=None,
-                   help="end the run at this step and export (the schedule still spans --steps)")
-    p.add_argument("--threads", type=int_at_least("--threads", 1), default=None)
-    p.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -134,8 +122,7 @@ def main(args: argparse.Namespace) -> int:
               due=lambda s: s % args.checkpoint_every == 0 or s == end, checkpoint=checkpoint,
               progress=not args.no_progress, bar=dict(total=end, initial=step, desc="train medusa + draft", unit="step"))
     if not last:  # resumed at the end: the last logged step
-        lines = [json.loads(x) for x in run.log_path.read_text().splitlines() if x.strip()]
-        last = next((x for x in reversed(lines) if x["step"] == step), {})
+        last = run.logged(step)
     common = {"command": command_line(), "config": identity, "examples": len(records), "steps": step,
               "schedule_steps": args.steps,
               "tokens_seen": tokens, "shared_teacher_seconds": round(secs["teacher"], 1),
