@@ -281,23 +281,19 @@ def test_router_fit_keeps_the_best_validation_epoch():
     assert_close_rel(evaluate(r, val)["val_bce"], min(bces))  # and its best state was restored
 
 
-def test_peer_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_path, monkeypatch):
-    """python -m m2r2.training.peers killed between checkpoints (after step 3; the checkpoint is step 2's) and re-run
-    == one uninterrupted run: the same Medusa heads and draft, and each step logged once with the same values."""
+def _killed_and_resumed(trainer, argv, lm, tmp_path, monkeypatch) -> None:
+    """Run ``trainer`` (a module with ``_add_args`` and ``main``) with ``argv`` + ``--out`` to completion ("whole"), and
+    again killed after step 3 (the checkpoint is step 2's) then re-run ("killed"): the two logs must be the same, each
+    of 4 steps logged once, and every weights file the same bits."""
     import argparse
 
     from safetensors.torch import load_file
-
-    from m2r2.training import peers as peer_train
     monkeypatch.setattr(importlib.import_module("m2r2.api"), "load", lambda **kw: lm)
     p = argparse.ArgumentParser()
-    peer_train._add_args(p)
+    trainer._add_args(p)
 
     def run(out: str) -> int:
-        return peer_train.main(p.parse_args([
-            "--data", str(data_dir), "--out", str(tmp_path / out), "--steps", "4", "--warmup-steps", "1",
-            "--batch-size", "2", "--max-len", "24", "--medusa-heads", "2", "--draft-layers", "0,5",
-            "--draft-rank", "4", "--draft-vocab", "64", "--checkpoint-every", "2", "--no-progress"]))
+        return trainer.main(p.parse_args([*argv, "--out", str(tmp_path / out)]))
 
     frozen = [p.requires_grad for p in lm.model.parameters()]
     try:
@@ -313,49 +309,34 @@ def test_peer_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_path
             q.requires_grad_(f)
     assert [r["step"] for r in _log(tmp_path / "whole")] == [1, 2, 3, 4]
     assert _log(tmp_path / "killed") == _log(tmp_path / "whole")
-    for f in sorted((tmp_path / "whole").glob("*/*.safetensors")):
-        a, b = load_file(str(f)), load_file(str(tmp_path / "killed" / f.parent.name / f.name))
+    files = sorted((tmp_path / "whole").rglob("*.safetensors"))
+    assert files
+    for f in files:
+        a, b = load_file(str(f)), load_file(str(tmp_path / "killed" / f.relative_to(tmp_path / "whole")))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
 
+def test_peer_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_path, monkeypatch):
+    """python -m m2r2.training.peers killed between checkpoints and re-run == one uninterrupted run: the same Medusa
+    heads and draft, and each step logged once with the same values."""
+    from m2r2.training import peers as peer_train
+    _killed_and_resumed(peer_train, ["--data", str(data_dir), "--steps", "4", "--warmup-steps", "1", "--batch-size",
+                                     "2", "--max-len", "24", "--medusa-heads", "2", "--draft-layers", "0,5",
+                                     "--draft-rank", "4", "--draft-vocab", "64", "--checkpoint-every", "2",
+                                     "--no-progress"], lm, tmp_path, monkeypatch)
+
+
 def test_eagle_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_path, monkeypatch):
-    """python -m m2r2.training.eagle killed between checkpoints (after step 3; the checkpoint is step 2's) and re-run
-    == one uninterrupted run: the same head, each step logged once with the same values; the head loads and drafts."""
-    import argparse
-
-    from safetensors.torch import load_file
-
+    """python -m m2r2.training.eagle killed between checkpoints and re-run == one uninterrupted run (the same head,
+    each step logged once); the trained head loads and drafts lossless output."""
+    from m2r2.artifacts import read_draft_vocab
     from m2r2.decoding.drafters.eagle import EagleDrafter, EagleHead
     from m2r2.decoding.loop import decode
     from m2r2.decoding.speculative import Speculative
     from m2r2.training import eagle as eagle_train
-    monkeypatch.setattr(importlib.import_module("m2r2.api"), "load", lambda **kw: lm)
-    p = argparse.ArgumentParser()
-    eagle_train._add_args(p)
-
-    def run(out: str) -> int:
-        return eagle_train.main(p.parse_args([
-            "--data", str(data_dir), "--out", str(tmp_path / out), "--steps", "4", "--warmup-steps", "1",
-            "--batch-size", "2", "--max-len", "24", "--draft-vocab", "64", "--checkpoint-every", "2",
-            "--no-progress"]))
-
-    frozen = [p.requires_grad for p in lm.model.parameters()]
-    try:
-        assert run("whole") == 0
-        with monkeypatch.context() as mp:
-            interrupt_after(mp, importlib.import_module("m2r2.training.adapters"), "make_batch", 3)
-            with pytest.raises(KeyboardInterrupt):
-                run("killed")
-        assert [r["step"] for r in _log(tmp_path / "killed")] == [1, 2, 3]
-        assert run("killed") == 0
-    finally:
-        for q, f in zip(lm.model.parameters(), frozen):
-            q.requires_grad_(f)
-    assert [r["step"] for r in _log(tmp_path / "whole")] == [1, 2, 3, 4]
-    assert _log(tmp_path / "killed") == _log(tmp_path / "whole")
-    a, b = (load_file(str(tmp_path / d / "eagle.safetensors")) for d in ("whole", "killed"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from m2r2.artifacts import read_draft_vocab
+    _killed_and_resumed(eagle_train, ["--data", str(data_dir), "--steps", "4", "--warmup-steps", "1", "--batch-size",
+                                      "2", "--max-len", "24", "--draft-vocab", "64", "--checkpoint-every", "2",
+                                      "--no-progress"], lm, tmp_path, monkeypatch)
     vocab = read_draft_vocab(tmp_path / "whole", lm.config.vocab_size)
     head = EagleHead.load(tmp_path / "whole", lm.model, vocab, lm.source.identity)
     prompt = [5, 17, 33, 99, 4]
