@@ -17,8 +17,8 @@ python -m m2r2.training.peers --data data/distill-smollm2-135m --out runs/peers 
 python -c "from m2r2.training.peers import ship; ship('runs/peers/medusa', 'src/m2r2/adapters/smollm2-135m-instruct-medusa'); ship('runs/peers/draft', 'src/m2r2/adapters/smollm2-135m-instruct-draft')"
 # the benchmark with every arm (run at 64 new tokens for time; the setting is --max-new-tokens 128)
 m2r2 bench spec --per-category 1 --max-new-tokens 64 --threads 1
-# the EAGLE-style draft head (strategy eagle): 600 steps of 4 sequences (max 320 tokens) on the 2048-prompt
+# the EAGLE-style draft head (strategy eagle): 1800 steps of 4 sequences (max 320 tokens) on the 2048-prompt
 # distillation data, 2 threads; then shipped as float16 with its draft vocabulary
-python -m m2r2.training.eagle --data data/distill-smollm2-135m-2048 --out runs/eagle --steps 600 --warmup-steps 20 \
+python -m m2r2.training.eagle --data data/distill-smollm2-135m-2048 --out runs/eagle-1800 --steps 1800 --warmup-steps 20 \
   --threads 2 --no-progress
-python -c "from m2r2.training.eagle import ship; ship('runs/eagle', 'src/m2r2/adapters/smollm2-135m-instruct-eagle')"
+python -c "from m2r2.training.eagle import ship; ship('runs/eagle-1800', 'src/m2r2/adapters/smollm2-135m-instruct-eagle')"
