@@ -63,6 +63,28 @@ def forward_bytes(model: Transformer) -> int:
     return layer_bytes(model) * c.num_layers + c.vocab_size * c.hidden_size * 4
 
 
+def pick_draft(logits: torch.Tensor, vocab: torch.Tensor | None, sampling, generator
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One draft token per row from logits (B, K) over a draft vocabulary (``vocab``: K token ids; None: the full
+    one): the argmax under greedy decoding, else a sample from the sampling distribution q. Returns (token ids in
+    the full vocabulary (B,), q (B, K), or None under greedy)."""
+    if sampling.greedy:
+        idx, q = logits.argmax(-1), None
+    else:
+        q = sampling.probs(logits)
+        idx = torch.multinomial(q, 1, generator=generator)[:, 0]
+    return (idx if vocab is None else vocab[idx]), q
+
+
+def scatter_full(q: torch.Tensor, vocab: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """A distribution over a draft vocabulary (B, K) as one over the full vocabulary (B, ``vocab_size``)."""
+    if vocab is None:
+        return q
+    out = q.new_zeros(q.shape[0], vocab_size)
+    out[:, vocab] = q
+    return out
+
+
 class DraftHead(torch.nn.Module):
     """The frozen final norm and LM head, optionally restricted to a draft vocabulary (a subset of token
     ids). On CPU the 49,152-row head of the embedded model is a fifth of its weights; a frequent-token
@@ -96,21 +118,12 @@ class DraftHead(torch.nn.Module):
         return idx if self.vocab is None else self.vocab[idx]
 
     def pick(self, logits: torch.Tensor, sampling, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One draft token per row from logits (B, K) over this head's vocabulary: the argmax under greedy
-        decoding, else a sample from the sampling distribution q. Returns (token ids in the full
-        vocabulary (B,), q (B, K), or None under greedy)."""
-        if sampling.greedy:
-            return self.to_full(logits.argmax(-1)), None
-        q = sampling.probs(logits)
-        return self.to_full(torch.multinomial(q, 1, generator=generator)[:, 0]), q
+        """``pick_draft`` over this head's vocabulary."""
+        return pick_draft(logits, self.vocab, sampling, generator)
 
     def scatter_full(self, q: torch.Tensor) -> torch.Tensor:
-        """A distribution over the draft vocabulary (B, K) as one over the full vocabulary (B, V)."""
-        if self.vocab is None:
-            return q
-        out = q.new_zeros(q.shape[0], self.model.cfg.vocab_size)
-        out[:, self.vocab] = q
-        return out
+        """``scatter_full`` of this head's vocabulary."""
+        return scatter_full(q, self.vocab, self.model.cfg.vocab_size)
 
     def read_bytes(self) -> int:
         """Float32 bytes one read-out reads (its rows of the LM head)."""

@@ -37,7 +37,7 @@ from ...artifacts import load_artifact, save_artifact
 from ...engine.model import Linear, Transformer
 from ...errors import AdapterError
 from ..loop import DecodeState
-from .base import Draft, Drafter
+from .base import Draft, Drafter, pick_draft, scatter_full
 
 STEM = "eagle"
 LINEARS = ("qkv", "o", "gate_up", "down")
@@ -275,7 +275,7 @@ class EagleDrafter(Drafter):
     def draft(self, state: DecodeState, gamma: int) -> Draft:
         B, head, s = state.batch, self.head, state.sampling
         n = state.cache.lengths  # committed tokens; the pending one sits at position n
-        T = max(1, int((n - torch.maximum(self.valid, torch.full_like(n, self.start))).max()))
+        T = max(1, int((n - self.valid).max()))  # (valid >= start: it starts there and then follows n)
         # entries p = n - T .. n - 1 of each row (a seen one is rewritten with the same values): (f_p, token p+1)
         pos = (n.view(-1, 1) - T + torch.arange(T)).clamp_min(self.start)
         nxt = torch.empty(B, T, dtype=torch.long)
@@ -289,16 +289,10 @@ class EagleDrafter(Drafter):
         with torch.inference_mode():
             h = head.features(f, nxt, self.cache, pos)[:, -1:]  # the predicted feature at position n
             for j in range(gamma):
-                logits = head.logits(h[:, 0])
+                tok, q = pick_draft(head.logits(h[:, 0]), head.vocab, s, state.generator)
                 self.calls += 1
-                if s.greedy:
-                    tok, q = head.vocab[logits.argmax(-1)], None
-                else:
-                    q = s.probs(logits)
-                    tok = head.vocab[torch.multinomial(q, 1, generator=state.generator)[:, 0]]
-                    full = q.new_zeros(B, state.model.cfg.vocab_size)
-                    full[:, head.vocab] = q
-                    qs.append(full)
+                if q is not None:
+                    qs.append(scatter_full(q, head.vocab, state.model.cfg.vocab_size))
                 drafts.append(tok)
                 if j + 1 < gamma:  # entry n + j: (predicted f_{n+j}, draft j+1)
                     h = head.features(h, tok.view(-1, 1), self.cache, (n + j).view(-1, 1))
