@@ -44,17 +44,22 @@ LINEARS = ("qkv", "o", "gate_up", "down")
 NORMS = ("input_norm", "post_norm")
 
 
+def head_row_blocks(target: Transformer, vocab: torch.Tensor):
+    """Rows ``vocab`` of the target's LM head as GGUF blocks (a ``BlockWeight`` of one format), where it has them."""
+    from ...engine.gguf_weights import BlockWeight
+    bw = target.lm_head.lowp.get("gguf")
+    if bw is None or len(bw.parts) != 1:
+        return None
+    fmt, raw = bw.parts[0]
+    return BlockWeight([(fmt, raw[vocab].contiguous())])
+
+
 def head_rows(target: Transformer, vocab: torch.Tensor) -> torch.Tensor:
-    """Rows ``vocab`` of the target's LM head as float32 (K, D): from its GGUF blocks when it runs from them (only
-    those rows dequantised), else from its float32 weight."""
+    """Rows ``vocab`` of the target's LM head as float32 (K, D): dequantised from its GGUF blocks when it runs from
+    them (only those rows), else from its float32 weight."""
     lin = target.lm_head
-    bw = lin.lowp.get("gguf")
-    if bw is not None and len(bw.parts) == 1 and lin.weight.numel() == 0:
-        from ...engine import native
-        fmt, raw = bw.parts[0]
-        if native.available():
-            return native.qdequant(raw[vocab].contiguous(), fmt, len(vocab), lin.in_features)
-    return lin.dense()[vocab].float().contiguous()
+    rows = head_row_blocks(target, vocab) if lin.weight.numel() == 0 else None
+    return rows.dense(lin.in_features) if rows is not None else lin.dense()[vocab].float().contiguous()
 
 
 class EagleHead(nn.Module):
@@ -81,8 +86,8 @@ class EagleHead(nn.Module):
             blk, src = net.layers[0], target.layers[-1]
             for name in LINEARS:
                 lin = getattr(blk, name)
-                w = getattr(src, name).dense() if init_from_target else torch.randn(lin.out_features, lin.in_features) \
-                    * lin.in_features ** -0.5
+                # (not from the target: zeros for ``load_trained`` to fill)
+                w = getattr(src, name).dense() if init_from_target else torch.zeros(lin.out_features, lin.in_features)
                 lin.weight = nn.Parameter(Linear.pack(w.detach().float().contiguous(), lin.parts))
                 lin.build_row_layout()
             for name in NORMS:
@@ -115,9 +120,8 @@ class EagleHead(nn.Module):
         for n in LINEARS:
             lin = getattr(blk, n)
             lin.lowp["gguf"] = blocks(lin.dense())
-        src = target.lm_head.lowp.get("gguf")
-        own = src is not None and len(src.parts) == 1 and src.parts[0][0] == "q8_0"
-        self.net.lm_head.lowp["gguf"] = BlockWeight([("q8_0", src.parts[0][1][self.vocab].contiguous())]) if own \
+        own = head_row_blocks(target, self.vocab)
+        self.net.lm_head.lowp["gguf"] = own if own is not None and own.formats == ["q8_0"] \
             else blocks(self.net.lm_head.dense())
         self.net.set_weights("gguf")
         return self
