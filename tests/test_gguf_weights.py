@@ -49,6 +49,8 @@ def test_kernel_dequantises_exactly(fmt):
     # the whole-weight dequantiser (a long prefill's GEMM, float32 weights on demand): the same bits
     assert np.array_equal(native.qdequant(torch.from_numpy(raw), fmt, 11, in_f).numpy().view(np.uint32),
                           ref.view(np.uint32))
+    with pytest.raises(ValueError):  # an output buffer that does not fit is refused, not written past
+        native.qdequant(torch.from_numpy(raw), fmt, 11, in_f, torch.empty(10, in_f))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

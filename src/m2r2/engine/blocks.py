@@ -306,9 +306,7 @@ def _file_key(path) -> tuple[str, int, int]:
 
 @functools.lru_cache(maxsize=4)
 def _read_gguf(path: str, size: int, mtime_ns: int) -> tuple[dict[str, BlockTensor], str]:
-    p = Path(path)
-    if not p.is_file():
-        raise ModelNotFoundError(f"{p} does not exist or is not a file")
+    p = Path(path)  # (an existing file: _file_key, which makes this cache's key, checked it)
     try:
         from gguf import GGUFReader
     except ImportError as e:  # pragma: no cover - a dependency of the GGUF path

@@ -240,6 +240,10 @@ def qdequant(blocks: torch.Tensor, fmt: str, rows: int, in_features: int, out: t
     if tuple(blocks.shape) != (rows, in_features // f.weights_per_block * f.bytes_per_block) or in_features % \
             f.weights_per_block or blocks.dtype != torch.uint8 or not blocks.is_contiguous():
         raise ValueError(f"qdequant: blocks {tuple(blocks.shape)} do not hold {rows} x {in_features} {fmt}")
+    if out is not None and (tuple(out.shape) != (rows, in_features) or out.dtype != torch.float32
+                            or not out.is_contiguous()):
+        raise ValueError(f"qdequant: out {tuple(out.shape)} {out.dtype} is not a contiguous float32 "
+                         f"{rows} x {in_features} tensor")
     y = torch.empty(rows, in_features, dtype=torch.float32) if out is None else out
     _lib.m2r2_qdequant(blocks.data_ptr(), BLOCK_KINDS[fmt], rows, in_features, y.data_ptr(), torch.get_num_threads())
     return y
