@@ -3,6 +3,8 @@ memories, MoEfication pieces, and Hugging Face MoE classes (tiny random configs)
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -220,3 +222,84 @@ def test_hf_moe_matches_transformers(arch, tmp_path):
     finally:
         c.close()
     assert out2 == out and c.stats.loads > 0
+
+
+@pytest.mark.parametrize("expert_format", ["f32", "q8_0"])
+def test_native_expert_path_matches_pytorch(expert_format, tmp_path, monkeypatch):
+    """The native expert path (attention half + one experts call per layer) against the PyTorch path, on a prompt
+    (experts fetched one at a time), a ragged batch step and a one-row step, for float32 and Q8_0 experts."""
+    import m2r2
+    from m2r2.engine import native
+    if not native.available():
+        pytest.skip("no native kernels")
+    make_tiny(tmp_path, "llama", num_hidden_layers=3)
+    lm = m2r2.load(tmp_path)
+    c = lm.model.cfg
+    g = torch.Generator().manual_seed(3)
+    perm = torch.stack([torch.randperm(c.intermediate_size, generator=g).view(E, -1) for _ in range(c.num_layers)])
+    art = MoEfyArtifacts(MoESpec(E, K, c.intermediate_size // E, c.hidden_size, router_bias=True), perm,
+                         torch.randn(c.num_layers, E, c.hidden_size, generator=g), torch.zeros(c.num_layers, E))
+    moe = apply(lm.model, art, expert_format)
+    assert next(iter(moe.bank.values())).dtype == (torch.uint8 if expert_format == "q8_0" else torch.float32)
+    calls = {"experts": 0, "attention": 0}
+    for name in calls:
+        real = getattr(native, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(native, name, counted)
+    m = moe.model
+
+    def steps():
+        cache = m.new_cache(2, 8)
+        prompt = m(torch.tensor([[5, 9, 11, 3, 7], [4, 8, 2, 6, 1]]), cache, torch.arange(5).expand(2, 5))
+        ragged = m(torch.tensor([[3], [4]]), cache, torch.tensor([[5], [2]]))
+        solo = m.new_cache(1, 8)
+        m(torch.tensor([[7, 2, 9]]), solo, torch.arange(3).view(1, -1))
+        one = m(torch.tensor([[6]]), solo, torch.tensor([[3]]))
+        return prompt, ragged, one
+
+    got = steps()
+    assert calls["attention"] == 4 * c.num_layers and calls["experts"] >= 4 * c.num_layers
+    with native.disabled():
+        ref = steps()
+    for a, b in zip(got, ref):
+        assert_close_rel(a, b)
+
+
+def test_fast_row_riding_matches_the_separate_fast_pass(tiny_moe):
+    """The M2R2 fast row riding in the slow row's kernel calls (a second cache row, the slow row's experts) computes
+    the fast states of the separate PyTorch fast pass, and the slow row's tokens are unchanged."""
+    lm, moe = tiny_moe
+    from m2r2.engine import native
+    from m2r2.stream.accelerator import Accelerator
+    if not native.available():
+        pytest.skip("no native kernels")
+    acc = Accelerator.for_model(moe.model, lm.source.identity, rate=2)
+    torch.manual_seed(2)
+    for a in acc.adapters:
+        torch.nn.init.normal_(a.up.weight, std=0.05)
+    acc.eval().requires_grad_(False)
+
+    def fast_states(disable: bool):
+        pol = M2R2Prefetch(moe, K)
+        seen = []
+        real = pol.after_fast
+        pol.after_fast = lambda cache, layer, targets, f: (seen.append(f.clone()), real(cache, layer, targets, f))
+        c = ExpertCache(moe, 6, LinkStore(moe.bank, 5.0))
+        c.policy = pol
+        strat = MoEDecode(moe, c, acc, pol)
+        try:
+            with native.disabled() if disable else contextlib.nullcontext():
+                out = run(moe, c, tokens=6, strategy=strat)
+        finally:
+            c.close()
+        return out, seen, strat.riding
+
+    out, ridden, riding = fast_states(False)
+    ref, separate, was_riding = fast_states(True)
+    assert riding and not was_riding
+    assert out == ref and len(ridden) == len(separate) == 5 * acc.fast_layers
+    for a, b in zip(ridden, separate):
+        assert_close_rel(a, b)

@@ -123,6 +123,13 @@ def _build() -> ctypes.CDLL:
     lib.m2r2_qgemv.restype = None
     lib.m2r2_qdequant.argtypes = [P, I, I, I, P, I]
     lib.m2r2_qdequant.restype = None
+    lib.m2r2_experts.argtypes = [I, P, P, I, P, I, P, P, P, P, I, I, P, I]
+    lib.m2r2_moe_attention.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, P, P, I,
+                                       P, P, I, P, P, P, I]
+    lib.m2r2_moe_attention.restype = None
+    lib.m2r2_experts.restype = None
+    lib.m2r2_experts_scratch.argtypes = [I, I, I, I]
+    lib.m2r2_experts_scratch.restype = ctypes.c_long
     lib.m2r2_fma_rate.argtypes = [ctypes.c_long, I]
     lib.m2r2_fma_rate.restype = ctypes.c_double
     return lib
@@ -285,6 +292,75 @@ def _block_args(blk, fmt) -> tuple:
     args = (ctypes.byref(dims), ctypes.byref(wts), dims, wts)
     per_block[fmt.name] = (ptrs, args)
     return args
+
+
+def _attention_args(blk, fmt) -> tuple:
+    """``_block_args`` for the attention half of a block whose FFN is not the kernel's (an MoE block): the MLP's
+    size is 0 and its weights absent, so the kernel stops after x + Attn(norm(x))."""
+    mods = blk._modules
+    params = [mods["input_norm"]._parameters["weight"], mods["post_norm"]._parameters["weight"]]
+    for name in ("qkv", "o"):
+        lin = mods[name]
+        params += fmt.native_weight(lin), lin._parameters.get("bias")
+    params += [None] * 4
+    ptrs = tuple(None if p is None else p.data_ptr() for p in params)
+    per_block = _ARGS.get(blk)
+    if per_block is None:
+        per_block = _ARGS[blk] = {}
+    key = ("attention", fmt.name)
+    cached = per_block.get(key)
+    if cached is not None and cached[0] == ptrs:
+        return cached[1]
+    c = blk.cfg
+    dims = Dims(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, 0, c.rms_norm_eps, blk.scale,
+                fmt.native_kind(mods["qkv"]), fmt.native_kind(mods["o"]), 0, 0)
+    wts = Weights(*ptrs)
+    args = (ctypes.byref(dims), ctypes.byref(wts), dims, wts)
+    per_block[key] = (ptrs, args)
+    return args
+
+
+def attention(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              rows: tuple[torch.Tensor, torch.Tensor], fmt, router: torch.Tensor,
+              router_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An MoE block's first half (``block``'s arguments, for a block whose FFN is experts): the new states
+    x + Attn(input_norm(x)) (B, T, D) with the K/V written to the cache, the FFN input h = post_norm(those states)
+    (B*T, D), and the router's logits (B*T, E) from ``router`` (D, E) float32 contiguous and ``router_b`` (E) or
+    None. Needs only the block's input_norm, qkv, o and post_norm. E must not exceed the q/k/v width."""
+    lib = _lib
+    dims_p, weights_p, _, _ = _attention_args(blk, fmt)
+    threads = torch.get_num_threads()
+    n, max_len = x.shape[0] * x.shape[1], k.shape[2]
+    E = router.shape[1]
+    buf = scratch(lib.m2r2_block_scratch(dims_p, n, max_len, threads))
+    y = x.clone(memory_format=torch.contiguous_format)
+    h = torch.empty(n, x.shape[-1], dtype=torch.float32)
+    logits = torch.empty(n, E, dtype=torch.float32)
+    lib.m2r2_moe_attention(dims_p, weights_p, y.data_ptr(), n, rows[0].data_ptr(), rows[1].data_ptr(),
+                           cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), max_len, router.data_ptr(),
+                           None if router_b is None else router_b.data_ptr(), E, h.data_ptr(), logits.data_ptr(),
+                           buf.data_ptr(), threads)
+    return y, h, logits
+
+
+def experts(h: torch.Tensor, weights: list[tuple[int, int]], kind: int, sel: torch.Tensor,
+            wts: torch.Tensor | None, out: torch.Tensor, n: int, resid: torch.Tensor | None = None) -> torch.Tensor:
+    """An MoE layer's experts on rows h (T, D) float32 contiguous, accumulated into ``out`` (T, D) float32
+    contiguous, in the order given: ``weights`` the (gate+up, down) data pointers of each expert, of kernel kind
+    ``kind`` (0: float32 (in, out) row-major; a ``BLOCK_KINDS`` value: GGUF blocks, out rows of blocks); ``sel``
+    (T, len(weights)) uint8, which rows run each expert; ``wts`` the same shape in float32 (each expert's output
+    scaled per row), or None for a plain sum. n: neurons per expert. ``resid`` (T, D) contiguous, if given, then
+    gets ``out`` added (the block's residual). The caller keeps the weights alive."""
+    lib = _lib
+    T, D = h.shape
+    m = len(weights)
+    threads = torch.get_num_threads()
+    buf = scratch(lib.m2r2_experts_scratch(T, D, n, threads))
+    gu = (ctypes.c_void_p * m)(*[w[0] for w in weights])
+    dn = (ctypes.c_void_p * m)(*[w[1] for w in weights])
+    lib.m2r2_experts(m, gu, dn, kind, h.data_ptr(), T, sel.data_ptr(), None if wts is None else wts.data_ptr(),
+                     out.data_ptr(), None if resid is None else resid.data_ptr(), D, n, buf.data_ptr(), threads)
+    return out
 
 
 def rows_of(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

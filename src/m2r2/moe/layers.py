@@ -22,11 +22,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.model import Block, Transformer
+from ..engine import native
+from ..engine.model import Block, Linear, RMSNorm, Transformer
+
+EXPERT_FORMATS = ("f32", "q8_0")
+Q8_BLOCK = 34  # bytes per 32 weights in Q8_0 (a float16 scale + 32 int8)
 
 
 @dataclass(frozen=True)
@@ -38,16 +43,34 @@ class MoESpec:
     routing: str = "moefy"  # "moefy" | "softmax"
     norm_topk: bool = False
     router_bias: bool = False
+    expert_format: str = "f32"  # how an expert's buffer stores its weights: EXPERT_FORMATS
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, {self.num_experts}], got {self.top_k}")
         if self.routing not in ("moefy", "softmax"):
             raise ValueError(f"routing must be 'moefy' or 'softmax', got {self.routing!r}")
+        if self.expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"expert_format must be one of {', '.join(EXPERT_FORMATS)}, got {self.expert_format!r}")
+        if self.expert_format == "q8_0" and (self.hidden_size % 32 or self.expert_size % 32):
+            raise ValueError(f"q8_0 experts need a hidden size and expert size divisible by 32, got "
+                             f"{self.hidden_size} and {self.expert_size}")
 
     @property
     def expert_numel(self) -> int:
+        """Weights per expert."""
         return 3 * self.hidden_size * self.expert_size
+
+    @property
+    def buffer_numel(self) -> int:
+        """Elements of one expert's buffer (float32 numbers, or bytes of blocks)."""
+        if self.expert_format == "q8_0":
+            return self.expert_numel // 32 * Q8_BLOCK
+        return self.expert_numel
+
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.expert_format == "q8_0" else torch.float32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,9 +83,42 @@ def pack_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tor
     return torch.cat([gu.reshape(-1), down.t().reshape(-1)]).contiguous()
 
 
-def expert_views(buf: torch.Tensor, spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_expert(buf: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    """A float32 expert buffer (``pack_expert``) -> its ``q8_0`` buffer: ``[gate|up as Q8_0 rows (2n, D) | down as
+    Q8_0 rows (n, D)]``: gate and up in the GGUF layout (out rows of blocks: the kernel's dot products), down
+    neuron by neuron (each neuron's D outputs in blocks: the kernel adds each neuron's row times its activation,
+    kernels/decode.c q8_axpy_team)."""
+    import gguf
     D, n = spec.hidden_size, spec.expert_size
-    return buf[: 2 * D * n].view(D, 2 * n), buf[2 * D * n:].view(n, D)
+    gu, down = buf[: 2 * D * n].view(D, 2 * n), buf[2 * D * n:].view(n, D)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    parts = [gguf.quants.quantize(w.contiguous().float().numpy(), q8).reshape(-1) for w in (gu.t(), down)]
+    return torch.from_numpy(np.concatenate(parts)).contiguous()
+
+
+def _split(buf: torch.Tensor, spec: MoESpec) -> int:
+    """Where the down projection starts in an expert's buffer (elements)."""
+    D, n = spec.hidden_size, spec.expert_size
+    return 2 * n * D // 32 * Q8_BLOCK if spec.expert_format == "q8_0" else 2 * D * n
+
+
+def expert_views(buf: torch.Tensor, spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert's gate+up (D, 2n) and down (n, D) float32 weights: views of a float32 buffer, the exact
+    dequantisation of a q8_0 one."""
+    D, n = spec.hidden_size, spec.expert_size
+    at = _split(buf, spec)
+    if spec.expert_format == "q8_0":
+        from ..engine.blocks import dequantize
+        gu = torch.from_numpy(dequantize(buf[:at].view(2 * n, -1).numpy(), "Q8_0").reshape(2 * n, D))
+        down = torch.from_numpy(dequantize(buf[at:].view(n, -1).numpy(), "Q8_0").reshape(n, D))
+        return gu.t(), down
+    return buf[:at].view(D, 2 * n), buf[at:].view(n, D)
+
+
+def native_pointers(buf: torch.Tensor, spec: MoESpec) -> tuple[int, int]:
+    """The (gate+up, down) data pointers the native expert kernel reads from an expert's buffer."""
+    p = buf.data_ptr()
+    return p, p + _split(buf, spec) * buf.element_size()
 
 
 class ExpertProvider(Protocol):
@@ -98,15 +154,119 @@ class MoEFFN(nn.Module):
 
     def route(self, h: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h (N, D) normalised -> (expert ids (N, k), weights (N, k) or None for an unweighted sum)."""
+        idx, w = self.choose(self.router(h).float(), top_k)
+        return idx, None if w is None else w.to(h.dtype)
+
+    def choose(self, logits: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Router logits (N, E) float32 -> (expert ids (N, k), weights (N, k) float32 or None)."""
         k = top_k or self.top_k
-        logits = self.router(h).float()
         if self.spec.routing == "moefy":
             return logits.topk(k, -1).indices, None
         p = torch.softmax(logits, -1)
         w, idx = p.topk(k, -1)
         if self.spec.norm_topk:
             w = w / w.sum(-1, keepdim=True)
-        return idx, w.to(h.dtype)
+        return idx, w
+
+    def router_columns(self) -> torch.Tensor:
+        """The router's weight as float32 (D, E) row-major (what the native kernel streams), rebuilt when the
+        weight changes."""
+        w = self.router.weight
+        key = (w.data_ptr(), w._version)
+        if getattr(self, "_router_key", None) != key:
+            self._router_t = w.detach().float().t().contiguous()
+            self._router_key = key
+        return self._router_t
+
+    def native_step(self, x: torch.Tensor, h: torch.Tensor, logits: torch.Tensor, follow: bool = False) -> torch.Tensor:
+        """The block's output from the native attention half (``native.attention``): x (B, T, D) the states after
+        attention (contiguous; updated in place), h (N, D) the FFN input, logits (N, E) the router's. The same
+        choice, fetch and sum as ``forward``, the experts in one kernel call per layer in decode. ``follow``: every
+        row runs row 0's experts with row 0's weights (the M2R2 fast row riding with the slow row: no loads of its
+        own; row 0's result is the one it gets alone, the kernel's rows being independent)."""
+        spec = self.spec
+        N = h.shape[0]
+        idx, w = self.choose(logits[:1] if follow else logits)
+        x2 = x.view(N, -1)
+        kind = native.BLOCK_KINDS["q8_0"] if spec.expert_format == "q8_0" else 0
+        out = torch.zeros_like(h)
+        resid = x2 if self.shared is None else None
+        if N == 1 or follow:
+            picked = idx[0].tolist()
+            needed = sorted(picked)
+            bufs = self.provider.fetch(self.layer, needed, x2[:1])
+            self.last_experts = needed
+            sel = torch.ones(N, len(needed), dtype=torch.uint8)
+            wts = None if w is None else w[0, [picked.index(e) for e in needed]].expand(N, -1).contiguous()
+            native.experts(h, [native_pointers(bufs[e], spec) for e in needed], kind, sel, wts, out,
+                           spec.expert_size, resid)
+        else:
+            needed = sorted(set(idx.flatten().tolist()))
+            self.last_experts = needed
+            out = self._native_forward(h, needed, idx, w, None)
+            if resid is not None:
+                x2 += out
+        if resid is None:
+            s = self.shared(h)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(h)) * s
+            x2 += out + s
+        return x
+
+    def _native(self, h2: torch.Tensor) -> bool:
+        """Whether the experts run as the native kernel (float32 on CPU, nothing to differentiate)."""
+        return h2.dtype == torch.float32 and h2.device.type == "cpu" and native.available() \
+            and not (torch.is_grad_enabled() and h2.requires_grad)
+
+    def _torch_forward(self, h2, needed, idx, w, bufs) -> torch.Tensor:
+        n = self.spec.expert_size
+        N = h2.shape[0]
+        out = torch.zeros_like(h2)
+        for e in needed:
+            buf = bufs[e] if bufs is not None else self.provider.fetch(self.layer, [e], None)[e]
+            gu, down = expert_views(buf, self.spec)
+            if N == 1:
+                rows, x = None, h2
+            else:
+                sel = (idx == e)
+                rows = sel.any(-1).nonzero()[:, 0]
+                if rows.numel() == 0:
+                    continue
+                x = h2[rows]
+            y = x @ gu
+            y = (F.silu(y[:, :n]) * y[:, n:]) @ down
+            if w is not None:
+                wr = (w * (idx == e)).sum(-1, keepdim=True)
+                y = y * (wr if rows is None else wr[rows])
+            if rows is None:
+                out = out + y
+            else:
+                out.index_add_(0, rows, y)
+        return out
+
+    def _native_forward(self, h2, needed, idx, w, bufs) -> torch.Tensor:
+        """The same sum in one kernel call per layer (decode: every needed expert's buffer is in hand) or per
+        expert (a prefill fetching one expert at a time): ascending expert ids, each row's experts summed into
+        its output in that order."""
+        spec = self.spec
+        kind = native.BLOCK_KINDS["q8_0"] if spec.expert_format == "q8_0" else 0
+        h2 = h2.contiguous()
+        out = torch.zeros_like(h2)
+        chosen = torch.stack([(idx == e).any(-1) for e in needed], 1).to(torch.uint8).contiguous()
+        wts = None
+        if w is not None:
+            wts = torch.stack([(w * (idx == e)).sum(-1) for e in needed], 1).float().contiguous()
+        if bufs is not None:
+            native.experts(h2, [native_pointers(bufs[e], spec) for e in needed], kind, chosen, wts, out,
+                           spec.expert_size)
+            return out
+        for j, e in enumerate(needed):
+            if not bool(chosen[:, j].any()):
+                continue
+            buf = self.provider.fetch(self.layer, [e], None)[e]
+            native.experts(h2, [native_pointers(buf, spec)], kind, chosen[:, j:j + 1].contiguous(),
+                           None if wts is None else wts[:, j:j + 1].contiguous(), out, spec.expert_size)
+        return out
 
     def forward(self, h: torch.Tensor, experts: list[int] | None = None, raw: torch.Tensor | None = None,
                 bufs: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -130,28 +290,10 @@ class MoEFFN(nn.Module):
             else:  # prefill: one expert at a time, so a small budget never has to hold a layer's union
                 bufs = None
         self.last_experts = needed
-        n = self.spec.expert_size
-        out = torch.zeros_like(h2)
-        for e in needed:
-            buf = bufs[e] if bufs is not None else self.provider.fetch(self.layer, [e], None)[e]
-            gu, down = expert_views(buf, self.spec)
-            if N == 1:
-                rows, x = None, h2
-            else:
-                sel = (idx == e)
-                rows = sel.any(-1).nonzero()[:, 0]
-                if rows.numel() == 0:
-                    continue
-                x = h2[rows]
-            y = x @ gu
-            y = (F.silu(y[:, :n]) * y[:, n:]) @ down
-            if w is not None:
-                wr = (w * (idx == e)).sum(-1, keepdim=True)
-                y = y * (wr if rows is None else wr[rows])
-            if rows is None:
-                out = out + y
-            else:
-                out.index_add_(0, rows, y)
+        if self._native(h2):
+            out = self._native_forward(h2, needed, idx, w, bufs)
+        else:
+            out = self._torch_forward(h2, needed, idx, w, bufs)
         if self.shared is not None:
             s = self.shared(h2)
             if self.shared_gate is not None:
@@ -186,7 +328,49 @@ class MoEBlock(nn.Module):
 
     qkv_proj = Block.qkv_proj
     attend = Block.attend
-    forward = Block.forward
+    _ATTENTION_PARTS = (("input_norm", RMSNorm), ("qkv", Linear), ("o", Linear), ("post_norm", RMSNorm))
+
+    def _native_attention(self, x: torch.Tensor, ctx) -> object:
+        """The weight format the native kernel computes this block's attention half from (then the experts run
+        their own kernel), or None: the conditions of ``Block._native_format`` for the four parts the kernel
+        computes (not with OLMoE's q/k norms, which it does not)."""
+        mods = self._modules
+        if not ctx.native or "q_norm" in mods or any(type(mods[n]) is not t for n, t in self._ATTENTION_PARTS):
+            return None
+        qkv = mods["qkv"]
+        w = qkv._parameters["weight"]
+        fmt = ctx.weights or qkv.default_format()
+        ok = ctx.write.mask is ctx.causal_mask and w.dtype == torch.float32 \
+            and all(fmt.native_weight(mods[n]) is not None for n in ("qkv", "o")) \
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in mods.values())
+        return fmt if ok else None
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        fmt = self._native_attention(x, ctx)
+        ffn = self.ffn
+        if fmt is None or not ffn._native(x) or ffn.spec.num_experts > self.cfg.q_size + 2 * self.cfg.kv_size:
+            return Block.forward(self, x, ctx)
+        x, h, logits = native.attention(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos,
+                                        ctx.sin, ctx.native_rows, fmt, ffn.router_columns(), ffn.router.bias)
+        return ffn.native_step(x, h, logits)
+
+    def can_ride(self, x: torch.Tensor, ctx) -> bool:
+        """Whether ``ride`` runs here (the native attention half and expert kernel, moefy routing)."""
+        return self._native_attention(x, ctx) is not None and self.ffn._native(x) \
+            and self.ffn.spec.routing == "moefy" and self.ffn.shared is None \
+            and self.ffn.spec.num_experts <= self.cfg.q_size + 2 * self.cfg.kv_size
+
+    def ride(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """The block on rows whose first is the token's slow row and whose others ride with it (``can_ride`` must
+        hold): one attention call for all rows (each in its own cache slots: ``ctx``) and one expert call, every
+        row through the slow row's experts (``MoEFFN.native_step(follow=True)``). The slow row's result is the one
+        ``forward`` gives it alone."""
+        ffn = self.ffn
+        x, h, logits = native.attention(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos,
+                                        ctx.sin, ctx.native_rows, self._native_attention(x, ctx),
+                                        ffn.router_columns(), ffn.router.bias)
+        return ffn.native_step(x, h, logits, follow=True)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(self.post_norm(x), raw=x)
@@ -224,7 +408,7 @@ class MoEModel:
         return self.ffns[0].top_k
 
     def expert_bytes(self) -> int:
-        return self.spec.expert_numel * next(iter(self.bank.values())).element_size()
+        return self.spec.buffer_numel * next(iter(self.bank.values())).element_size()
 
     @property
     def total_experts(self) -> int:

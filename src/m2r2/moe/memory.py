@@ -191,7 +191,7 @@ class ExpertCache:
             raise ValueError(f"evict must be 'lru' or 'lfu', got {evict!r}")
         self.moe, self.budget, self.store, self.evict = moe, budget, store, evict
         self.L = moe.num_layers
-        self.numel = moe.spec.expert_numel
+        self.numel = moe.spec.buffer_numel
         dtype = next(iter(moe.bank.values())).dtype
         self.item_bytes = self.numel * torch.empty((), dtype=dtype).element_size()
         self.slot_bytes = padded_bytes(self.item_bytes)
@@ -212,6 +212,7 @@ class ExpertCache:
         self.recording = False
         self.stats = CacheStats()
         self.predictions: dict[int, set] = {}  # step -> predicted experts of that step's layer
+        self.stale: list = []  # (need, seq, key, request) of every prefetch issued (``_drop_stale``)
 
     # ---- the loader's side
     def _do_load(self, reqs: list[Request]) -> None:
@@ -274,6 +275,8 @@ class ExpertCache:
         if hasattr(self.store, "schedule"):
             req.ready_at = self.store.schedule(self.item_bytes, req.issued)
         self.map[key] = Entry(slot, req, last_use=self.now, prefetched=not demand)
+        if not demand:
+            heapq.heappush(self.stale, (need, self.seq, key, req))
         if self.recording:
             self.stats.loads += 1
             self.stats.bytes_loaded += self.item_bytes
@@ -320,14 +323,18 @@ class ExpertCache:
         self.predictions[step] = (set(experts), lookahead)
 
     def _drop_stale(self) -> None:
-        for key, e in list(self.map.items()):
-            r = e.req
-            if r is not None and not r.demand and r.need < self.now and not r.done.is_set():
-                if self.loader.cancel_if_queued(r):
-                    del self.map[key]
-                    self.free.append(e.slot)
-                    if self.recording:
-                        self.stats.prefetch_cancelled += 1
+        """Cancel the queued prefetches whose step has passed (``stale``: a heap of prefetch requests by need, so
+        a fetch looks only at those that are due)."""
+        while self.stale and self.stale[0][0] < self.now:
+            _, _, key, r = heapq.heappop(self.stale)
+            e = self.map.get(key)
+            if e is None or e.req is not r or r.demand or r.done.is_set():
+                continue
+            if self.loader.cancel_if_queued(r):
+                del self.map[key]
+                self.free.append(e.slot)
+                if self.recording:
+                    self.stats.prefetch_cancelled += 1
 
     # ---- the provider
     def fetch(self, layer: int, experts: list[int], state: torch.Tensor | None = None) -> dict[int, torch.Tensor]:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AdapterError
 from ..artifacts import check_tensors, find_shipped as find_artifact, load_artifact, save_artifact, shipped_roots
-from .layers import MoEBlock, MoEFFN, MoEModel, MoESpec, pack_expert
+from .layers import MoEBlock, MoEFFN, MoEModel, MoESpec, pack_expert, quantize_expert
 
 MOEFY_FORMAT = 1
 
@@ -184,10 +184,12 @@ class MoEfyArtifacts:
     router_b: torch.Tensor  # (L, E)
     base_identity: str = ""
     info: dict = field(default_factory=dict)
+    # recovery deltas (``m2r2.moe.recover``): gu_a (L, r, D), gu_b (L, 2I, r), down_a (L, r, I), down_b (L, D, r)
+    lora: dict = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> Path:
         return save_artifact(path, "moe", {"perm": self.perm.to(torch.int32), "router_w": self.router_w,
-                                           "router_b": self.router_b},
+                                           "router_b": self.router_b, **{f"lora.{k}": v for k, v in self.lora.items()}},
                              {"format": MOEFY_FORMAT, "kind": "moefy", "spec": self.spec.to_dict(),
                               "base_identity": self.base_identity, "info": self.info})
 
@@ -203,8 +205,16 @@ class MoEfyArtifacts:
                                        identity=identity, validate=lambda c: validate(c[1]))
         L = t["perm"].shape[0] if "perm" in t else 0
         E, n, D = spec.num_experts, spec.expert_size, spec.hidden_size
-        check_tensors(d / "moe.safetensors", t, {"perm": (L, E, n), "router_w": (L, E, D), "router_b": (L, E)})
-        return cls(spec, t["perm"].long(), t["router_w"], t["router_b"], raw.get("base_identity", ""), raw.get("info", {}))
+        I = E * n
+        shapes = {"perm": (L, E, n), "router_w": (L, E, D), "router_b": (L, E)}
+        if any(k.startswith("lora.") for k in t):
+            r = t["lora.gu_a"].shape[1] if "lora.gu_a" in t and t["lora.gu_a"].dim() == 3 else 0
+            shapes.update({"lora.gu_a": (L, r, D), "lora.gu_b": (L, 2 * I, r), "lora.down_a": (L, r, I),
+                           "lora.down_b": (L, D, r)})
+        check_tensors(d / "moe.safetensors", t, shapes)
+        lora = {k[5:]: v for k, v in t.items() if k.startswith("lora.")}
+        return cls(spec, t["perm"].long(), t["router_w"], t["router_b"], raw.get("base_identity", ""),
+                   raw.get("info", {}), lora)
 
 
 def shipped_dir() -> Path:
@@ -215,10 +225,23 @@ def find_shipped(identity: str, num_experts: int = 8) -> Path | None:
     return find_artifact(identity, "moefy", where=lambda raw: raw["spec"]["num_experts"] == num_experts)
 
 
-def apply(model, art: MoEfyArtifacts) -> MoEModel:
+def fold(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, deltas: dict[str, torch.Tensor], i: int):
+    """Layer i's dense gate (I, D), up (I, D), down (D, I) with the recovery deltas added."""
+    I = gate.shape[0]
+    dgu = deltas["gu_b"][i].float() @ deltas["gu_a"][i].float()
+    ddown = deltas["down_b"][i].float() @ deltas["down_a"][i].float()
+    return gate + dgu[:I].to(gate.dtype), up + dgu[I:].to(up.dtype), down + ddown.to(down.dtype)
+
+
+def apply(model, art: MoEfyArtifacts, expert_format: str | None = None) -> MoEModel:
     """Turn a dense ``Transformer`` into an ``MoEModel`` in place: every block's FFN becomes an MoEFFN whose
-    experts are the artifact's neuron groups (the dense gate/up/down weights are freed)."""
+    experts are the artifact's neuron groups (the dense gate/up/down weights are freed), with the recovery
+    deltas folded in if the artifact has them. ``expert_format`` (``layers.EXPERT_FORMATS``; default the spec's):
+    "f32" keeps each expert's float weights, "q8_0" stores them as Q8_0 blocks (a quarter of the bytes to move
+    between memories; what every path then computes from)."""
+    import dataclasses
     c = model.cfg
+    spec = art.spec if expert_format is None else dataclasses.replace(art.spec, expert_format=expert_format)
     if art.perm.shape[0] != c.num_layers or art.spec.hidden_size != c.hidden_size:
         raise AdapterError(f"the MoEfication is for {art.perm.shape[0]} layers of width {art.spec.hidden_size}, "
                            f"not this {c.num_layers}-layer, {c.hidden_size}-wide model")
@@ -228,17 +251,21 @@ def apply(model, art: MoEfyArtifacts) -> MoEModel:
     for i, blk in enumerate(model.layers):
         gu = blk.gate_up.dense()
         gate, up, down = gu[:inter], gu[inter:], blk.down.dense()
+        if art.lora:  # the recovery fine-tune's low-rank deltas (m2r2.moe.recover)
+            gate, up, down = fold(gate, up, down, art.lora, i)
         for e, idx in enumerate(art.perm[i]):
-            bank[(i, e)] = pack_expert(gate[idx], up[idx], down[:, idx]).to(dtype)
-        ffn = MoEFFN(i, art.spec)
+            buf = pack_expert(gate[idx], up[idx], down[:, idx]).to(dtype)
+            bank[(i, e)] = quantize_expert(buf, spec) if spec.expert_format == "q8_0" else buf
+        ffn = MoEFFN(i, spec)
         with torch.no_grad():
             ffn.router.weight.copy_(art.router_w[i])
             ffn.router.bias.copy_(art.router_b[i])
         model.layers[i] = MoEBlock(blk, ffn.to(dtype).requires_grad_(False))
-    return MoEModel(model, art.spec, bank, {"kind": "moefy", **art.info})
+    return MoEModel(model, spec, bank, {"kind": "moefy", **art.info})
 
 
-def load_moefied(lm, path: str | os.PathLike | None = None, num_experts: int = 8, top_k: int | None = None) -> MoEModel:
+def load_moefied(lm, path: str | os.PathLike | None = None, num_experts: int = 8, top_k: int | None = None,
+                 expert_format: str | None = None) -> MoEModel:
     """The embedded (or any) model MoEfied with shipped (or ``path``) artifacts; converts ``lm`` in place, so
     ``lm.generate`` then runs the MoE (all experts resident)."""
     if path is None:
@@ -247,7 +274,7 @@ def load_moefied(lm, path: str | os.PathLike | None = None, num_experts: int = 8
             raise AdapterError(f"no MoEfication with {num_experts} experts ships for {lm.source.name}; make one with "
                                "`m2r2 moefy` and pass its directory")
     art = MoEfyArtifacts.load(path, lm.source.identity)
-    moe = apply(lm.model, art)
+    moe = apply(lm.model, art, expert_format)
     if top_k is not None:
         moe.set_top_k(top_k)
     return moe

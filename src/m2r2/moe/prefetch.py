@@ -84,13 +84,38 @@ class M2R2Prefetch:
         if self.refine and cache.recording and state is not None and j < self.moe.num_layers:
             predict_and_prefetch(cache, self.moe, j, state, self.top_k, 1, merge=True)
 
+    def _routers(self, targets: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers ``targets``' post-attention norm weights folded into their routers: (D, len * E) and (len * E),
+        so that rms(x) @ W + b are all their router logits at once (cached per tuple of layers)."""
+        cache = self.__dict__.setdefault("_fused", {})
+        got = cache.get(targets)
+        if got is None:
+            ws, bs = [], []
+            for j in targets:
+                blk = self.moe.model.layers[j]
+                r = blk.ffn.router
+                ws.append((r.weight.float() * blk.post_norm.weight.float()).t())
+                bs.append(r.bias.float() if r.bias is not None else torch.zeros(r.weight.shape[0]))
+            got = cache[targets] = (torch.cat(ws, 1).contiguous(), torch.cat(bs))
+        return got
+
     def after_fast(self, cache, layer: int, targets: list[int], f: torch.Tensor) -> None:
         """f: the fast state (1, 1, D) after fast layer ``layer`` (the slow stream has just finished it),
-        approximating the slow state at depth R * (layer + 1): it predicts ``targets``."""
-        if not cache.recording:
+        approximating the slow state at depth R * (layer + 1): it predicts ``targets`` (their norms and routers
+        in one product: predictions only decide what to load, never what is computed)."""
+        if not cache.recording or not targets:
             return
-        for j in targets:
-            predict_and_prefetch(cache, self.moe, j, f.reshape(1, -1), self.top_k, j - layer)
+        x = f.reshape(1, -1).float()
+        eps = self.moe.model.layers[targets[0]].post_norm.eps
+        W, b = self._routers(tuple(targets))
+        logits = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) @ W + b
+        picks = logits.view(len(targets), -1).topk(self.top_k, -1).indices.tolist()
+        for j, ids in zip(targets, picks):
+            step = cache.step_of(j)
+            cache.predict(step, set(ids), j - layer)
+            for e in ids:
+                cache.prefetch((j, e), step)
+        cache.kick()
 
 
 class Oracle:
@@ -178,6 +203,26 @@ class MoEDecode(Strategy):
         if self.provider is not None:
             self.moe.set_provider(self.provider)
         self.fast_seconds = 0.0
+        self.riding = self.acc is not None and self._ride_setup(state)
+
+    def _ride_setup(self, state) -> bool:
+        """The fast row rides in the slow row's kernel calls where every layer it visits can (``MoEBlock.can_ride``):
+        a cache of two batch rows, the slow token's in row 0 and the fast row's in row 1, whose slots before the
+        current token hold the slow stream's K/V (copied from the prompt's cache here, and after every step)."""
+        m, c = state.model, state.cache
+        t = int(c.lengths[0])
+        cache2 = m.new_cache(2, c.max_len)
+        x = torch.zeros(2, 1, m.cfg.hidden_size)
+        ctx2 = m.context(cache2, torch.tensor([[t], [t]]))
+        ctx1 = m.context(cache2.rows(0, 1), torch.tensor([[t]]))
+        F_ = self.acc.fast_layers
+        if not (all(b.can_ride(x, ctx2) for b in m.layers[:F_])
+                and all(b.can_ride(x[:1], ctx1) for b in m.layers[F_:])):
+            return False
+        for dst, src in zip(cache2.k + cache2.v, c.k + c.v):
+            dst[:, :, :t] = src[0, :, :t]
+        self.cache2, self.cache1 = cache2, cache2.rows(0, 1)
+        return True
 
     def stats(self) -> dict:
         return {"fast_seconds": self.fast_seconds}
@@ -193,12 +238,48 @@ class MoEDecode(Strategy):
         y = a + blk.ffn(blk.post_norm(a), experts=experts, bufs=provider.peek(i, experts))
         return y + self.acc.adapters[i](f)
 
+    def _ride_step(self, state, prov) -> torch.Tensor:
+        """One token with the fast row riding (``_ride_setup``): fast layer i is slow layer i's kernel calls on a
+        second row, plus adapter i; its state then predicts slow layers R*i+1 .. R*(i+1). Returns the slow row's
+        final state (1, 1, D)."""
+        import time
+        m = state.model
+        t = int(state.cache.lengths[0])
+        ctx2 = m.context(self.cache2, torch.tensor([[t], [t]]))
+        ctx1 = m.context(self.cache1, torch.tensor([[t]]))
+        x = m.embed(state.pending.view(-1, 1))
+        xx = torch.cat([x, x], 0)
+        L, F_, R = m.cfg.num_layers, self.acc.fast_layers, self.acc.cfg.rate
+        for i in range(F_):
+            y = m.layers[i].ride(xx, ctx2)
+            t0 = time.perf_counter()
+            f = y[1:2] + self.acc.adapters[i](xx[1:2])
+            xx = torch.cat([y[:1], f], 0)
+            self.policy.after_fast(prov, i, [j for j in range(R * i + 1, R * (i + 1) + 1) if i < j < L], f)
+            self.fast_seconds += time.perf_counter() - t0
+        x = xx[:1]
+        for i in range(F_, L):
+            x = m.layer(i, x, ctx1)
+        for kv in (self.cache2.k, self.cache2.v):  # the fast row's later steps see the slow K/V of this slot
+            for i in range(F_):
+                kv[i][1, :, t] = kv[i][0, :, t]
+        state.cache.counters.layer_calls += L + F_
+        return x
+
     def step(self, state) -> list[list[int]]:
         import time
         m = state.model
         prov = self.moe.ffns[0].provider
         if hasattr(prov, "begin_token"):
             prov.begin_token()
+        if self.riding:
+            x = self._ride_step(state, prov)
+            state.cache.counters.forward_passes += 1
+            logits = m.head(x)[:, 0]
+            state.cache.advance(1)
+            nxt = state.sampling.sample(logits, state.generator)
+            state.pending = nxt
+            return [[tok] for tok in nxt.tolist()]
         n = state.cache.lengths
         t = int(n[0])
         ctx = m.context(state.cache, n.view(-1, 1))

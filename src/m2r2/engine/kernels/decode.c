@@ -317,6 +317,8 @@ static void block_team(const m2r2_dims *d, const m2r2_weights *w, float *x, int 
                 xt[i] += ht[i];
             rms_norm(xt, w->post_norm, d->eps, ht, D);
         }
+        if (I == 0)  /* the attention half only (an MoE block: its FFN runs m2r2_experts) */
+            return;
         gemv_team(h, T, w->gate_up, d->kind_gate_up, w->gate_up_b, gu, part, D, 2 * I);
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {
@@ -354,6 +356,134 @@ void m2r2_blocks(int n, const m2r2_dims *const *d, const m2r2_weights *const *w,
         block_team(d[l], w[l], x, T, row_b, row_pos, cos, sin, kc[l], vc[l], max_len, scratch, threads);
 }
 
+
+/* Scratch floats m2r2_experts needs for T rows (hidden size D, n neurons per expert). */
+long m2r2_experts_scratch(int T, int D, int n, int threads) {
+    const long widest = 2L * n > D ? 2L * n : D;
+    return (long)T * D + (long)T * 2 * n + (long)T * D + (long)threads * T * widest + T;
+}
+
+/* y (T, D) = a (T, n; rows astride apart) @ W for W (n, D) stored as Q8_0 rows (each of the n rows: D/32 units), on
+ * thread tid of nt: its share of the D columns, every row of W dequantised unit by unit (exactly, deq_unit) and
+ * multiply-added into each y row in order of W's rows (an expert's down projection: n = 96 short rows would make
+ * a dot-product kernel spend its time reducing; here y stays in L1 and each weight is one multiply-add). */
+static void q8_axpy_team(const unsigned char *W, const float *a, int astride, int T, int n, int D, float *y,
+                         int tid, int nt) {
+    const int nu = D / 32, u0 = (int)((long)nu * tid / nt), u1 = (int)((long)nu * (tid + 1) / nt);
+    for (int t = 0; t < T; t++)
+        memset(y + (size_t)t * D + (size_t)u0 * 32, 0, sizeof(float) * 32 * (u1 - u0));
+#if defined(__AVX512F__) && !defined(M2R2_PORTABLE)
+    for (int i = 0; i < n; i++) {  /* the same arithmetic as below: w = (float)q * d, then y = fma(w, a, y) */
+        const unsigned char *row = W + (size_t)i * nu * 34;
+        for (int u = u0; u < u1; u++) {
+            const unsigned char *b = row + (size_t)u * 34;
+            const __m512 d = _mm512_set1_ps(f16_at(b));
+            const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))), d);
+            const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))), d);
+            for (int t = 0; t < T; t++) {
+                const __m512 at = _mm512_set1_ps(a[(size_t)t * astride + i]);
+                float *yt = y + (size_t)t * D + (size_t)u * 32;
+                _mm512_storeu_ps(yt, _mm512_fmadd_ps(w0, at, _mm512_loadu_ps(yt)));
+                _mm512_storeu_ps(yt + 16, _mm512_fmadd_ps(w1, at, _mm512_loadu_ps(yt + 16)));
+            }
+        }
+    }
+#else
+    float w[32];
+    for (int i = 0; i < n; i++) {
+        const unsigned char *row = W + (size_t)i * nu * 34;
+        for (int u = u0; u < u1; u++) {
+            deq_unit(KIND_Q8_0, row, u, w);
+            for (int t = 0; t < T; t++) {
+                const float at = a[(size_t)t * astride + i];
+                float *restrict yt = y + (size_t)t * D + (size_t)u * 32;
+                for (int j = 0; j < 32; j++)
+                    yt[j] = QFMA(w[j], at, yt[j]);
+            }
+        }
+    }
+#endif
+}
+
+/* An MoE layer's routed experts on T normalised rows h (T, D), summed into out (T, D): for each of the nsel experts
+ * in the order given (ascending ids), the rows that selected it (sel[t * nsel + e] != 0) run
+ * y = down_e(silu(gate_e h) * up_e h) and out[t] += y, or += wts[t * nsel + e] * y with weights (softmax routing).
+ * An expert's weights: gu[e] = gate and up (2n outputs: the gate's n, then the up's n) and down[e] (n -> D); kind
+ * KIND_F32: both float32 (in, out) row-major; KIND_Q8_0: gu as Q8_0 blocks (2n rows of D/32 units) and down as
+ * Q8_0 rows of its (n, D) float layout (each neuron's D outputs: q8_axpy_team). The same arithmetic as the
+ * PyTorch path (m2r2.moe.layers.MoEFFN), up to the order of summation inside each product; a row's result does
+ * not depend on which other rows share the call. */
+void m2r2_experts(int nsel, const void *const *gu, const void *const *down, int kind, const float *h, int T,
+                  const unsigned char *sel, const float *wts, float *out, float *resid, int D, int n, float *scratch,
+                  int threads) {
+    float *xs = scratch, *g = xs + (size_t)T * D, *y = g + (size_t)T * 2 * n, *part = y + (size_t)T * D;
+    const long widest = 2L * n > D ? 2L * n : D;
+    int *rows = (int *)(part + (size_t)threads * T * widest);  /* T ints fit in T floats */
+    for (int e = 0; e < nsel; e++) {
+        int m = 0;
+        for (int t = 0; t < T; t++)
+            if (sel[(size_t)t * nsel + e])
+                rows[m++] = t;
+        if (m == 0)
+            continue;
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static)
+            for (int r = 0; r < m; r++)
+                memcpy(xs + (size_t)r * D, h + (size_t)rows[r] * D, sizeof(float) * D);
+            gemv_team(xs, m, gu[e], kind, NULL, g, part, D, 2 * n);
+#pragma omp for schedule(static)
+            for (int r = 0; r < m; r++) {
+                float *gr = g + (size_t)r * 2 * n;
+                for (int i = 0; i < n; i++)
+                    gr[i] = gr[i] / (1.0f + expf(-gr[i])) * gr[n + i];
+            }
+#pragma omp single
+            for (int r = 1; r < m; r++)
+                memmove(g + (size_t)r * n, g + (size_t)r * 2 * n, sizeof(float) * n);
+            if (kind == KIND_Q8_0) {
+                q8_axpy_team((const unsigned char *)down[e], g, n, m, n, D, y, omp_get_thread_num(),
+                             omp_get_num_threads());
+#pragma omp barrier
+            } else
+                gemv_team(g, m, down[e], kind, NULL, y, part, n, D);
+#pragma omp for schedule(static)
+            for (int r = 0; r < m; r++) {
+                float *o = out + (size_t)rows[r] * D;
+                const float *yr = y + (size_t)r * D;
+                if (wts) {
+                    const float wt = wts[(size_t)rows[r] * nsel + e];
+                    for (int i = 0; i < D; i++)
+                        o[i] += wt * yr[i];
+                } else
+                    for (int i = 0; i < D; i++)
+                        o[i] += yr[i];
+            }
+        }
+    }
+    if (resid)  /* the block's residual: x += the experts' sum */
+        for (size_t i = 0; i < (size_t)T * D; i++)
+            resid[i] += out[i];
+}
+
+/* An MoE block's first half for T rows, in place on x: x += Attn(norm(x)) (m2r2_block with d->inter == 0), then
+ * the FFN's input h = post_norm(x) (T, D) and its router's logits (T, E) = h @ router + router_b, router float32
+ * (D, E) row-major: everything before the experts, whose choice (top-k of the logits) is the caller's. */
+void m2r2_moe_attention(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const int *row_b,
+                        const int *row_pos, const float *cos, const float *sin, float *kcache, float *vcache,
+                        int max_len, const float *router, const float *router_b, int E, float *h_out,
+                        float *logits, float *scratch, int threads) {
+    const int D = d->hidden, nqkv = (d->heads + 2 * d->kv_heads) * d->head_dim;
+    float *part = scratch + (size_t)T * (D + nqkv + (size_t)d->heads * d->head_dim);  /* block_team's part */
+#pragma omp parallel num_threads(threads)
+    {
+        block_team(d, w, x, T, row_b, row_pos, cos, sin, kcache, vcache, max_len, scratch, threads);
+#pragma omp barrier
+        gemv_team(scratch, T, router, KIND_F32, router_b, logits, part, D, E);
+#pragma omp single
+        memcpy(h_out, scratch, sizeof(float) * T * D);
+    }
+}
 
 /* y (T, out) = x (T, in) @ W^T + b for W GGUF blocks of one kind, or segments (qblocks.h), on `threads` threads */
 void m2r2_qgemv(const float *x, int T, const void *W, int kind, const float *b, float *y, int in, int out,
