@@ -343,3 +343,40 @@ def test_eagle_training_resumes_with_each_step_logged_once(lm, data_dir, tmp_pat
     plain, _ = decode(lm.model, [prompt], max_new_tokens=16)
     out, st = decode(lm.model, [prompt], max_new_tokens=16, strategy=Speculative(EagleDrafter(head), gamma=2))
     assert out == plain and st.extra["drafted"] > 0
+
+
+def test_moe_recovery_resumes_and_folds_into_the_experts(lm, data_dir, tmp_path, monkeypatch):
+    """python -m m2r2.moe.recover killed between checkpoints and re-run == one uninterrupted run; the saved deltas,
+    folded into the experts by moefy.apply, compute what the trainer's masked forward computes with them."""
+    import copy
+
+    from m2r2.moe import recover
+    from m2r2.moe.layers import MoESpec
+    from m2r2.moe.moefy import MoEfyArtifacts, apply
+    c = lm.model.cfg
+    g = torch.Generator().manual_seed(0)
+    E = 4
+    perm = torch.stack([torch.randperm(c.intermediate_size, generator=g).view(E, -1) for _ in range(c.num_layers)])
+    art = MoEfyArtifacts(MoESpec(E, 2, c.intermediate_size // E, c.hidden_size, router_bias=True), perm,
+                         torch.randn(c.num_layers, E, c.hidden_size, generator=g), torch.randn(c.num_layers, E, generator=g),
+                         lm.source.identity)
+    art.save(tmp_path / "moefied")
+    _killed_and_resumed(recover, ["--moe", str(tmp_path / "moefied"), "--data", str(data_dir), "--steps", "4",
+                                  "--warmup-steps", "1", "--batch-size", "2", "--max-len", "24", "--rank", "4",
+                                  "--lr", "0.05", "--checkpoint-every", "2", "--no-progress"], lm, tmp_path, monkeypatch)
+    rec_art = MoEfyArtifacts.load(tmp_path / "whole", lm.source.identity)
+    assert rec_art.lora and all(v.dtype == torch.float16 for v in rec_art.lora.values())
+    assert rec_art.info["recovery"]["steps"] == 4 and float(rec_art.lora["gu_b"].abs().sum()) > 0
+    ids = torch.tensor([[5, 17, 33, 99, 4, 8, 61]])
+    trainer_view = recover.Recovery(lm.model, rec_art, rank=4, top_k=2)
+    with torch.no_grad():
+        for k, p in trainer_view.deltas().items():
+            p.copy_(rec_art.lora[k].float())
+        want = trainer_view.logits(ids, sparse=True)
+    moe = apply(copy.deepcopy(lm.model), rec_art)
+    got = moe.model(ids, moe.model.new_cache(1, 8), torch.arange(7).view(1, -1))
+    assert_close_rel(got, want)
+    # a recovered MoEfication is not recovered twice
+    with pytest.raises(Exception, match="already recovered"):
+        _killed_and_resumed(recover, ["--moe", str(tmp_path / "whole"), "--data", str(data_dir), "--steps", "1",
+                                      "--no-progress"], lm, tmp_path / "again", monkeypatch)

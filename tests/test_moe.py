@@ -303,3 +303,52 @@ def test_fast_row_riding_matches_the_separate_fast_pass(tiny_moe):
     assert out == ref and len(ridden) == len(separate) == 5 * acc.fast_layers
     for a, b in zip(ridden, separate):
         assert_close_rel(a, b)
+
+
+def test_pinned_experts_stay_and_counts_come_from_other_traces(tiny_moe):
+    """pinned-lfu: the most used experts of the calibration counts fill half the budget before decoding and are
+    never evicted; a cyclic scan that defeats LRU then hits on them every time."""
+    from m2r2.moe.prefetch import Pinned, usage_counts
+    _, moe = tiny_moe
+    counts = usage_counts([[[[0, 1], [1, 2], [2, 3], [3, 0]]] * 3, [[[0, 1], [2, 3], [2, 3], [3, 0]]]])
+    assert counts[(1, 2)] == 4 and counts[(1, 1)] == 3 and counts[(1, 3)] == 1 and (1, 0) not in counts
+    sets = [[0, 1], [1, 2], [2, 3], [3, 0]]
+    saved = script_routing(moe, sets)
+    try:
+        c = ExpertCache(moe, 6, LinkStore(moe.bank, 100.0))
+        c.policy = Pinned({(l, e): 10 - l for l, s in enumerate(sets) for e in s})  # layers 0 and 1 most used
+        c.policy.prepare(c)
+        assert c.fixed == {(0, 0), (0, 1), (1, 1)} and c.stats.loads == 0  # 3 = half of 6; loads not counted
+        out = run(moe, c)
+        c.close()
+        assert {(0, 0), (0, 1), (1, 1)} <= set(c.map)
+        # the held experts hit on every decode token (3 per token); the other 5 needs cycle through 3 LRU slots
+        assert c.stats.hits >= 3 * 5
+        assert out == run(moe, Resident(moe.bank))
+    finally:
+        restore(moe, saved)
+
+
+def test_m2r2_horizon_holds_predictions_until_near(tiny_moe):
+    """With a horizon the fast stream's predictions are recorded at once but their loads are issued only when the
+    slow stream comes within that many layers; outputs are unchanged."""
+    lm, moe = tiny_moe
+    from m2r2.stream.accelerator import Accelerator
+    acc = Accelerator.for_model(moe.model, lm.source.identity, rate=2).eval().requires_grad_(False)
+    ref = run(moe, Resident(moe.bank), tokens=5)
+    issued = {}
+    for horizon in (None, 1):
+        pol = M2R2Prefetch(moe, K, horizon=horizon)
+        c = ExpertCache(moe, 6, LinkStore(moe.bank, 50.0))
+        c.policy = pol
+        seen = []
+        real = c.prefetch
+        c.prefetch = lambda key, need, _real=real: (seen.append((key, need, c.now)), _real(key, need))[1]
+        try:
+            assert run(moe, c, tokens=5, strategy=MoEDecode(moe, c, acc, pol)) == ref
+        finally:
+            c.close()
+        issued[horizon] = seen
+        assert c.stats.pred_steps > 0
+    assert max(need - now for _, need, now in issued[None]) >= 2  # R=2: layers two ahead predicted at once
+    assert all(need - now <= 1 for _, need, now in issued[1])

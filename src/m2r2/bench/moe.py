@@ -8,6 +8,8 @@ and with ``--storage`` real per-expert file reads with the page cache bypassed) 
 strategy decodes the same prompt:
 
 * ``on-demand-lru`` / ``on-demand-lfu``: load on a miss, evict least recently / frequently used;
+* ``pinned-lfu``: half the budget holds the experts used most often by the *other* prompts (their all-resident
+  traces: a calibration that never sees the prompt being decoded), the other half is LRU;
 * ``slow-prefetch``: the slow state through the next layer's router (Pre-gated MoE / AdapMoE-style);
 * ``m2r2-prefetch``: the M2R2 fast stream (shipped R=2 adapter) predicts layers ahead, top-k' experts;
 * ``m2r2-hybrid``: the same, plus the slow-state prediction of the next layer added to it (more recall);
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +35,8 @@ from ..provenance import machine_info, pin_threads, run_end, run_start
 from .report import md_table, provenance_lines
 from .stats import geomean
 
-STRATEGIES = ("on-demand-lru", "on-demand-lfu", "slow-prefetch", "m2r2-prefetch", "m2r2-hybrid", "oracle")
+STRATEGIES = ("on-demand-lru", "on-demand-lfu", "pinned-lfu", "slow-prefetch", "m2r2-prefetch", "m2r2-hybrid",
+              "oracle")
 BASELINE = "on-demand-lru"
 
 
@@ -47,23 +51,30 @@ def _floats(s: str, name: str) -> list[float]:
 
 
 def run_one(lm, moe, acc, prompt, max_new: int, strategy: str, budget: int | None, store, trace,
-            prefetch_k: int) -> dict:
-    """One decode of ``prompt`` under ``strategy``; returns tokens, timing and cache statistics."""
+            prefetch_k: int, counts: dict | None = None, loader_cpu: int | None = None,
+            horizon: int | None = None) -> dict:
+    """One decode of ``prompt`` under ``strategy``; returns tokens, timing and cache statistics. ``counts``: the
+    calibration usage counts of ``pinned-lfu``; ``loader_cpu``: the CPU the loader thread is pinned to."""
     from ..moe.memory import ExpertCache
-    from ..moe.prefetch import M2R2Prefetch, MoEDecode, OnDemand, Oracle, SlowPrefetch, Tracing
+    from ..moe.prefetch import M2R2Prefetch, MoEDecode, OnDemand, Oracle, Pinned, SlowPrefetch, Tracing
 
     cache = None
     if strategy == "all-resident":
         prov = Tracing(moe.bank, moe.num_layers)
         strat = MoEDecode(moe, prov, name=strategy)
     else:
-        cache = ExpertCache(moe, budget, store, evict="lfu" if strategy == "on-demand-lfu" else "lru")
+        cache = ExpertCache(moe, budget, store, evict="lfu" if strategy == "on-demand-lfu" else "lru",
+                            loader_cpu=loader_cpu)
         policy = {"on-demand-lru": OnDemand, "on-demand-lfu": OnDemand}.get(strategy)
-        policy = policy() if policy else (SlowPrefetch(moe, prefetch_k) if strategy == "slow-prefetch" else
-                                          M2R2Prefetch(moe, prefetch_k) if strategy == "m2r2-prefetch" else
-                                          M2R2Prefetch(moe, prefetch_k, refine=True) if strategy == "m2r2-hybrid"
+        policy = policy() if policy else (Pinned(counts or {}) if strategy == "pinned-lfu" else
+                                          SlowPrefetch(moe, prefetch_k) if strategy == "slow-prefetch" else
+                                          M2R2Prefetch(moe, prefetch_k, horizon=horizon) if strategy == "m2r2-prefetch" else
+                                          M2R2Prefetch(moe, prefetch_k, refine=True, horizon=horizon)
+                                          if strategy == "m2r2-hybrid"
                                           else Oracle(trace))
         cache.policy = policy
+        if hasattr(policy, "prepare"):
+            policy.prepare(cache)
         fast = strategy in ("m2r2-prefetch", "m2r2-hybrid")
         strat = MoEDecode(moe, cache, acc if fast else None, policy if fast else None, name=strategy)
     try:
@@ -86,7 +97,8 @@ def run_one(lm, moe, acc, prompt, max_new: int, strategy: str, budget: int | Non
     return rec
 
 
-def aggregate(rows: list[dict], base: dict[str, dict], oracle: dict[str, dict], ref: dict[str, list]) -> dict:
+def aggregate(rows: list[dict], base: dict[str, dict], oracle: dict[str, dict], ref: dict[str, list],
+              resident: dict[str, dict] | None = None) -> dict:
     tok = sum(r["decode_tokens"] for r in rows)
     sec = sum(r["decode_seconds"] for r in rows)
     out = {"prompts": len(rows), "decode_tokens": tok, "tokens_per_s": tok / sec if sec else 0.0,
@@ -94,6 +106,10 @@ def aggregate(rows: list[dict], base: dict[str, dict], oracle: dict[str, dict], 
     ratios = [r["tokens_per_s"] / base[r["prompt_id"]]["tokens_per_s"] for r in rows
               if r["prompt_id"] in base and base[r["prompt_id"]]["tokens_per_s"] > 0 and r["tokens_per_s"] > 0]
     out["speedup_vs_lru"] = geomean(ratios) if ratios else None
+    for key, other in (("of_oracle", oracle), ("of_resident", resident or {})):  # per prompt, geometric mean
+        rs = [r["tokens_per_s"] / other[r["prompt_id"]]["tokens_per_s"] for r in rows
+              if r["prompt_id"] in other and other[r["prompt_id"]]["tokens_per_s"] > 0 and r["tokens_per_s"] > 0]
+        out[key] = geomean(rs) if rs else None
     # fraction of the LRU -> oracle gap in seconds per token that this strategy closes (pooled)
     spt = lambda rs: sum(r["decode_seconds"] for r in rs) / max(1, sum(r["decode_tokens"] for r in rs))  # noqa: E731
     if base and oracle:
@@ -136,8 +152,9 @@ def render_markdown(doc: dict) -> str:
              f"loadavg at start {m.get('loadavg_start')}",
              f"- date: {m['date']}; command: `{m['command']}`", *provenance_lines(m),
              f"- model: {m['model']} MoEfied, {m['experts_per_layer']} experts/layer x {m['layers']} layers = "
-             f"{m['total_experts']} experts of {m['expert_mb']:.2f} MB; top-k {m['top_k']}, prefetch top-k' "
-             f"{m['prefetch_k']}; M2R2 adapter R={m['rate']}",
+             f"{m['total_experts']} experts of {m['expert_mb']:.2f} MB ({m.get('expert_format', 'f32')}); top-k "
+             f"{m['top_k']}, prefetch top-k' {m['prefetch_k']}; M2R2 adapter R={m['rate']}; compute on 1 core, "
+             f"expert loader thread pinned to CPU {m.get('loader_cpu')}",
              f"- prompts: {m['n_prompts']} ({m['prompts']}), {m['max_new_tokens']} new tokens, greedy, batch 1",
              f"- all-resident decode: {m['resident_tokens_per_s']:.1f} tokens/s"]
     if m.get("storage"):
@@ -150,7 +167,8 @@ def render_markdown(doc: dict) -> str:
               "waiting for a load) + other (compute, the policy's bookkeeping, and whatever the loader thread's copies "
               "and wake-ups cost the compute thread); fast = the M2R2 fast row and its predictions (part of other).",
               ""]
-    header = ["memory", "budget", "strategy", "tok/s", "x LRU", "gap closed", "ms/tok", "stall ms/tok",
+    header = ["memory", "budget", "strategy", "tok/s", "x LRU", "of oracle", "of resident", "gap closed", "ms/tok",
+              "stall ms/tok",
               "other ms/tok", "fast ms/tok", "hit rate", "loads/tok", "precision", "recall", "same as resident"]
     rows = []
     for mem, by_b in doc["summary"].items():
@@ -159,7 +177,7 @@ def render_markdown(doc: dict) -> str:
                 ms = 1e3 / a["tokens_per_s"] if a["tokens_per_s"] else None
                 st = a.get("stall_ms_per_token")
                 rows.append([mem, b, s, _fmt(a["tokens_per_s"], ".1f"), _fmt(a.get("speedup_vs_lru")),
-                             _fmt(a.get("gap_closed")), _fmt(ms, ".0f"), _fmt(st, ".0f"),
+                             _fmt(a.get("of_oracle")), _fmt(a.get("of_resident")), _fmt(a.get("gap_closed")), _fmt(ms, ".0f"), _fmt(st, ".0f"),
                              _fmt(None if ms is None or st is None else ms - st, ".0f"),
                              _fmt(a.get("fast_ms_per_token"), ".0f"),
                              _fmt(a.get("hit_rate")), _fmt(a.get("loads_per_token"), ".1f"),
@@ -237,9 +255,18 @@ def main(args: argparse.Namespace) -> int:
     load_avg = run_start()["loadavg"]
     lm = m2r2.load(args.model, dtype="float32", threads=args.threads)
     prompts, warm = build_prompts(lm, args)
+    if len(prompts) < 2 and "pinned-lfu" in names:
+        raise M2R2Error("pinned-lfu calibrates on the other prompts' traces: give at least 2 prompts")
     acc = (lm.load_accelerator(args.adapter, rate=args.rate)
            if {"m2r2-prefetch", "m2r2-hybrid"} & set(names) else None)
-    moe = load_moefied(lm, args.moe, top_k=args.top_k)
+    moe = load_moefied(lm, args.moe, num_experts=args.experts, top_k=args.top_k, expert_format=args.expert_format)
+    # one compute thread on CPU 0, the loader thread on CPU 1 (where there is one): loads never take the compute
+    # thread's core, and what they still cost it (the GIL, memory traffic) shows as the strategies' "other" time
+    loader_cpu = None
+    if args.threads == 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[0]})
+        loader_cpu = cpus[1]
     k = moe.top_k
     pk = args.prefetch_k or k
     if pk < k:
@@ -258,23 +285,28 @@ def main(args: argparse.Namespace) -> int:
           f"{len(prompts)} prompts; budgets {budgets}; memories {[m for m, _ in mems]}; strategies {names}",
           file=sys.stderr)
     from tqdm.auto import tqdm
+
+    from ..moe.prefetch import usage_counts
     # warm-up (untimed): resident and one budgeted run
     run_one(lm, moe, acc, warm, 8, "all-resident", None, None, None, pk)
     records, ref, traces = [], {}, {}
     n_runs = len(prompts) * (1 + sum(len(budgets) * len(names) for _ in mems))
     bar = tqdm(total=n_runs, desc="bench moe", unit="run", disable=args.no_progress)
-    for i, p in enumerate(prompts):
+    for p in prompts:  # all-resident first: the reference outputs, the oracle's traces, the calibration counts
         r = run_one(lm, moe, acc, p, args.max_new_tokens, "all-resident", None, None, None, pk)
         ref[p.id], traces[p.id] = r["token_ids"], r.pop("trace")
         records.append({**r, "memory": "resident", "budget": "100%"})
         bar.update(1)
+    for i, p in enumerate(prompts):
+        counts = usage_counts([t for q, t in traces.items() if q != p.id])  # never this prompt's own trace
         for mem, store in mems:
             for b in budgets:
                 n = max(k, round(b * total))
                 order = names[i % len(names):] + names[: i % len(names)]  # no strategy always runs first
                 for s in order:
                     bar.set_postfix_str(f"{p.id} {mem} {b:.1%} {s}", refresh=False)
-                    r = run_one(lm, moe, acc, p, args.max_new_tokens, s, n, store, traces[p.id], pk)
+                    r = run_one(lm, moe, acc, p, args.max_new_tokens, s, n, store, traces[p.id], pk, counts,
+                                loader_cpu, args.m2r2_horizon)
                     records.append({**r, "memory": mem, "budget": f"{100 * b:g}%", "budget_experts": n})
                     bar.update(1)
     bar.close()
@@ -282,6 +314,7 @@ def main(args: argparse.Namespace) -> int:
     for _, store in mems:
         store.close()
     summary: dict = {}
+    resident = {r["prompt_id"]: r for r in records if r["strategy"] == "all-resident"}
     for mem, _ in mems:
         summary[mem] = {}
         for b in budgets:
@@ -289,7 +322,7 @@ def main(args: argparse.Namespace) -> int:
             rows = [r for r in records if r["memory"] == mem and r["budget"] == bk]
             base = {r["prompt_id"]: r for r in rows if r["strategy"] == BASELINE}
             orc = {r["prompt_id"]: r for r in rows if r["strategy"] == "oracle"}
-            summary[mem][bk] = {s: aggregate([r for r in rows if r["strategy"] == s], base, orc, ref)
+            summary[mem][bk] = {s: aggregate([r for r in rows if r["strategy"] == s], base, orc, ref, resident)
                                 for s in names}
     res = [r for r in records if r["strategy"] == "all-resident"]
     resident_tps = sum(r["decode_tokens"] for r in res) / sum(r["decode_seconds"] for r in res)
@@ -299,7 +332,9 @@ def main(args: argparse.Namespace) -> int:
             "rate": args.rate, "budgets": budgets, "bandwidths_gbps": bandwidths, "latency_us": args.latency_us,
             "storage": storage, "prompts": args.prompt_ids or args.prompts, "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "resident_tokens_per_s": resident_tps,
-            "strategies": names, "switch_interval_us": args.switch_interval_us}
+            "strategies": names, "switch_interval_us": args.switch_interval_us, "expert_format": moe.spec.expert_format,
+            "experts_bytes": moe.expert_bytes(), "loader_cpu": loader_cpu,
+            "m2r2_horizon": args.m2r2_horizon, "moe_quality": moe.info.get("quality"), "moe_recovery": (moe.info.get("recovery") or {}).get("steps")}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recs = [{k_: v for k_, v in r.items() if k_ != "token_ids"} for r in records]
@@ -319,23 +354,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                          "prefetch under a fast-memory budget",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="dense model to MoEfy (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--moe", default=None, help="MoEfication directory (default: the shipped one)")
+    p.add_argument("--moe", default=None, help="MoEfication directory (default: the shipped one with --experts)")
+    p.add_argument("--experts", type=int_at_least("--experts", 2), default=16,
+                   help="experts per layer of the shipped MoEfication to use (default 16: top-4, recovered)")
+    p.add_argument("--expert-format", choices=("f32", "q8_0"), default="q8_0",
+                   help="how experts are stored and moved (default q8_0: a quarter of float32's bytes)")
     p.add_argument("--adapter", default=None, help="M2R2 adapter directory (default: the shipped one for --rate)")
     p.add_argument("--rate", type=int, default=2)
     p.add_argument("--top-k", type=int_at_least("--top-k", 1), default=None, help="experts per token and layer "
                                                                                    "(default: the MoEfication's)")
     p.add_argument("--prefetch-k", type=int_at_least("--prefetch-k", 1), default=None,
                    help="k' experts prefetched per predicted layer (default: top-k)")
+    p.add_argument("--m2r2-horizon", type=int_at_least("--m2r2-horizon", 1), default=None,
+                   help="M2R2 strategies issue a predicted layer's loads within this many layers of it (default: at "
+                        "once)")
     p.add_argument("--budget", default="0.125,0.25,0.5", help="fast-memory budgets, fractions of all experts")
-    p.add_argument("--bandwidth", default="2", help="modelled link bandwidths in GB/s (comma-separated; 'none' for storage only)")
+    p.add_argument("--bandwidth", default="0.5,2,8", help="modelled link bandwidths in GB/s (comma-separated; 'none' for storage only)")
     p.add_argument("--latency-us", type=float, default=50.0, help="modelled link latency per transfer (µs)")
     p.add_argument("--storage", action="store_true", help="also real per-expert file reads (page cache bypassed)")
     p.add_argument("--storage-dir", default=None, help="where the expert files go (default: the m2r2 cache)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--prompts", default="mt-bench")
     p.add_argument("--prompt-ids", default=None)
-    p.add_argument("--limit", type=int_at_least("--limit", 1), default=4)
-    p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 2), default=32)
+    p.add_argument("--limit", type=int_at_least("--limit", 1), default=20)
+    p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 2), default=64)
     p.add_argument("--threads", type=int_at_least("--threads", 1), default=1)
     p.add_argument("--switch-interval-us", type=float, default=100.0,
                    help="Python's GIL switch interval during the run (default 100 µs; Python's own is 5000)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import math
 import mmap
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,9 +65,9 @@ class Loader(threading.Thread):
     """One background thread serving load requests in priority order (a heap); with ``batch`` it takes every
     queued request at once (the modelled link, whose timing is already fixed at issue)."""
 
-    def __init__(self, do_load, batch: bool = False):
+    def __init__(self, do_load, batch: bool = False, cpu: int | None = None):
         super().__init__(daemon=True, name="m2r2-expert-loader")
-        self.do_load, self.batch = do_load, batch
+        self.do_load, self.batch, self.cpu = do_load, batch, cpu
         self.heap: list[Request] = []
         self.cv = threading.Condition()
         self.stopping = False
@@ -101,6 +102,8 @@ class Loader(threading.Thread):
             return True
 
     def run(self) -> None:
+        if self.cpu is not None:  # this thread only (Linux: pid 0 = the calling thread)
+            os.sched_setaffinity(0, {self.cpu})
         while True:
             with self.cv:
                 while not self.heap and not self.stopping:
@@ -183,7 +186,7 @@ class ExpertCache:
     ``prefetch(key, need_step)``; ``next_use`` holds the earliest predicted future step of each expert, used
     by eviction."""
 
-    def __init__(self, moe: MoEModel, budget: int, store, evict: str = "lru"):
+    def __init__(self, moe: MoEModel, budget: int, store, evict: str = "lru", loader_cpu: int | None = None):
         if budget < moe.spec.top_k:
             raise ValueError(f"the budget ({budget} experts) must hold at least one layer's top-k "
                              f"({moe.spec.top_k})")
@@ -204,7 +207,7 @@ class ExpertCache:
         self.pinned: set = set()
         self.next_use: dict[tuple[int, int], float] = {}
         self.policy = None
-        self.loader = Loader(self._do_load, batch=hasattr(store, "schedule"))
+        self.loader = Loader(self._do_load, batch=hasattr(store, "schedule"), cpu=loader_cpu)
         self.loader.start()
         self.seq = 0
         self.token = -1  # decode token index (-1: prefill)
@@ -213,6 +216,7 @@ class ExpertCache:
         self.stats = CacheStats()
         self.predictions: dict[int, set] = {}  # step -> predicted experts of that step's layer
         self.stale: list = []  # (need, seq, key, request) of every prefetch issued (``_drop_stale``)
+        self.fixed: set = set()  # experts held for the whole run (``hold``), never evicted
 
     # ---- the loader's side
     def _do_load(self, reqs: list[Request]) -> None:
@@ -252,7 +256,7 @@ class ExpertCache:
             return self.free.pop()
         best, best_rank = None, None
         for key, e in self.map.items():
-            if key in self.pinned or (e.req is not None and not e.req.ready()):
+            if key in self.pinned or key in self.fixed or (e.req is not None and not e.req.ready()):
                 continue
             r = self._key_rank(key, e)
             if best_rank is None or r > best_rank:
@@ -304,6 +308,18 @@ class ExpertCache:
         self.loader.kick()
         running[0].wait()
         return self.victim(None)
+
+    def hold(self, keys: list[tuple[int, int]]) -> None:
+        """Load ``keys`` now (before decoding; not counted) and keep them for the whole run: the static part of a
+        pinning policy (``prefetch.Pinned``). At most the budget minus one layer's top-k."""
+        keys = list(keys)[: max(0, self.budget - self.moe.spec.top_k)]
+        reqs = [self._request(k, -1.0, demand=True) for k in keys if k not in self.map]
+        self.loader.kick()
+        for r in reqs:
+            r.wait()
+        for k in keys:
+            self.map[k].req = None
+        self.fixed = set(keys)
 
     def prefetch(self, key: tuple[int, int], need: float) -> bool:
         """Ask for ``key`` to be loaded before step ``need``. Returns whether a load was issued."""

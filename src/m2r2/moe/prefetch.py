@@ -52,6 +52,34 @@ class OnDemand:
         pass
 
 
+class Pinned(OnDemand):
+    """On-demand loading around a static core: the experts used most often (``counts``, from routing traces of
+    *other* prompts: a calibration, never the prompt being decoded) fill half the budget before decoding and are
+    never evicted; the other half is LRU. The fairer baseline for skewed expert use, which LRU alone serves
+    badly when a token's working set is the size of the budget."""
+
+    name = "pinned-lfu"
+
+    def __init__(self, counts: dict[tuple[int, int], int], fraction: float = 0.5):
+        self.counts, self.fraction = counts, fraction
+
+    def prepare(self, cache) -> None:
+        n = int(cache.budget * self.fraction)
+        ranked = sorted(self.counts, key=lambda k: (-self.counts[k], k))
+        cache.hold(ranked[:n])
+
+
+def usage_counts(traces: list[list[list[list[int]]]]) -> dict[tuple[int, int], int]:
+    """How often each (layer, expert) was used in routing traces (token -> layer -> experts)."""
+    counts: dict[tuple[int, int], int] = {}
+    for trace in traces:
+        for token in trace:
+            for layer, experts in enumerate(token):
+                for e in experts:
+                    counts[(layer, e)] = counts.get((layer, e), 0) + 1
+    return counts
+
+
 class SlowPrefetch:
     """Predict layer i+1's experts from the slow state at layer i (through layer i+1's norm and router)."""
 
@@ -72,17 +100,32 @@ class M2R2Prefetch:
 
     name = "m2r2-prefetch"
 
-    def __init__(self, moe: MoEModel, top_k: int, refine: bool = False):
-        self.moe, self.top_k, self.refine = moe, top_k, refine
+    def __init__(self, moe: MoEModel, top_k: int, refine: bool = False, horizon: int | None = None):
+        """``horizon``: issue a predicted layer's loads only once the slow stream is within this many layers of it
+        (None: as soon as it is predicted). On a FIFO link, loads for layers far ahead issued early queue in front
+        of the nearer layers' loads (and a miss's demand load) and can be evicted before they are used."""
+        self.moe, self.top_k, self.refine, self.horizon = moe, top_k, refine, horizon
+        self.held: dict[int, tuple[int, list[int]]] = {}  # layer -> (step, experts) predicted, not yet issued
         if refine:
             self.name = "m2r2-hybrid"
 
     def on_fetch(self, cache, layer, experts, state) -> None:
         """``refine`` (m2r2-hybrid): the slow state also predicts the next layer, added to the fast stream's
-        earlier prediction (more recall for the nearest layer, at the price of extra loads)."""
+        earlier prediction (more recall for the nearest layer, at the price of extra loads). Held predictions
+        (``horizon``) that are now near enough are issued."""
         j = layer + 1
         if self.refine and cache.recording and state is not None and j < self.moe.num_layers:
             predict_and_prefetch(cache, self.moe, j, state, self.top_k, 1, merge=True)
+        if self.held and cache.recording:
+            now = cache.step_of(layer)
+            due = [t for t, (step, _) in self.held.items() if step - now <= self.horizon]
+            for t in sorted(due):
+                step, ids = self.held.pop(t)
+                if step > now:
+                    for e in ids:
+                        cache.prefetch((t, e), step)
+            if due:
+                cache.kick()
 
     def _routers(self, targets: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Layers ``targets``' post-attention norm weights folded into their routers: (D, len * E) and (len * E),
@@ -113,6 +156,9 @@ class M2R2Prefetch:
         for j, ids in zip(targets, picks):
             step = cache.step_of(j)
             cache.predict(step, set(ids), j - layer)
+            if self.horizon is not None and j - layer > self.horizon:
+                self.held[j] = (step, ids)
+                continue
             for e in ids:
                 cache.prefetch((j, e), step)
         cache.kick()

@@ -92,7 +92,7 @@ class Recovery(nn.Module):
         kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
         with torch.no_grad():
             agree = float((student.argmax(-1) == teacher.argmax(-1)).float().mean())
-        return kl, {"kl": float(kl), "agree": agree}
+        return kl, {"kl": float(kl.detach()), "agree": agree}
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
