@@ -14,15 +14,22 @@ def cmd_moefy(args: argparse.Namespace) -> int:
     import torch
 
     import m2r2
-    from .moefy import MoEfyArtifacts, MoEfyConfig, apply, dense_reference, evaluate, moefy
+    from ..provenance import machine_info, run_start
+    from .moefy import MoEfyArtifacts, MoEfyConfig, apply, dense_reference, evaluate, moefy, seen_in_recovery
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     lm = m2r2.load(args.model, threads=args.threads)
     top_ks = [int(k) for k in args.eval_top_k.split(",") if k.strip()] if args.eval_top_k else []
+    if top_ks:
+        run_start()  # the command, commit and machine the quality numbers come from
+    # perplexity never on a record a recovery fine-tune trained on (the artifact's own, or --heldout-unseen-by's)
+    exclude = set()
+    for d in filter(None, [args.artifacts, args.heldout_unseen_by]):
+        exclude |= seen_in_recovery(MoEfyArtifacts.load(d, lm.source.identity))
     dense = None
     if top_ks:  # the dense model's outputs and perplexity, before the conversion
-        dense = dense_reference(lm, args.data, args.eval_prompts, args.eval_n, args.eval_tokens)
+        dense = dense_reference(lm, args.data, args.eval_prompts, args.eval_n, args.eval_tokens, exclude=exclude)
         print(f"m2r2 moefy: dense ppl {dense['ppl']}", file=sys.stderr)
     if args.artifacts:
         art = MoEfyArtifacts.load(args.artifacts, lm.source.identity)
@@ -37,9 +44,17 @@ def cmd_moefy(args: argparse.Namespace) -> int:
               f"output fraction {sum(art.info['output_fraction_heldout']) / len(art.info['output_fraction_heldout']):.3f}",
               file=sys.stderr)
     if top_ks:
-        moe = apply(lm.model, art)
-        q = evaluate(lm, moe, args.data, top_ks, args.eval_prompts, args.eval_n, args.eval_tokens, dense_ref=dense)
+        moe = apply(lm.model, art, args.expert_format)
+        q = evaluate(lm, moe, args.data, top_ks, args.eval_prompts, args.eval_n, args.eval_tokens, dense_ref=dense,
+                     exclude=exclude)
+        q["ppl_records_excluded_as_trained_on"] = len(exclude)
         q["experts"] = art.spec.num_experts
+        q["expert_format"] = moe.spec.expert_format
+        q["recovered"] = bool(art.lora)
+        if art.lora:
+            rec = art.info.get("recovery", {})
+            q["recovery"] = {k: rec.get(k) for k in ("steps", "tokens_seen", "wall_seconds", "threads", "command")}
+        q["meta"] = machine_info()
         print(json.dumps(q), flush=True)
         if args.quality_out:
             p = Path(args.quality_out)
@@ -72,6 +87,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quality-out", default=None, help="write the quality JSON here")
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int_at_least("--threads", 1), default=1)
+    p.add_argument("--heldout-unseen-by", default=None,
+                   help="also keep the records this recovered MoEfication trained on out of the perplexity set (to "
+                        "compare a plain MoEfication with its recovered one on the same records)")
+    p.add_argument("--expert-format", choices=("f32", "q8_0"), default=None,
+                   help="store the experts evaluated as float32 or Q8_0 blocks (default: the artifact's, float32)")
     p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
     p.set_defaults(func=cmd_moefy)
     return p

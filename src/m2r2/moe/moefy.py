@@ -345,15 +345,37 @@ def rouge_l(refs: list[str], outs: list[str]) -> float:
     return sum(sc.score(a, b)["rougeL"].fmeasure for a, b in zip(refs, outs)) / max(1, len(refs))
 
 
+def heldout_records(data_dir: str | os.PathLike, n: int = 24, heldout_every: int = 6,
+                    exclude: set | None = None) -> list[dict]:
+    """The perplexity records: the end of the held-out split (not the records the routers were checked on),
+    without any whose prompt is in ``exclude`` (what a recovery fine-tune trained on: ``seen_in_recovery``)."""
+    _, held = split_records(load_records(data_dir), heldout_every)
+    if exclude:
+        held = [r for r in held if tuple(r["prompt_ids"]) not in exclude]
+    return held[-n:]
+
+
+def seen_in_recovery(art: "MoEfyArtifacts") -> set:
+    """The prompts (token tuples) of every record the artifact's recovery fine-tune trained on, recomputed from its
+    recorded data, batch size, seed and steps (its batches are a pure function of them)."""
+    rec = art.info.get("recovery")
+    if not rec:
+        return set()
+    from ..training.adapters import batch_indices
+    cfg = rec["config"]
+    recs = load_records(cfg["data"])
+    idx = {i for s in range(rec["steps"]) for i in batch_indices(len(recs), s, cfg["batch_size"], cfg["seed"])}
+    return {tuple(recs[i]["prompt_ids"]) for i in idx}
+
+
 def evaluate(lm, moe: MoEModel, data_dir: str | os.PathLike, top_ks: list[int], prompts: str = "mt-bench",
              n_prompts: int = 16, max_new_tokens: int = 64, ppl_records: int = 24, max_len: int = 256,
-             heldout_every: int = 6, dense_ref: dict | None = None) -> dict:
-    """Perplexity (held-out distillation records) and Rouge-L / exact-match of greedy outputs against the
-    dense model on ``n_prompts`` MT-Bench prompts, for each top-k. ``dense_ref`` ({"ppl", "outputs"}) is the
-    dense model's, measured before the conversion (``dense_reference``)."""
+             heldout_every: int = 6, dense_ref: dict | None = None, exclude: set | None = None) -> dict:
+    """Perplexity (held-out distillation records, none in ``exclude``) and Rouge-L / exact-match of greedy outputs
+    against the dense model on ``n_prompts`` MT-Bench prompts, for each top-k. ``dense_ref`` ({"ppl", "outputs"})
+    is the dense model's on the same records, measured before the conversion (``dense_reference``)."""
     from ..prompts import load_prompts
-    _, held = split_records(load_records(data_dir), heldout_every)
-    held = held[-ppl_records:]  # the end of the held-out split: not the records the routers were checked on
+    held = heldout_records(data_dir, ppl_records, heldout_every, exclude)
     recs = load_prompts(prompts, limit=n_prompts)
     ids = [lm.encode(r.text) for r in recs]
     out = {"dense": {"ppl": dense_ref["ppl"]}, "by_top_k": {}, "n_prompts": len(ids),
@@ -373,10 +395,9 @@ def evaluate(lm, moe: MoEModel, data_dir: str | os.PathLike, top_ks: list[int], 
 
 
 def dense_reference(lm, data_dir, prompts: str = "mt-bench", n_prompts: int = 16, max_new_tokens: int = 64,
-                    ppl_records: int = 24, max_len: int = 256, heldout_every: int = 6) -> dict:
+                    ppl_records: int = 24, max_len: int = 256, heldout_every: int = 6, exclude: set | None = None) -> dict:
     from ..prompts import load_prompts
-    _, held = split_records(load_records(data_dir), heldout_every)
-    held = held[-ppl_records:]
+    held = heldout_records(data_dir, ppl_records, heldout_every, exclude)
     recs = load_prompts(prompts, limit=n_prompts)
     outs = [lm.generate(lm.encode(r.text), max_new_tokens=max_new_tokens).token_ids for r in recs]
     return {"ppl": round(perplexity(lm.model, held, max_len), 3), "outputs": outs}
