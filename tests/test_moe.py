@@ -224,7 +224,7 @@ def test_hf_moe_matches_transformers(arch, tmp_path):
     assert out2 == out and c.stats.loads > 0
 
 
-@pytest.mark.parametrize("expert_format", ["f32", "q8_0"])
+@pytest.mark.parametrize("expert_format", ["f32", "q8_0", "q4_1"])
 def test_native_expert_path_matches_pytorch(expert_format, tmp_path, monkeypatch):
     """The native expert path (attention half + one experts call per layer) against the PyTorch path, on a prompt
     (experts fetched one at a time), a ragged batch step and a one-row step, for float32 and Q8_0 experts."""
@@ -240,7 +240,7 @@ def test_native_expert_path_matches_pytorch(expert_format, tmp_path, monkeypatch
     art = MoEfyArtifacts(MoESpec(E, K, c.intermediate_size // E, c.hidden_size, router_bias=True), perm,
                          torch.randn(c.num_layers, E, c.hidden_size, generator=g), torch.zeros(c.num_layers, E))
     moe = apply(lm.model, art, expert_format)
-    assert next(iter(moe.bank.values())).dtype == (torch.uint8 if expert_format == "q8_0" else torch.float32)
+    assert next(iter(moe.bank.values())).dtype == (torch.float32 if expert_format == "f32" else torch.uint8)
     calls = {"experts": 0, "attention": 0}
     for name in calls:
         real = getattr(native, name)

@@ -156,7 +156,10 @@ def render_markdown(doc: dict) -> str:
              f"{m['top_k']}, prefetch top-k' {m['prefetch_k']}; M2R2 adapter R={m['rate']}; compute on 1 core, "
              f"expert loader thread pinned to CPU {m.get('loader_cpu')}",
              f"- prompts: {m['n_prompts']} ({m['prompts']}), {m['max_new_tokens']} new tokens, greedy, batch 1",
-             f"- all-resident decode: {m['resident_tokens_per_s']:.1f} tokens/s"]
+             f"- all-resident decode: {m['resident_tokens_per_s']:.1f} tokens/s; the dense model on the same prompts "
+             f"and thread: {m.get('dense_tokens_per_s', 0):.1f} tokens/s; a token uses "
+             f"{100 * m.get('active_param_fraction', 1):.1f}% of the parameters, so the all-resident step is "
+             f"{m.get('resident_vs_scaled_dense') or 0:.2f}x the dense step scaled by that fraction"]
     if m.get("storage"):
         st = m["storage"]
         lines.append(f"- storage: {st['ms_per_expert']:.2f} ms per expert read, {st['gbps']:.2f} GB/s "
@@ -259,6 +262,14 @@ def main(args: argparse.Namespace) -> int:
         raise M2R2Error("pinned-lfu calibrates on the other prompts' traces: give at least 2 prompts")
     acc = (lm.load_accelerator(args.adapter, rate=args.rate)
            if {"m2r2-prefetch", "m2r2-hybrid"} & set(names) else None)
+    # the dense model's own decode first (same prompts, tokens and thread): the step the all-resident MoE is held to,
+    # scaled by the fraction of the parameters a token uses
+    lm.generate(list(warm.token_ids), max_new_tokens=8)
+    dense_tok = dense_sec = 0.0
+    for p in prompts:
+        st = lm.generate(list(p.token_ids), max_new_tokens=args.max_new_tokens).stats
+        dense_tok += st.new_tokens - 1
+        dense_sec += st.seconds - st.prefill_seconds
     moe = load_moefied(lm, args.moe, num_experts=args.experts, top_k=args.top_k, expert_format=args.expert_format)
     # one compute thread on CPU 0, the loader thread on CPU 1 (where there is one): loads never take the compute
     # thread's core, and what they still cost it (the GIL, memory traffic) shows as the strategies' "other" time
@@ -326,12 +337,20 @@ def main(args: argparse.Namespace) -> int:
                                 for s in names}
     res = [r for r in records if r["strategy"] == "all-resident"]
     resident_tps = sum(r["decode_tokens"] for r in res) / sum(r["decode_seconds"] for r in res)
+    c = lm.model.cfg
+    attn, ffn, head = c.num_layers * (c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size), \
+        c.num_layers * 3 * c.hidden_size * c.intermediate_size, c.vocab_size * c.hidden_size
+    active = (attn + ffn * k / moe.spec.num_experts + head) / (attn + ffn + head)
+    dense_tps = dense_tok / dense_sec if dense_sec else 0.0
     meta = {**machine_info(), "schema_version": 1, "loadavg_start": load_avg, "model": lm.source.name,
             "moe": moe.info.get("kind"), "experts_per_layer": moe.spec.num_experts, "layers": moe.num_layers,
             "total_experts": total, "expert_mb": moe.expert_bytes() / 1e6, "top_k": k, "prefetch_k": pk,
             "rate": args.rate, "budgets": budgets, "bandwidths_gbps": bandwidths, "latency_us": args.latency_us,
             "storage": storage, "prompts": args.prompt_ids or args.prompts, "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "resident_tokens_per_s": resident_tps,
+            "dense_tokens_per_s": dense_tps, "active_param_fraction": active,
+            # all-resident ms/token over (dense ms/token x active fraction): 1.0 = the MoE step costs exactly its share
+            "resident_vs_scaled_dense": (1 / resident_tps) / (active / dense_tps) if resident_tps and dense_tps else None,
             "strategies": names, "switch_interval_us": args.switch_interval_us, "expert_format": moe.spec.expert_format,
             "experts_bytes": moe.expert_bytes(), "loader_cpu": loader_cpu,
             "m2r2_horizon": args.m2r2_horizon, "moe_quality": moe.info.get("quality"), "moe_recovery": (moe.info.get("recovery") or {}).get("steps")}
@@ -357,7 +376,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--moe", default=None, help="MoEfication directory (default: the shipped one with --experts)")
     p.add_argument("--experts", type=int_at_least("--experts", 2), default=16,
                    help="experts per layer of the shipped MoEfication to use (default 16: top-4, recovered)")
-    p.add_argument("--expert-format", choices=("f32", "q8_0"), default="q8_0",
+    p.add_argument("--expert-format", choices=("f32", "q8_0", "q4_1"), default="q8_0",
                    help="how experts are stored and moved (default q8_0: a quarter of float32's bytes)")
     p.add_argument("--adapter", default=None, help="M2R2 adapter directory (default: the shipped one for --rate)")
     p.add_argument("--rate", type=int, default=2)

@@ -30,8 +30,8 @@ from torch import nn
 from ..engine import native
 from ..engine.model import Block, Linear, RMSNorm, Transformer
 
-EXPERT_FORMATS = ("f32", "q8_0")
-Q8_BLOCK = 34  # bytes per 32 weights in Q8_0 (a float16 scale + 32 int8)
+EXPERT_FORMATS = ("f32", "q8_0", "q4_1")
+BLOCK_BYTES = {"q8_0": 34, "q4_1": 20}  # bytes per 32 weights (Q8_0: f16 scale + 32 int8; Q4_1: f16 scale, min + 16)
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class MoESpec:
             raise ValueError(f"routing must be 'moefy' or 'softmax', got {self.routing!r}")
         if self.expert_format not in EXPERT_FORMATS:
             raise ValueError(f"expert_format must be one of {', '.join(EXPERT_FORMATS)}, got {self.expert_format!r}")
-        if self.expert_format == "q8_0" and (self.hidden_size % 32 or self.expert_size % 32):
-            raise ValueError(f"q8_0 experts need a hidden size and expert size divisible by 32, got "
+        if self.expert_format in BLOCK_BYTES and (self.hidden_size % 32 or self.expert_size % 32):
+            raise ValueError(f"{self.expert_format} experts need a hidden size and expert size divisible by 32, got "
                              f"{self.hidden_size} and {self.expert_size}")
 
     @property
@@ -64,13 +64,18 @@ class MoESpec:
     @property
     def buffer_numel(self) -> int:
         """Elements of one expert's buffer (float32 numbers, or bytes of blocks)."""
-        if self.expert_format == "q8_0":
-            return self.expert_numel // 32 * Q8_BLOCK
+        if self.expert_format in BLOCK_BYTES:
+            return self.expert_numel // 32 * BLOCK_BYTES[self.expert_format]
         return self.expert_numel
 
     @property
     def buffer_dtype(self) -> torch.dtype:
-        return torch.uint8 if self.expert_format == "q8_0" else torch.float32
+        return torch.uint8 if self.expert_format in BLOCK_BYTES else torch.float32
+
+    @property
+    def native_kind(self) -> int:
+        """The expert kernel's code for this format (0: float32; else the GGUF block kind)."""
+        return native.BLOCK_KINDS[self.expert_format] if self.expert_format in BLOCK_BYTES else 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,33 +89,34 @@ def pack_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tor
 
 
 def quantize_expert(buf: torch.Tensor, spec: MoESpec) -> torch.Tensor:
-    """A float32 expert buffer (``pack_expert``) -> its ``q8_0`` buffer: ``[gate|up as Q8_0 rows (2n, D) | down as
-    Q8_0 rows (n, D)]``: gate and up in the GGUF layout (out rows of blocks: the kernel's dot products), down
-    neuron by neuron (each neuron's D outputs in blocks: the kernel adds each neuron's row times its activation,
-    kernels/decode.c q8_axpy_team)."""
+    """A float32 expert buffer (``pack_expert``) -> its buffer in the block format ``spec.expert_format`` (Q8_0,
+    Q4_1): ``[gate|up as block rows (2n, D) | down as block rows (n, D)]``: gate and up in the GGUF layout (out rows
+    of blocks: the kernel's dot products), down neuron by neuron (each neuron's D outputs in blocks: the kernel adds
+    each neuron's row times its activation, kernels/decode.c q_axpy_team)."""
     import gguf
     D, n = spec.hidden_size, spec.expert_size
     gu, down = buf[: 2 * D * n].view(D, 2 * n), buf[2 * D * n:].view(n, D)
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    parts = [gguf.quants.quantize(w.contiguous().float().numpy(), q8).reshape(-1) for w in (gu.t(), down)]
+    qt = gguf.GGMLQuantizationType[spec.expert_format.upper()]
+    parts = [gguf.quants.quantize(w.contiguous().float().numpy(), qt).reshape(-1) for w in (gu.t(), down)]
     return torch.from_numpy(np.concatenate(parts)).contiguous()
 
 
 def _split(buf: torch.Tensor, spec: MoESpec) -> int:
     """Where the down projection starts in an expert's buffer (elements)."""
     D, n = spec.hidden_size, spec.expert_size
-    return 2 * n * D // 32 * Q8_BLOCK if spec.expert_format == "q8_0" else 2 * D * n
+    return 2 * n * D // 32 * BLOCK_BYTES[spec.expert_format] if spec.expert_format in BLOCK_BYTES else 2 * D * n
 
 
 def expert_views(buf: torch.Tensor, spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
     """An expert's gate+up (D, 2n) and down (n, D) float32 weights: views of a float32 buffer, the exact
-    dequantisation of a q8_0 one."""
+    dequantisation of a block one."""
     D, n = spec.hidden_size, spec.expert_size
     at = _split(buf, spec)
-    if spec.expert_format == "q8_0":
+    if spec.expert_format in BLOCK_BYTES:
         from ..engine.blocks import dequantize
-        gu = torch.from_numpy(dequantize(buf[:at].view(2 * n, -1).numpy(), "Q8_0").reshape(2 * n, D))
-        down = torch.from_numpy(dequantize(buf[at:].view(n, -1).numpy(), "Q8_0").reshape(n, D))
+        f = spec.expert_format.upper()
+        gu = torch.from_numpy(dequantize(buf[:at].view(2 * n, -1).numpy(), f).reshape(2 * n, D))
+        down = torch.from_numpy(dequantize(buf[at:].view(n, -1).numpy(), f).reshape(n, D))
         return gu.t(), down
     return buf[:at].view(D, 2 * n), buf[at:].view(n, D)
 
@@ -188,7 +194,7 @@ class MoEFFN(nn.Module):
         N = h.shape[0]
         idx, w = self.choose(logits[:1] if follow else logits)
         x2 = x.view(N, -1)
-        kind = native.BLOCK_KINDS["q8_0"] if spec.expert_format == "q8_0" else 0
+        kind = spec.native_kind
         out = torch.zeros_like(h)
         resid = x2 if self.shared is None else None
         if N == 1 or follow:
@@ -249,7 +255,7 @@ class MoEFFN(nn.Module):
         expert (a prefill fetching one expert at a time): ascending expert ids, each row's experts summed into
         its output in that order."""
         spec = self.spec
-        kind = native.BLOCK_KINDS["q8_0"] if spec.expert_format == "q8_0" else 0
+        kind = spec.native_kind
         h2 = h2.contiguous()
         out = torch.zeros_like(h2)
         chosen = torch.stack([(idx == e).any(-1) for e in needed], 1).to(torch.uint8).contiguous()

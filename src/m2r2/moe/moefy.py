@@ -237,7 +237,7 @@ def apply(model, art: MoEfyArtifacts, expert_format: str | None = None) -> MoEMo
     """Turn a dense ``Transformer`` into an ``MoEModel`` in place: every block's FFN becomes an MoEFFN whose
     experts are the artifact's neuron groups (the dense gate/up/down weights are freed), with the recovery
     deltas folded in if the artifact has them. ``expert_format`` (``layers.EXPERT_FORMATS``; default the spec's):
-    "f32" keeps each expert's float weights, "q8_0" stores them as Q8_0 blocks (a quarter of the bytes to move
+    "f32" keeps each expert's float weights, "q8_0" / "q4_1" store them as GGUF blocks (~1/4 and ~1/6 of the bytes to move
     between memories; what every path then computes from)."""
     import dataclasses
     c = model.cfg
@@ -255,7 +255,7 @@ def apply(model, art: MoEfyArtifacts, expert_format: str | None = None) -> MoEMo
             gate, up, down = fold(gate, up, down, art.lora, i)
         for e, idx in enumerate(art.perm[i]):
             buf = pack_expert(gate[idx], up[idx], down[:, idx]).to(dtype)
-            bank[(i, e)] = quantize_expert(buf, spec) if spec.expert_format == "q8_0" else buf
+            bank[(i, e)] = buf if spec.expert_format == "f32" else quantize_expert(buf, spec)
         ffn = MoEFFN(i, spec)
         with torch.no_grad():
             ffn.router.weight.copy_(art.router_w[i])

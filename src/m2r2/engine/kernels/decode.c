@@ -363,37 +363,55 @@ long m2r2_experts_scratch(int T, int D, int n, int threads) {
     return (long)T * D + (long)T * 2 * n + (long)T * D + (long)threads * T * widest + T;
 }
 
-/* y (T, D) = a (T, n; rows astride apart) @ W for W (n, D) stored as Q8_0 rows (each of the n rows: D/32 units), on
- * thread tid of nt: its share of the D columns, every row of W dequantised unit by unit (exactly, deq_unit) and
- * multiply-added into each y row in order of W's rows (an expert's down projection: n = 96 short rows would make
- * a dot-product kernel spend its time reducing; here y stays in L1 and each weight is one multiply-add). */
-static void q8_axpy_team(const unsigned char *W, const float *a, int astride, int T, int n, int D, float *y,
-                         int tid, int nt) {
+/* y (T, D) = a (T, n; rows astride apart) @ W for W (n, D) stored as GGUF block rows of one kind (each of the n rows:
+ * D/32 units), on thread tid of nt: its share of the D columns, every row of W dequantised unit by unit (exactly,
+ * as deq_unit) and multiply-added into each y row in order of W's rows (an expert's down projection: n = 96 short
+ * rows would make a dot-product kernel spend its time reducing; here y stays in L1 and each weight is one
+ * multiply-add, w = dequantised weight, y = fma(w, a, y)). */
+static void q_axpy_team(int kind, const unsigned char *W, const float *a, int astride, int T, int n, int D,
+                        float *y, int tid, int nt) {
     const int nu = D / 32, u0 = (int)((long)nu * tid / nt), u1 = (int)((long)nu * (tid + 1) / nt);
+    const size_t row_bytes = (size_t)nu * q_block_bytes(kind);
     for (int t = 0; t < T; t++)
         memset(y + (size_t)t * D + (size_t)u0 * 32, 0, sizeof(float) * 32 * (u1 - u0));
 #if defined(__AVX512F__) && !defined(M2R2_PORTABLE)
-    for (int i = 0; i < n; i++) {  /* the same arithmetic as below: w = (float)q * d, then y = fma(w, a, y) */
-        const unsigned char *row = W + (size_t)i * nu * 34;
-        for (int u = u0; u < u1; u++) {
-            const unsigned char *b = row + (size_t)u * 34;
-            const __m512 d = _mm512_set1_ps(f16_at(b));
-            const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))), d);
-            const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))), d);
-            for (int t = 0; t < T; t++) {
-                const __m512 at = _mm512_set1_ps(a[(size_t)t * astride + i]);
-                float *yt = y + (size_t)t * D + (size_t)u * 32;
-                _mm512_storeu_ps(yt, _mm512_fmadd_ps(w0, at, _mm512_loadu_ps(yt)));
-                _mm512_storeu_ps(yt + 16, _mm512_fmadd_ps(w1, at, _mm512_loadu_ps(yt + 16)));
+    if (kind == KIND_Q8_0 || kind == KIND_Q4_1) {
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (int i = 0; i < n; i++) {
+            const unsigned char *row = W + (size_t)i * row_bytes;
+            for (int u = u0; u < u1; u++) {
+                __m512 w0, w1;
+                if (kind == KIND_Q8_0) {  /* (float)q * d */
+                    const unsigned char *b = row + (size_t)u * 34;
+                    const __m512 d = _mm512_set1_ps(f16_at(b));
+                    w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))), d);
+                    w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))), d);
+                } else {  /* d * q + m: the 16 values as a table, looked up by nibble */
+                    const unsigned char *row_ = row;
+                    const unsigned char *b = row_ + (size_t)u * 20;
+                    const __m128 dm = f16x2(b);
+                    const __m512 table = _mm512_add_ps(_mm512_mul_ps(_mm512_broadcastss_ps(dm), iota),
+                                                       _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
+                    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 4)));
+                    w0 = _mm512_permutexvar_ps(q, table);
+                    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+                }
+                for (int t = 0; t < T; t++) {
+                    const __m512 at = _mm512_set1_ps(a[(size_t)t * astride + i]);
+                    float *yt = y + (size_t)t * D + (size_t)u * 32;
+                    _mm512_storeu_ps(yt, _mm512_fmadd_ps(w0, at, _mm512_loadu_ps(yt)));
+                    _mm512_storeu_ps(yt + 16, _mm512_fmadd_ps(w1, at, _mm512_loadu_ps(yt + 16)));
+                }
             }
         }
+        return;
     }
-#else
+#endif
     float w[32];
     for (int i = 0; i < n; i++) {
-        const unsigned char *row = W + (size_t)i * nu * 34;
+        const unsigned char *row = W + (size_t)i * row_bytes;
         for (int u = u0; u < u1; u++) {
-            deq_unit(KIND_Q8_0, row, u, w);
+            deq_unit(kind, row, u, w);
             for (int t = 0; t < T; t++) {
                 const float at = a[(size_t)t * astride + i];
                 float *restrict yt = y + (size_t)t * D + (size_t)u * 32;
@@ -402,15 +420,14 @@ static void q8_axpy_team(const unsigned char *W, const float *a, int astride, in
             }
         }
     }
-#endif
 }
 
 /* An MoE layer's routed experts on T normalised rows h (T, D), summed into out (T, D): for each of the nsel experts
  * in the order given (ascending ids), the rows that selected it (sel[t * nsel + e] != 0) run
  * y = down_e(silu(gate_e h) * up_e h) and out[t] += y, or += wts[t * nsel + e] * y with weights (softmax routing).
  * An expert's weights: gu[e] = gate and up (2n outputs: the gate's n, then the up's n) and down[e] (n -> D); kind
- * KIND_F32: both float32 (in, out) row-major; KIND_Q8_0: gu as Q8_0 blocks (2n rows of D/32 units) and down as
- * Q8_0 rows of its (n, D) float layout (each neuron's D outputs: q8_axpy_team). The same arithmetic as the
+ * KIND_F32: both float32 (in, out) row-major; a block kind (Q8_0, Q4_1): gu as blocks (2n rows of D/32 units) and
+ * down as block rows of its (n, D) float layout (each neuron's D outputs: q_axpy_team). The same arithmetic as the
  * PyTorch path (m2r2.moe.layers.MoEFFN), up to the order of summation inside each product; a row's result does
  * not depend on which other rows share the call. */
 void m2r2_experts(int nsel, const void *const *gu, const void *const *down, int kind, const float *h, int T,
@@ -441,9 +458,9 @@ void m2r2_experts(int nsel, const void *const *gu, const void *const *down, int 
 #pragma omp single
             for (int r = 1; r < m; r++)
                 memmove(g + (size_t)r * n, g + (size_t)r * 2 * n, sizeof(float) * n);
-            if (kind == KIND_Q8_0) {
-                q8_axpy_team((const unsigned char *)down[e], g, n, m, n, D, y, omp_get_thread_num(),
-                             omp_get_num_threads());
+            if (qkind(kind)) {
+                q_axpy_team(kind, (const unsigned char *)down[e], g, n, m, n, D, y, omp_get_thread_num(),
+                            omp_get_num_threads());
 #pragma omp barrier
             } else
                 gemv_team(g, m, down[e], kind, NULL, y, part, n, D);
