@@ -352,3 +352,34 @@ def test_m2r2_horizon_holds_predictions_until_near(tiny_moe):
         assert c.stats.pred_steps > 0
     assert max(need - now for _, need, now in issued[None]) >= 2  # R=2: layers two ahead predicted at once
     assert all(need - now <= 1 for _, need, now in issued[1])
+
+
+def test_fast_routers_fit_and_leave_outputs_unchanged(tiny_moe):
+    """fit_fast_routers: per predicted layer a map from the fast state to that layer's router logits, the ridge
+    chosen on held-out calibration prompts; M2R2 prefetch reading them predicts, and the output stays the
+    all-resident one."""
+    lm, moe = tiny_moe
+    from m2r2.engine import native
+    from m2r2.moe.prefetch import FastRouters, fit_fast_routers
+    from m2r2.stream.accelerator import Accelerator
+    if not native.available():
+        pytest.skip("no native kernels")
+    acc = Accelerator.for_model(moe.model, lm.source.identity, rate=2)
+    torch.manual_seed(4)
+    for a in acc.adapters:
+        torch.nn.init.normal_(a.up.weight, std=0.05)
+    acc.eval().requires_grad_(False)
+    prompts = [[(5 * i + j) % 200 + 3 for j in range(4 + i % 3)] for i in range(8)]
+    routers, info = fit_fast_routers(lm, moe, acc, prompts, max_new_tokens=6, progress=False)
+    assert isinstance(routers, FastRouters) and routers.weight.shape == (moe.num_layers, moe.spec.hidden_size, E)
+    assert info["heldout_prompts"] == 2 and 0 <= info["heldout_precision_fitted"] <= 1
+    assert float(routers.weight[1].abs().sum()) > 0 and float(routers.weight[0].abs().sum()) == 0  # 0 never predicted
+    ref = run(moe, Resident(moe.bank), tokens=6)
+    pol = M2R2Prefetch(moe, K, routers=routers)
+    c = ExpertCache(moe, 5, LinkStore(moe.bank, 20.0))
+    c.policy = pol
+    try:
+        assert run(moe, c, tokens=6, strategy=MoEDecode(moe, c, acc, pol)) == ref
+    finally:
+        c.close()
+    assert c.stats.pred_steps > 0

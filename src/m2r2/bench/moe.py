@@ -52,7 +52,7 @@ def _floats(s: str, name: str) -> list[float]:
 
 def run_one(lm, moe, acc, prompt, max_new: int, strategy: str, budget: int | None, store, trace,
             prefetch_k: int, counts: dict | None = None, loader_cpu: int | None = None,
-            horizon: int | None = None) -> dict:
+            horizon: int | None = None, routers=None) -> dict:
     """One decode of ``prompt`` under ``strategy``; returns tokens, timing and cache statistics. ``counts``: the
     calibration usage counts of ``pinned-lfu``; ``loader_cpu``: the CPU the loader thread is pinned to."""
     from ..moe.memory import ExpertCache
@@ -68,8 +68,9 @@ def run_one(lm, moe, acc, prompt, max_new: int, strategy: str, budget: int | Non
         policy = {"on-demand-lru": OnDemand, "on-demand-lfu": OnDemand}.get(strategy)
         policy = policy() if policy else (Pinned(counts or {}) if strategy == "pinned-lfu" else
                                           SlowPrefetch(moe, prefetch_k) if strategy == "slow-prefetch" else
-                                          M2R2Prefetch(moe, prefetch_k, horizon=horizon) if strategy == "m2r2-prefetch" else
-                                          M2R2Prefetch(moe, prefetch_k, refine=True, horizon=horizon)
+                                          M2R2Prefetch(moe, prefetch_k, horizon=horizon, routers=routers)
+                                          if strategy == "m2r2-prefetch" else
+                                          M2R2Prefetch(moe, prefetch_k, refine=True, horizon=horizon, routers=routers)
                                           if strategy == "m2r2-hybrid"
                                           else Oracle(trace))
         cache.policy = policy
@@ -156,6 +157,11 @@ def render_markdown(doc: dict) -> str:
              f"{m['top_k']}, prefetch top-k' {m['prefetch_k']}; M2R2 adapter R={m['rate']}; compute on 1 core, "
              f"expert loader thread pinned to CPU {m.get('loader_cpu')}",
              f"- prompts: {m['n_prompts']} ({m['prompts']}), {m['max_new_tokens']} new tokens, greedy, batch 1",
+             *([f"- M2R2 fast-state routers fitted on {c['prompts']} prompts x {c['max_new_tokens']} tokens of "
+                f"{c['data']}, ridge {c['ridge']:g} chosen on the last {c['heldout_prompts']} of them (top-k precision "
+                f"there: the layers' own routers {c['heldout_precision_own_routers']:.2f}, fitted "
+                f"{c['heldout_precision_fitted']:.2f})"]
+               if (c := m.get("fast_router_calibration")) else []),
              f"- all-resident decode: {m['resident_tokens_per_s']:.1f} tokens/s; the dense model on the same prompts "
              f"and thread: {m.get('dense_tokens_per_s', 0):.1f} tokens/s; a token uses "
              f"{100 * m.get('active_param_fraction', 1):.1f}% of the parameters, so the all-resident step is "
@@ -288,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
     storage = None
     if args.storage:
         d = Path(args.storage_dir) if args.storage_dir else cache_root() / "moe" / lm.source.identity[:16] / (
-            f"e{moe.spec.num_experts}")
+            f"e{moe.spec.num_experts}-{moe.spec.expert_format}-{moe.fingerprint()[:12]}")
         fs = FileStore(d, moe.bank)
         storage = measure_storage(fs, list(moe.bank)[: min(48, total)], moe.expert_bytes())
         mems.append((f"storage ({storage['page_cache_bypass']})", fs))
@@ -297,7 +303,15 @@ def main(args: argparse.Namespace) -> int:
           file=sys.stderr)
     from tqdm.auto import tqdm
 
-    from ..moe.prefetch import usage_counts
+    from ..moe.prefetch import fit_fast_routers, usage_counts
+    routers, calibration = None, None
+    if acc is not None and args.calibration_prompts:  # the fast stream's routers, fitted on self-distillation prompts
+        from ..moe.moefy import load_records
+        recs = load_records(args.calibration_data)[: args.calibration_prompts]
+        routers, calibration = fit_fast_routers(lm, moe, acc, [r["prompt_ids"] for r in recs],
+                                                args.calibration_tokens, progress=not args.no_progress)
+        calibration["data"] = args.calibration_data
+        print(f"m2r2 bench moe: fast routers calibrated: {calibration}", file=sys.stderr)
     # warm-up (untimed): resident and one budgeted run
     run_one(lm, moe, acc, warm, 8, "all-resident", None, None, None, pk)
     records, ref, traces = [], {}, {}
@@ -317,7 +331,7 @@ def main(args: argparse.Namespace) -> int:
                 for s in order:
                     bar.set_postfix_str(f"{p.id} {mem} {b:.1%} {s}", refresh=False)
                     r = run_one(lm, moe, acc, p, args.max_new_tokens, s, n, store, traces[p.id], pk, counts,
-                                loader_cpu, args.m2r2_horizon)
+                                loader_cpu, args.m2r2_horizon, routers)
                     records.append({**r, "memory": mem, "budget": f"{100 * b:g}%", "budget_experts": n})
                     bar.update(1)
     bar.close()
@@ -353,7 +367,7 @@ def main(args: argparse.Namespace) -> int:
             "resident_vs_scaled_dense": (1 / resident_tps) / (active / dense_tps) if resident_tps and dense_tps else None,
             "strategies": names, "switch_interval_us": args.switch_interval_us, "expert_format": moe.spec.expert_format,
             "experts_bytes": moe.expert_bytes(), "loader_cpu": loader_cpu,
-            "m2r2_horizon": args.m2r2_horizon, "moe_quality": moe.info.get("quality"), "moe_recovery": (moe.info.get("recovery") or {}).get("steps")}
+            "m2r2_horizon": args.m2r2_horizon, "fast_router_calibration": calibration, "moe_quality": moe.info.get("quality"), "moe_recovery": (moe.info.get("recovery") or {}).get("steps")}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recs = [{k_: v for k_, v in r.items() if k_ != "token_ids"} for r in records]
@@ -387,6 +401,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--m2r2-horizon", type=int_at_least("--m2r2-horizon", 1), default=None,
                    help="M2R2 strategies issue a predicted layer's loads within this many layers of it (default: at "
                         "once)")
+    p.add_argument("--calibration-prompts", type=int_at_least("--calibration-prompts", 0), default=32,
+                   help="self-distillation prompts the M2R2 strategies' fast-state routers are fitted on (0: the "
+                        "target layers' own routers)")
+    p.add_argument("--calibration-tokens", type=int_at_least("--calibration-tokens", 2), default=48)
+    p.add_argument("--calibration-data", default="data/distill-smollm2-135m",
+                   help="where the calibration prompts come from (never an evaluation set)")
     p.add_argument("--budget", default="0.125,0.25,0.5", help="fast-memory budgets, fractions of all experts")
     p.add_argument("--bandwidth", default="0.5,2,8", help="modelled link bandwidths in GB/s (comma-separated; 'none' for storage only)")
     p.add_argument("--latency-us", type=float, default=50.0, help="modelled link latency per transfer (µs)")

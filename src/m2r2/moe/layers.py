@@ -416,6 +416,15 @@ class MoEModel:
     def expert_bytes(self) -> int:
         return self.spec.buffer_numel * next(iter(self.bank.values())).element_size()
 
+    def fingerprint(self) -> str:
+        """A hash of every expert's bytes (in key order): names a directory of expert files, so files written for
+        other experts (another MoEfication, recovery or format) are never read for these."""
+        import hashlib
+        h = hashlib.sha256()
+        for key in sorted(self.bank):
+            h.update(self.bank[key].contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     @property
     def total_experts(self) -> int:
         return len(self.bank)
