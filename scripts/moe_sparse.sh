@@ -12,11 +12,14 @@ m2r2 moefy --experts 16 --top-k 4 --out runs/moefy-e16 --threads 2
 #    model's next-token distribution (KL), 300 steps x 4 records x <= 256 tokens
 python -m m2r2.moe.recover --moe runs/moefy-e16 --data data/distill-smollm2-135m-2048 --out runs/moe-e16-rec \
   --steps 300 --threads 2 --batch-size 4 --max-len 256
-# 3. quality against the dense model, before and after recovery, on the same held-out records (none trained on)
-m2r2 moefy --artifacts runs/moefy-e16 --heldout-unseen-by runs/moe-e16-rec --eval-top-k 4 --expert-format q8_0 \
-  --quality-out benchmarks/results/moe-quality-e16-plain.json --threads 2
+# 3. quality against the dense model, before and after recovery, on the same held-out records (none trained on);
+#    the recovered one with its experts as Q8_0 (the benchmark's format) and as Q4_1
 m2r2 moefy --artifacts runs/moe-e16-rec --eval-top-k 4 --expert-format q8_0 \
   --quality-out benchmarks/results/moe-quality-e16.json --threads 2
+m2r2 moefy --artifacts runs/moe-e16-rec --eval-top-k 4 --expert-format q4_1 \
+  --quality-out benchmarks/results/moe-quality-e16-q4_1.json --threads 2
+m2r2 moefy --artifacts runs/moefy-e16 --heldout-unseen-by runs/moe-e16-rec --eval-top-k 4 --expert-format q4_1 \
+  --quality-out benchmarks/results/moe-quality-e16-plain.json --threads 2
 # 4. ship (perm + routers + float16 deltas, ~6 MB; the experts are rebuilt from the GGUF's weights at load)
 mkdir -p src/m2r2/moe/shipped/smollm2-135m-e16
 cp runs/moe-e16-rec/moe.json runs/moe-e16-rec/moe.safetensors src/m2r2/moe/shipped/smollm2-135m-e16/

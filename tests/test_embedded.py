@@ -82,3 +82,32 @@ def test_shipped_adapters_load_and_speculative_output_is_plain(embedded_lm):
             out = embedded_lm.generate(ids, max_new_tokens=48, strategy=name)
             assert out.token_ids == plain, name
             assert out.stats.extra["drafted"] > 0
+
+
+def test_shipped_sparse_moe_decodes_the_same_under_a_budget():
+    """The shipped 16-expert, top-4 MoEfication of the embedded model (recovered: its deltas fold into the experts)
+    loads with Q8_0 experts, runs the native expert path, and gives the all-resident tokens under a quarter of the
+    experts in fast memory with M2R2 prefetching riding on the slow row."""
+    from m2r2.moe.layers import Resident
+    from m2r2.moe.memory import ExpertCache
+    from m2r2.moe.moefy import load_moefied
+    from m2r2.moe.prefetch import M2R2Prefetch, MoEDecode
+    from m2r2.moe.stores import LinkStore
+    try:
+        lm = m2r2.load(threads=1)
+    except m2r2.ModelNotFoundError as e:
+        pytest.skip(str(e))
+    acc = lm.load_accelerator(None, rate=2)
+    moe = load_moefied(lm, num_experts=16, expert_format="q8_0")
+    assert moe.top_k == 4 and moe.info.get("recovery", {}).get("steps") == 300 and moe.total_experts == 480
+    ids = lm.encode(load_prompts("mt-bench")[0].text)
+    ref = lm.generate(ids, max_new_tokens=12, strategy=MoEDecode(moe, Resident(moe.bank))).token_ids
+    pol = M2R2Prefetch(moe, 4, horizon=2)
+    cache = ExpertCache(moe, 120, LinkStore(moe.bank, 8.0, 50e-6))
+    cache.policy, cache.reuse = pol, True
+    strat = MoEDecode(moe, cache, acc, pol)
+    try:
+        out = lm.generate(ids, max_new_tokens=12, strategy=strat).token_ids
+    finally:
+        cache.close()
+    assert out == ref and strat.riding and cache.stats.pred_steps > 0 and cache.stats.loads > 0

@@ -38,6 +38,7 @@ from .stats import geomean
 STRATEGIES = ("on-demand-lru", "on-demand-lfu", "pinned-lfu", "slow-prefetch", "m2r2-prefetch", "m2r2-hybrid",
               "oracle")
 BASELINE = "on-demand-lru"
+REUSE_AWARE = ("slow-prefetch", "m2r2-prefetch", "m2r2-hybrid")  # prefetchers evict what is not expected again
 
 
 def _floats(s: str, name: str) -> list[float]:
@@ -74,6 +75,7 @@ def run_one(lm, moe, acc, prompt, max_new: int, strategy: str, budget: int | Non
                                           if strategy == "m2r2-hybrid"
                                           else Oracle(trace))
         cache.policy = policy
+        cache.reuse = strategy in REUSE_AWARE
         if hasattr(policy, "prepare"):
             policy.prepare(cache)
         fast = strategy in ("m2r2-prefetch", "m2r2-hybrid")
@@ -157,6 +159,8 @@ def render_markdown(doc: dict) -> str:
              f"{m['top_k']}, prefetch top-k' {m['prefetch_k']}; M2R2 adapter R={m['rate']}; compute on 1 core, "
              f"expert loader thread pinned to CPU {m.get('loader_cpu')}",
              f"- prompts: {m['n_prompts']} ({m['prompts']}), {m['max_new_tokens']} new tokens, greedy, batch 1",
+             f"- the prefetching strategies evict reuse-aware (an expert just used is expected again one token later); "
+             f"M2R2 issues a predicted layer's loads {m.get('m2r2_horizon') or 0} layers ahead (0: at once)",
              *([f"- M2R2 fast-state routers fitted on {c['prompts']} prompts x {c['max_new_tokens']} tokens of "
                 f"{c['data']}, ridge {c['ridge']:g} chosen on the last {c['heldout_prompts']} of them (top-k precision "
                 f"there: the layers' own routers {c['heldout_precision_own_routers']:.2f}, fitted "
@@ -279,62 +283,67 @@ def main(args: argparse.Namespace) -> int:
     moe = load_moefied(lm, args.moe, num_experts=args.experts, top_k=args.top_k, expert_format=args.expert_format)
     # one compute thread on CPU 0, the loader thread on CPU 1 (where there is one): loads never take the compute
     # thread's core, and what they still cost it (the GIL, memory traffic) shows as the strategies' "other" time
-    loader_cpu = None
-    if args.threads == 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpus[0]})
-        loader_cpu = cpus[1]
-    k = moe.top_k
-    pk = args.prefetch_k or k
-    if pk < k:
-        raise M2R2Error(f"--prefetch-k ({pk}) must be >= the top-k ({k})")
-    total = moe.total_experts
-    mems: list[tuple[str, object]] = [(f"link {bw:g} GB/s {args.latency_us:g} us",
-                                       LinkStore(moe.bank, bw, args.latency_us * 1e-6)) for bw in bandwidths]
-    storage = None
-    if args.storage:
-        d = Path(args.storage_dir) if args.storage_dir else cache_root() / "moe" / lm.source.identity[:16] / (
-            f"e{moe.spec.num_experts}-{moe.spec.expert_format}-{moe.fingerprint()[:12]}")
-        fs = FileStore(d, moe.bank)
-        storage = measure_storage(fs, list(moe.bank)[: min(48, total)], moe.expert_bytes())
-        mems.append((f"storage ({storage['page_cache_bypass']})", fs))
-    print(f"m2r2 bench moe: {total} experts of {moe.expert_bytes() / 1e6:.2f} MB, top-{k}, prefetch k'={pk}; "
-          f"{len(prompts)} prompts; budgets {budgets}; memories {[m for m, _ in mems]}; strategies {names}",
-          file=sys.stderr)
-    from tqdm.auto import tqdm
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        loader_cpu = None
+        if args.threads == 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
+            cpus = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {cpus[0]})
+            loader_cpu = cpus[1]
+        k = moe.top_k
+        pk = args.prefetch_k or k
+        if pk < k:
+            raise M2R2Error(f"--prefetch-k ({pk}) must be >= the top-k ({k})")
+        total = moe.total_experts
+        mems: list[tuple[str, object]] = [(f"link {bw:g} GB/s {args.latency_us:g} us",
+                                           LinkStore(moe.bank, bw, args.latency_us * 1e-6)) for bw in bandwidths]
+        storage = None
+        if args.storage:
+            d = Path(args.storage_dir) if args.storage_dir else cache_root() / "moe" / lm.source.identity[:16] / (
+                f"e{moe.spec.num_experts}-{moe.spec.expert_format}-{moe.fingerprint()[:12]}")
+            fs = FileStore(d, moe.bank)
+            storage = measure_storage(fs, list(moe.bank)[: min(48, total)], moe.expert_bytes())
+            mems.append((f"storage ({storage['page_cache_bypass']})", fs))
+        print(f"m2r2 bench moe: {total} experts of {moe.expert_bytes() / 1e6:.2f} MB, top-{k}, prefetch k'={pk}; "
+              f"{len(prompts)} prompts; budgets {budgets}; memories {[m for m, _ in mems]}; strategies {names}",
+              file=sys.stderr)
+        from tqdm.auto import tqdm
 
-    from ..moe.prefetch import fit_fast_routers, usage_counts
-    routers, calibration = None, None
-    if acc is not None and args.calibration_prompts:  # the fast stream's routers, fitted on self-distillation prompts
-        from ..moe.moefy import load_records
-        recs = load_records(args.calibration_data)[: args.calibration_prompts]
-        routers, calibration = fit_fast_routers(lm, moe, acc, [r["prompt_ids"] for r in recs],
-                                                args.calibration_tokens, progress=not args.no_progress)
-        calibration["data"] = args.calibration_data
-        print(f"m2r2 bench moe: fast routers calibrated: {calibration}", file=sys.stderr)
-    # warm-up (untimed): resident and one budgeted run
-    run_one(lm, moe, acc, warm, 8, "all-resident", None, None, None, pk)
-    records, ref, traces = [], {}, {}
-    n_runs = len(prompts) * (1 + sum(len(budgets) * len(names) for _ in mems))
-    bar = tqdm(total=n_runs, desc="bench moe", unit="run", disable=args.no_progress)
-    for p in prompts:  # all-resident first: the reference outputs, the oracle's traces, the calibration counts
-        r = run_one(lm, moe, acc, p, args.max_new_tokens, "all-resident", None, None, None, pk)
-        ref[p.id], traces[p.id] = r["token_ids"], r.pop("trace")
-        records.append({**r, "memory": "resident", "budget": "100%"})
-        bar.update(1)
-    for i, p in enumerate(prompts):
-        counts = usage_counts([t for q, t in traces.items() if q != p.id])  # never this prompt's own trace
-        for mem, store in mems:
-            for b in budgets:
-                n = max(k, round(b * total))
-                order = names[i % len(names):] + names[: i % len(names)]  # no strategy always runs first
-                for s in order:
-                    bar.set_postfix_str(f"{p.id} {mem} {b:.1%} {s}", refresh=False)
-                    r = run_one(lm, moe, acc, p, args.max_new_tokens, s, n, store, traces[p.id], pk, counts,
-                                loader_cpu, args.m2r2_horizon, routers)
-                    records.append({**r, "memory": mem, "budget": f"{100 * b:g}%", "budget_experts": n})
-                    bar.update(1)
-    bar.close()
+        from ..moe.prefetch import fit_fast_routers, usage_counts
+        routers, calibration = None, None
+        if acc is not None and args.calibration_prompts:  # the fast stream's routers, fitted on self-distillation prompts
+            from ..moe.moefy import load_records
+            recs = load_records(args.calibration_data)[: args.calibration_prompts]
+            routers, calibration = fit_fast_routers(lm, moe, acc, [r["prompt_ids"] for r in recs],
+                                                    args.calibration_tokens, progress=not args.no_progress)
+            calibration["data"] = args.calibration_data
+            print(f"m2r2 bench moe: fast routers calibrated: {calibration}", file=sys.stderr)
+        # warm-up (untimed): resident and one budgeted run
+        run_one(lm, moe, acc, warm, 8, "all-resident", None, None, None, pk)
+        records, ref, traces = [], {}, {}
+        n_runs = len(prompts) * (1 + sum(len(budgets) * len(names) for _ in mems))
+        bar = tqdm(total=n_runs, desc="bench moe", unit="run", disable=args.no_progress)
+        for p in prompts:  # all-resident first: the reference outputs, the oracle's traces, the calibration counts
+            r = run_one(lm, moe, acc, p, args.max_new_tokens, "all-resident", None, None, None, pk)
+            ref[p.id], traces[p.id] = r["token_ids"], r.pop("trace")
+            records.append({**r, "memory": "resident", "budget": "100%"})
+            bar.update(1)
+        for i, p in enumerate(prompts):
+            counts = usage_counts([t for q, t in traces.items() if q != p.id])  # never this prompt's own trace
+            for mem, store in mems:
+                for b in budgets:
+                    n = max(k, round(b * total))
+                    order = names[i % len(names):] + names[: i % len(names)]  # no strategy always runs first
+                    for s in order:
+                        bar.set_postfix_str(f"{p.id} {mem} {b:.1%} {s}", refresh=False)
+                        r = run_one(lm, moe, acc, p, args.max_new_tokens, s, n, store, traces[p.id], pk, counts,
+                                    loader_cpu, args.m2r2_horizon or None, routers)
+                        records.append({**r, "memory": mem, "budget": f"{100 * b:g}%", "budget_experts": n})
+                        bar.update(1)
+        bar.close()
+    finally:  # the process's own CPUs again (the pinning is for the measured runs only)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
     run_end()
     for _, store in mems:
         store.close()
@@ -398,9 +407,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                                                    "(default: the MoEfication's)")
     p.add_argument("--prefetch-k", type=int_at_least("--prefetch-k", 1), default=None,
                    help="k' experts prefetched per predicted layer (default: top-k)")
-    p.add_argument("--m2r2-horizon", type=int_at_least("--m2r2-horizon", 1), default=None,
-                   help="M2R2 strategies issue a predicted layer's loads within this many layers of it (default: at "
-                        "once)")
+    p.add_argument("--m2r2-horizon", type=int_at_least("--m2r2-horizon", 0), default=2,
+                   help="M2R2 strategies issue a predicted layer's loads once the slow stream is within this many "
+                        "layers of it (default 2; 0: as soon as predicted)")
     p.add_argument("--calibration-prompts", type=int_at_least("--calibration-prompts", 0), default=32,
                    help="self-distillation prompts the M2R2 strategies' fast-state routers are fitted on (0: the "
                         "target layers' own routers)")

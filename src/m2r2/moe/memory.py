@@ -15,7 +15,10 @@ are the *stall* time.
 Eviction (``victim``): free slots first; then, among experts not pinned by the layer being computed and not
 in flight, the one with the farthest known next use (a prefetcher's prediction, or for the oracle the
 true trace), ties and unknowns broken by least recently used (``lru``) or least frequently used (``lfu``).
-A prefetch never evicts an expert that is needed no later than the one it brings in.
+A prefetch never evicts an expert that is needed no later than the one it brings in. With ``reuse`` (the
+prefetching policies), every expert used also gets an expected next use one token later at the same layer: the
+reuse plain LRU lives on (about half of a token's experts were used by the token before) is then not evicted
+by prefetches for later layers, which take the slots of experts whose expected use has passed.
 """
 
 from __future__ import annotations
@@ -217,6 +220,9 @@ class ExpertCache:
         self.predictions: dict[int, set] = {}  # step -> predicted experts of that step's layer
         self.stale: list = []  # (need, seq, key, request) of every prefetch issued (``_drop_stale``)
         self.fixed: set = set()  # experts held for the whole run (``hold``), never evicted
+        # reuse-aware eviction (prefetching policies set it): an expert just used is expected again at the same layer
+        # of the next token, so prefetches evict first what was used at layers already passed and not used again
+        self.reuse = False
 
     # ---- the loader's side
     def _do_load(self, reqs: list[Request]) -> None:
@@ -413,6 +419,8 @@ class ExpertCache:
             e.last_use = self.now if rec else e.last_use
             e.freq += 1
             out[key[1]] = self.slots[e.slot]
+            if rec and self.reuse:  # expected next use: the same layer of the next token
+                self.next_use[key] = self.now + self.L
         return out
 
     def peek(self, layer: int, experts: list[int]) -> dict[int, torch.Tensor]:
