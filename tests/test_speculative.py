@@ -52,6 +52,14 @@ def test_greedy_speculative_batch_ragged(lm):
     spec, st = decode(lm.model, PROMPTS, max_new_tokens=128, strategy=SelfSpeculative(acc, gamma=4))
     assert spec == plain
     assert 0 < st.extra["acceptance"] < 1  # ragged acceptance really happened
+    # per depth: every kept draft counted once at its depth; depth 1 checked on every live row of a step with drafts;
+    # a deeper draft checked only where every draft before it was kept
+    x = st.extra
+    reached, kept = x["depth_reached"], x["depth_kept"]
+    assert sum(kept) == x["accepted"] and reached[0] >= x["verify_steps"] and reached[0] <= len(PROMPTS) * x["verify_steps"]
+    assert all(reached[d + 1] <= kept[d] for d in range(len(reached) - 1))
+    assert x["acceptance_by_depth"][0] == kept[0] / reached[0]
+    assert sum(n for n, _ in x["verify_by_rows"].values()) == x["verify_steps"]
 
 
 def test_speculative_stops_at_eos_and_budget(lm):

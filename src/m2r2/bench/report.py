@@ -134,6 +134,23 @@ def render_markdown(doc: dict) -> str:
                             [[a, cell(e["all"], "tokens_per_verify", ".2f"), cell(e["all"], "acceptance", ".2f"),
                               cell(e["all"], "draft_cost_measured", ".2f"), _fmt(e.get("draft_cost_bytes"), ".2f"),
                               cell(e["all"], "verify_cost_measured", ".2f")] for a, e in spec.items()])]
+        deep = {a: e["all"].get("acceptance_by_depth") or [] for a, e in spec.items()}
+        n_depth = max((len(v) for v in deep.values()), default=0)
+        if n_depth:
+            lines += ["", "## Acceptance by draft depth", "",
+                      "The chance that draft d is kept given that every draft before it was (a chain's acceptance "
+                      "per depth); - where no verification reached that depth.", "",
+                      md_table(["arm", *[f"d={d + 1}" for d in range(n_depth)]],
+                               [[a, *(_fmt(v[d], ".2f") if d < len(v) else "-" for d in range(n_depth))]
+                                for a, v in deep.items() if v])]
+        by_rows = {a: e["all"].get("verify_cost_by_rows") or {} for a, e in spec.items()}
+        sizes = sorted({int(k) for v in by_rows.values() for k in v})
+        if sizes:
+            lines += ["", "## Verification cost by rows per sequence", "",
+                      "Seconds per verification of k rows (the pending token and k - 1 drafts, or the drafter's own "
+                      "rows) over seconds per plain decode token, as each arm measured them.", "",
+                      md_table(["arm", *[f"{k} rows" for k in sizes]],
+                               [[a, *(_fmt(v.get(str(k)), ".2f") for k in sizes)] for a, v in by_rows.items() if v])]
         cats = summary["categories"]
         if len(cats) > 1:
             arms_ = list(spec)

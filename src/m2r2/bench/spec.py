@@ -163,6 +163,25 @@ def speculative_summary(records: list[dict], categories: list[str]) -> dict:
         out = {"verify_steps": steps, "tokens_per_verify": (accepted + steps) / steps if steps else None,
                "acceptance": accepted / drafted if drafted else None,
                "draft_seconds": dsec, "verify_seconds": vsec}
+        depth = max((len(s.get("depth_reached", [])) for s in st), default=0)
+        reached = [sum(s.get("depth_reached", [0] * depth)[d] for s in st if len(s.get("depth_reached", [])) > d)
+                   for d in range(depth)]
+        kept = [sum(s.get("depth_kept", [0] * depth)[d] for s in st if len(s.get("depth_kept", [])) > d)
+                for d in range(depth)]
+        while reached and not reached[-1]:
+            reached.pop()
+        # the chance that draft d (1-based) is kept, given that every draft before it was
+        out["acceptance_by_depth"] = [kept[d] / reached[d] if reached[d] else None for d in range(len(reached))]
+        out["depth_reached"] = reached
+        by_rows: dict[str, list] = {}
+        for s_ in st:
+            for k, (n, sec) in s_.get("verify_by_rows", {}).items():
+                e = by_rows.setdefault(k, [0, 0.0])
+                e[0], e[1] = e[0] + n, e[1] + sec
+        if plain_token_seconds:  # one verification of k rows per sequence, in plain decode steps
+            out["verify_cost_by_rows"] = {k: sec / n / plain_token_seconds
+                                          for k, (n, sec) in sorted(by_rows.items(), key=lambda kv: int(kv[0])) if n}
+        out["verify_steps_by_rows"] = {k: n for k, (n, _) in sorted(by_rows.items(), key=lambda kv: int(kv[0]))}
         if calls and plain_token_seconds:
             out["draft_cost_measured"] = dsec / calls / plain_token_seconds
         if steps and plain_token_seconds:

@@ -110,13 +110,20 @@ class Speculative(Strategy):
         self.gamma = self.gamma0
         self.steps = self.drafted = self.accepted = 0
         self.draft_seconds = self.verify_seconds = 0.0
+        # per draft depth d: live rows whose draft d was checked (every draft before it accepted), and those that kept it
+        self.depth_reached = [0] * self.max_gamma
+        self.depth_kept = [0] * self.max_gamma
+        self.verify_by_rows: dict[int, list] = {}  # rows per sequence in the verification -> [steps, seconds]
         self.drafter.setup(state)
 
     def stats(self) -> dict:
         s = {"verify_steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
              "acceptance": self.accepted / self.drafted if self.drafted else 0.0,
              "tokens_per_verify": (self.accepted + self.steps) / self.steps if self.steps else 0.0,
-             "draft_seconds": self.draft_seconds, "verify_seconds": self.verify_seconds}
+             "draft_seconds": self.draft_seconds, "verify_seconds": self.verify_seconds,
+             "depth_reached": list(self.depth_reached), "depth_kept": list(self.depth_kept),
+             "acceptance_by_depth": [k / r if r else None for k, r in zip(self.depth_kept, self.depth_reached)],
+             "verify_by_rows": {str(k): v for k, v in sorted(self.verify_by_rows.items())}}
         s.update(self.drafter.stats())
         return s
 
@@ -148,8 +155,11 @@ class Speculative(Strategy):
         else:
             logits = self.drafter.verify_forward(state, ids, positions)
         accepted, nxt = verify(logits, draft, state.sampling, state.generator)
+        t2 = time.perf_counter()
         self.draft_seconds += t1 - t0
-        self.verify_seconds += time.perf_counter() - t1
+        self.verify_seconds += t2 - t1
+        by = self.verify_by_rows.setdefault(g + 1, [0, 0.0])
+        by[0], by[1] = by[0] + 1, by[1] + (t2 - t1)
         live = [b for b in range(B) if not state.done[b]]  # never empty: the loop stops when all rows are done
         new = [drafts[b, : int(accepted[b])].tolist() + [int(nxt[b])] for b in range(B)]
         # commit the pending token and the accepted drafts; finished rows stand still (their cache must not
@@ -162,6 +172,11 @@ class Speculative(Strategy):
         self.steps += 1
         self.drafted += g * len(live)
         self.accepted += int(accepted[live].sum())
+        for b in live:
+            a = int(accepted[b])
+            for d in range(min(a + 1, g)):
+                self.depth_reached[d] += 1
+                self.depth_kept[d] += d < a
         if self.adaptive and g > 0:
             all_in = bool((accepted[live] == g).all())
             self.gamma = min(self.max_gamma, self.gamma + 1) if all_in else max(1, self.gamma - 1)
