@@ -221,7 +221,7 @@ def shipped_dir() -> Path:
     return shipped_roots()[1]
 
 
-def find_shipped(identity: str, num_experts: int = 8) -> Path | None:
+def find_shipped(identity: str, num_experts: int = 16) -> Path | None:
     return find_artifact(identity, "moefy", where=lambda raw: raw["spec"]["num_experts"] == num_experts)
 
 
@@ -264,10 +264,11 @@ def apply(model, art: MoEfyArtifacts, expert_format: str | None = None) -> MoEMo
     return MoEModel(model, spec, bank, {"kind": "moefy", **art.info})
 
 
-def load_moefied(lm, path: str | os.PathLike | None = None, num_experts: int = 8, top_k: int | None = None,
+def load_moefied(lm, path: str | os.PathLike | None = None, num_experts: int = 16, top_k: int | None = None,
                  expert_format: str | None = None) -> MoEModel:
     """The embedded (or any) model MoEfied with shipped (or ``path``) artifacts; converts ``lm`` in place, so
-    ``lm.generate`` then runs the MoE (all experts resident)."""
+    ``lm.generate`` then runs the MoE (all experts resident). Shipped for the embedded model: 16 experts, top-4,
+    recovered (the default), and the earlier 8-expert MoEfication (top-6, not recovered: ``num_experts=8``)."""
     if path is None:
         path = find_shipped(lm.source.identity, num_experts)
         if path is None:
