@@ -105,6 +105,19 @@ def make_tiny(path, arch: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+def random_moefication(lm, experts: int, top_k: int, seed: int = 0, random_bias: bool = False):
+    """A MoEfication of ``lm``'s model with random neuron groups and random routers (``m2r2.moe.moefy``'s artifacts)."""
+    from m2r2.moe.layers import MoESpec
+    from m2r2.moe.moefy import MoEfyArtifacts
+    c = lm.model.cfg
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.stack([torch.randperm(c.intermediate_size, generator=g).view(experts, -1) for _ in range(c.num_layers)])
+    router_w = torch.randn(c.num_layers, experts, c.hidden_size, generator=g)
+    router_b = torch.randn(c.num_layers, experts, generator=g) if random_bias else torch.zeros(c.num_layers, experts)
+    return MoEfyArtifacts(MoESpec(experts, top_k, c.intermediate_size // experts, c.hidden_size, router_bias=True),
+                          perm, router_w, router_b, lm.source.identity)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")

@@ -15,7 +15,7 @@ from m2r2.stream.accelerator import Accelerator, LossWeights, distill_loss, slow
 from m2r2.training.data import generate_dataset
 from m2r2.training.adapters import TrainConfig, TrainError, batch_indices, train
 
-from conftest import FAR, assert_close_rel, interrupt_after, make_tiny, ulps_apart
+from conftest import FAR, assert_close_rel, interrupt_after, make_tiny, random_moefication, ulps_apart
 
 SEQ = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]])
 
@@ -351,16 +351,8 @@ def test_moe_recovery_resumes_and_folds_into_the_experts(lm, data_dir, tmp_path,
     import copy
 
     from m2r2.moe import recover
-    from m2r2.moe.layers import MoESpec
     from m2r2.moe.moefy import MoEfyArtifacts, apply
-    c = lm.model.cfg
-    g = torch.Generator().manual_seed(0)
-    E = 4
-    perm = torch.stack([torch.randperm(c.intermediate_size, generator=g).view(E, -1) for _ in range(c.num_layers)])
-    art = MoEfyArtifacts(MoESpec(E, 2, c.intermediate_size // E, c.hidden_size, router_bias=True), perm,
-                         torch.randn(c.num_layers, E, c.hidden_size, generator=g), torch.randn(c.num_layers, E, generator=g),
-                         lm.source.identity)
-    art.save(tmp_path / "moefied")
+    random_moefication(lm, 4, 2, seed=0, random_bias=True).save(tmp_path / "moefied")
     _killed_and_resumed(recover, ["--moe", str(tmp_path / "moefied"), "--data", str(data_dir), "--steps", "4",
                                   "--warmup-steps", "1", "--batch-size", "2", "--max-len", "24", "--rank", "4",
                                   "--lr", "0.05", "--checkpoint-every", "2", "--no-progress"], lm, tmp_path, monkeypatch)

@@ -563,17 +563,11 @@ def test_moe_command_end_to_end(bench_dir, bench_lm, tmp_path):
     all-resident step against the dense one; the process keeps its CPUs."""
     import os
 
+    from conftest import random_moefication
+
     from m2r2.bench.moe import add_parser as add_moe
-    from m2r2.moe.layers import MoESpec
-    from m2r2.moe.moefy import MoEfyArtifacts
     from m2r2.stream.accelerator import Accelerator
-    c = bench_lm.model.cfg
-    g = torch.Generator().manual_seed(0)
-    E = 4
-    perm = torch.stack([torch.randperm(c.intermediate_size, generator=g).view(E, -1) for _ in range(c.num_layers)])
-    MoEfyArtifacts(MoESpec(E, 2, c.intermediate_size // E, c.hidden_size, router_bias=True), perm,
-                   torch.randn(c.num_layers, E, c.hidden_size, generator=g), torch.zeros(c.num_layers, E),
-                   bench_lm.source.identity).save(tmp_path / "moe")
+    random_moefication(bench_lm, 4, 2, seed=0).save(tmp_path / "moe")
     acc = Accelerator.for_model(bench_lm.model, bench_lm.source.identity, rate=2, rank=4)
     acc.save(tmp_path / "adapter")
     ids = tmp_path / "ids.jsonl"

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import assert_close_rel, assert_same_tokens, greedy_reference, make_tiny
+from conftest import assert_close_rel, assert_same_tokens, greedy_reference, make_tiny, random_moefication
 
 from m2r2.decoding.loop import decode
 from m2r2.moe.layers import MoESpec, Resident
@@ -27,13 +27,7 @@ def tiny_moe(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-moe")
     make_tiny(d, "llama", num_hidden_layers=4)
     lm = m2r2.load(d)
-    c = lm.model.cfg
-    g = torch.Generator().manual_seed(0)
-    perm = torch.stack([torch.randperm(c.intermediate_size, generator=g).view(E, -1) for _ in range(c.num_layers)])
-    art = MoEfyArtifacts(MoESpec(E, K, c.intermediate_size // E, c.hidden_size, router_bias=True), perm,
-                         torch.randn(c.num_layers, E, c.hidden_size, generator=g), torch.zeros(c.num_layers, E),
-                         lm.source.identity)
-    return lm, apply(lm.model, art)
+    return lm, apply(lm.model, random_moefication(lm, E, K, seed=0))
 
 
 def script_routing(moe, sets: list[list[int]]):
@@ -55,6 +49,16 @@ def run(moe, provider, tokens=6, strategy=None):
     strat = strategy or MoEDecode(moe, provider)
     out, _ = decode(moe.model, [[3, 4, 5, 6]], max_new_tokens=tokens, strategy=strat)
     return out[0]
+
+
+def fast_stream(lm, moe, seed: int):
+    """An R=2 accelerator for the tiny MoE whose fast stream differs from the slow one (random adapter outputs)."""
+    from m2r2.stream.accelerator import Accelerator
+    acc = Accelerator.for_model(moe.model, lm.source.identity, rate=2)
+    torch.manual_seed(seed)
+    for a in acc.adapters:
+        torch.nn.init.normal_(a.up.weight, std=0.05)
+    return acc.eval().requires_grad_(False)
 
 
 def test_scripted_routing_hit_miss_accounting(tiny_moe):
@@ -120,12 +124,7 @@ def test_prefetch_counts_and_precision(tiny_moe):
 
 def test_outputs_identical_across_strategies_and_memories(tiny_moe, tmp_path):
     lm, moe = tiny_moe
-    from m2r2.stream.accelerator import Accelerator
-    acc = Accelerator.for_model(moe.model, lm.source.identity, rate=2)
-    torch.manual_seed(1)
-    for a in acc.adapters:  # a fast stream that differs from the slow one
-        torch.nn.init.normal_(a.up.weight, std=0.05)
-    acc.eval().requires_grad_(False)
+    acc = fast_stream(lm, moe, seed=1)
     tr = Tracing(moe.bank, moe.num_layers)
     ref = run(moe, tr, tokens=10)
     assert run(moe, Resident(moe.bank), tokens=10) == ref
@@ -235,11 +234,7 @@ def test_native_expert_path_matches_pytorch(expert_format, tmp_path, monkeypatch
     make_tiny(tmp_path, "llama", num_hidden_layers=3)
     lm = m2r2.load(tmp_path)
     c = lm.model.cfg
-    g = torch.Generator().manual_seed(3)
-    perm = torch.stack([torch.randperm(c.intermediate_size, generator=g).view(E, -1) for _ in range(c.num_layers)])
-    art = MoEfyArtifacts(MoESpec(E, K, c.intermediate_size // E, c.hidden_size, router_bias=True), perm,
-                         torch.randn(c.num_layers, E, c.hidden_size, generator=g), torch.zeros(c.num_layers, E))
-    moe = apply(lm.model, art, expert_format)
+    moe = apply(lm.model, random_moefication(lm, E, K, seed=3), expert_format)
     assert next(iter(moe.bank.values())).dtype == (torch.float32 if expert_format == "f32" else torch.uint8)
     calls = {"experts": 0, "attention": 0}
     for name in calls:
@@ -273,14 +268,9 @@ def test_fast_row_riding_matches_the_separate_fast_pass(tiny_moe):
     the fast states of the separate PyTorch fast pass, and the slow row's tokens are unchanged."""
     lm, moe = tiny_moe
     from m2r2.engine import native
-    from m2r2.stream.accelerator import Accelerator
     if not native.available():
         pytest.skip("no native kernels")
-    acc = Accelerator.for_model(moe.model, lm.source.identity, rate=2)
-    torch.manual_seed(2)
-    for a in acc.adapters:
-        torch.nn.init.normal_(a.up.weight, std=0.05)
-    acc.eval().requires_grad_(False)
+    acc = fast_stream(lm, moe, seed=2)
 
     def fast_states(disable: bool):
         pol = M2R2Prefetch(moe, K)
@@ -361,14 +351,9 @@ def test_fast_routers_fit_and_leave_outputs_unchanged(tiny_moe):
     lm, moe = tiny_moe
     from m2r2.engine import native
     from m2r2.moe.prefetch import FastRouters, fit_fast_routers
-    from m2r2.stream.accelerator import Accelerator
     if not native.available():
         pytest.skip("no native kernels")
-    acc = Accelerator.for_model(moe.model, lm.source.identity, rate=2)
-    torch.manual_seed(4)
-    for a in acc.adapters:
-        torch.nn.init.normal_(a.up.weight, std=0.05)
-    acc.eval().requires_grad_(False)
+    acc = fast_stream(lm, moe, seed=4)
     prompts = [[(5 * i + j) % 200 + 3 for j in range(4 + i % 3)] for i in range(8)]
     routers, info = fit_fast_routers(lm, moe, acc, prompts, max_new_tokens=6, progress=False)
     assert isinstance(routers, FastRouters) and routers.weight.shape == (moe.num_layers, moe.spec.hidden_size, E)

@@ -428,20 +428,10 @@ class MoEDecode(Strategy):
         state.cache.counters.layer_calls += L + F_
         return x
 
-    def step(self, state) -> list[list[int]]:
+    def _layers(self, state, prov) -> torch.Tensor:
+        """One token through every layer with the separate PyTorch fast pass (where the fast row cannot ride)."""
         import time
         m = state.model
-        prov = self.moe.ffns[0].provider
-        if hasattr(prov, "begin_token"):
-            prov.begin_token()
-        if self.riding:
-            x = self._ride_step(state, prov)
-            state.cache.counters.forward_passes += 1
-            logits = m.head(x)[:, 0]
-            state.cache.advance(1)
-            nxt = state.sampling.sample(logits, state.generator)
-            state.pending = nxt
-            return [[tok] for tok in nxt.tolist()]
         n = state.cache.lengths
         t = int(n[0])
         ctx = m.context(state.cache, n.view(-1, 1))
@@ -458,8 +448,15 @@ class MoEDecode(Strategy):
                 targets = [j for j in range(R * i + 1, R * (i + 1) + 1) if i < j < L]
                 self.policy.after_fast(prov, i, targets, f)
                 self.fast_seconds += time.perf_counter() - t0
+        return x
+
+    def step(self, state) -> list[list[int]]:
+        prov = self.moe.ffns[0].provider
+        if hasattr(prov, "begin_token"):
+            prov.begin_token()
+        x = self._ride_step(state, prov) if self.riding else self._layers(state, prov)
         state.cache.counters.forward_passes += 1
-        logits = m.head(x)[:, 0]
+        logits = state.model.head(x)[:, 0]
         state.cache.advance(1)
         nxt = state.sampling.sample(logits, state.generator)
         state.pending = nxt

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training.loop import Run
+from ..training.loop import Run, distill_run
 
 
 class Recovery(nn.Module):
@@ -113,7 +112,6 @@ def main(args: argparse.Namespace) -> int:
 
     from ..api import load
     from ..errors import AdapterError
-    from ..provenance import command_line
     from ..training.adapters import TrainConfig, batch_indices, lr_at, make_batch
     from ..training.data import load_dataset
     from .moefy import MoEfyArtifacts
@@ -138,66 +136,26 @@ def main(args: argparse.Namespace) -> int:
     rec = Recovery(model, art, args.rank, top_k)
     params = list(rec.deltas().values())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    identity = {k: v for k, v in vars(args).items()
-                if k not in ("out", "threads", "no_progress", "checkpoint_every", "stop_at", "draft_vocab")}
-    step, tokens, wall_before = 0, 0, 0.0
-    ck = run.checkpoint()
-    if ck is not None:
-        run.refuse_other_settings(ck["identity"], identity, detail=False)
+
+    def load_deltas(saved: dict) -> None:
         with torch.no_grad():
             for k, p in rec.deltas().items():
-                p.copy_(ck["deltas"][k])
-        opt.load_state_dict(ck["opt"])
-        step, tokens, wall_before = ck["step"], ck["tokens"], ck["wall_seconds"]
-        run.resumed(step)
-    module, opt = hfacc.prepare(rec, opt)
-    t_start = time.perf_counter()
-    rank, world = hfacc.process_index, hfacc.num_processes
+                p.copy_(saved[k])
 
-    def checkpoint() -> None:
-        hfacc.wait_for_everyone()
-        d = hfacc.unwrap_model(module).deltas()
-        run.save({"identity": identity, "deltas": {k: v.detach().clone() for k, v in d.items()},
-                  "opt": opt.state_dict(), "step": step, "tokens": tokens,
-                  "wall_seconds": wall_before + time.perf_counter() - t_start})
-
-    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
-    last: dict = {}
-
-    def train_step(s: int) -> tuple[dict, dict]:
-        nonlocal step, tokens, last
-        ids, valid = make_batch(records, batch_indices(len(records), s, args.batch_size, args.seed)[rank::world],
-                                args.max_len)
-        lr = lr_at(s, sched)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, st = module(ids.to(hfacc.device), valid.to(hfacc.device))
-        opt.zero_grad(set_to_none=True)
-        hfacc.backward(loss)
-        st["grad_norm"] = float(hfacc.clip_grad_norm_(params, 1.0))
-        opt.step()
-        step = s + 1
-        ntok = int(valid.sum()) * world
-        tokens += ntok
-        last = {"step": step, "lr": lr, "tokens": ntok, **st}
-        return last, {"kl": f"{st['kl']:.3f}", "agree": f"{st['agree']:.2f}"}
-
-    module.train()
-    run.steps(step, more=lambda s: s < end, train_step=train_step,
-              due=lambda s: s % args.checkpoint_every == 0 or s == end, checkpoint=checkpoint,
-              progress=not args.no_progress, bar=dict(total=end, initial=step, desc="recover moe", unit="step"))
-    if not last:
-        last = run.logged(step)
+    record = distill_run(
+        args, run, hfacc, rec, opt, params, records,
+        batch=lambda s, rank, world: make_batch(
+            records, batch_indices(len(records), s, args.batch_size, args.seed)[rank::world], args.max_len),
+        lr=lambda s: lr_at(s, sched),
+        state=("deltas", lambda m: {k: v.detach().clone() for k, v in m.deltas().items()}, load_deltas),
+        postfix=lambda st: {"kl": f"{st['kl']:.3f}", "agree": f"{st['agree']:.2f}"},
+        desc="recover moe", ignore=("draft_vocab",))
     if hfacc.is_main_process:
-        d = hfacc.unwrap_model(module).deltas()
-        art.lora = {k: v.detach().to(torch.float16).contiguous() for k, v in d.items()}
+        art.lora = {k: v.detach().to(torch.float16).contiguous() for k, v in rec.deltas().items()}
         art.spec = dataclasses.replace(art.spec, top_k=top_k)
-        art.info["recovery"] = {"command": command_line(), "config": identity, "examples": len(records),
-                                "steps": step, "schedule_steps": args.steps, "tokens_seen": tokens,
-                                "wall_seconds": round(wall_before + time.perf_counter() - t_start, 1),
-                                "threads": args.threads, "processes": world, "last_log": last}
+        art.info["recovery"] = record
         art.save(run.out)
-        print(json.dumps(last), flush=True)
+        print(json.dumps(record["last_log"]), flush=True)
     return 0
 
 

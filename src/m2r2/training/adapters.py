@@ -28,7 +28,7 @@ from ..stream.accelerator import LossWeights, distill_loss
 from ..provenance import command_line
 from ..errors import M2R2Error
 from ..artifacts import write_draft_vocab
-from .loop import Run, warmup_cosine
+from .loop import Run, accelerate_step, warmup_cosine
 
 
 class TrainError(M2R2Error):
@@ -202,15 +202,7 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
         nonlocal step, tok_window, tokens_seen_total, last
         idx = batch_indices(len(records), s, cfg.batch_size, cfg.seed)[rank::world]
         ids, valid = make_batch(records, idx, cfg.max_len)
-        ids, valid = ids.to(hfacc.device), valid.to(hfacc.device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, cfg)
-        loss, stats = module(ids, valid)
-        opt.zero_grad(set_to_none=True)
-        hfacc.backward(loss)
-        if cfg.max_grad_norm > 0:
-            stats["grad_norm"] = float(hfacc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
-        opt.step()
+        stats = accelerate_step(hfacc, module, opt, module.parameters(), (ids, valid), lr_at(s, cfg), cfg.max_grad_norm)
         step = s + 1
         ntok = int(valid.sum()) * world
         tok_window += ntok

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .loop import Run
+from .loop import Run, distill_run
 
 
 class _Step(nn.Module):
@@ -55,7 +54,6 @@ def main(args: argparse.Namespace) -> int:
     from ..artifacts import read_draft_vocab, write_draft_vocab
     from ..decoding.drafters.eagle import EagleHead
     from ..errors import M2R2Error
-    from ..provenance import command_line
     from .adapters import TrainConfig, batch_indices, lr_at, make_batch
     from .data import load_dataset
 
@@ -79,60 +77,18 @@ def main(args: argparse.Namespace) -> int:
     head = EagleHead(model, vocab, lm.source.identity)
     params = head.trainable()
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    identity = {k: v for k, v in vars(args).items()
-                if k not in ("out", "threads", "no_progress", "checkpoint_every", "stop_at")}
-    step, tokens, wall_before = 0, 0, 0.0
-    ck = run.checkpoint()
-    if ck is not None:
-        run.refuse_other_settings(ck["identity"], identity, detail=False)
-        head.load_trained(ck["head"])
-        opt.load_state_dict(ck["opt"])
-        step, tokens, wall_before = ck["step"], ck["tokens"], ck["wall_seconds"]
-        run.resumed(step)
-    module, opt = hfacc.prepare(_Step(model, head), opt)
-    t_start = time.perf_counter()
-    rank, world = hfacc.process_index, hfacc.num_processes
-
-    def checkpoint() -> None:
-        hfacc.wait_for_everyone()
-        run.save({"identity": identity, "head": hfacc.unwrap_model(module).head.trained_state(),
-                  "opt": opt.state_dict(), "step": step, "tokens": tokens,
-                  "wall_seconds": wall_before + time.perf_counter() - t_start})
-
-    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
-    last: dict = {}
-
-    def train_step(s: int) -> tuple[dict, dict]:
-        nonlocal step, tokens, last
-        ids, valid = make_batch(records, batch_indices(len(records), s, args.batch_size, args.seed)[rank::world],
-                                args.max_len)
-        lr = lr_at(s, sched)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, st = module(ids.to(hfacc.device), valid.to(hfacc.device))
-        opt.zero_grad(set_to_none=True)
-        hfacc.backward(loss)
-        st["grad_norm"] = float(hfacc.clip_grad_norm_(params, 1.0))
-        opt.step()
-        step = s + 1
-        ntok = int(valid.sum()) * world
-        tokens += ntok
-        last = {"step": step, "lr": lr, "tokens": ntok, **st}
-        return last, {"loss": f"{st['loss']:.3f}", "reg": f"{st['reg']:.3f}", "agree": f"{st['agree']:.2f}"}
-
-    module.train()
-    run.steps(step, more=lambda s: s < end, train_step=train_step,
-              due=lambda s: s % args.checkpoint_every == 0 or s == end, checkpoint=checkpoint,
-              progress=not args.no_progress, bar=dict(total=end, initial=step, desc="train eagle", unit="step"))
-    if not last:  # resumed at the end: the last logged step
-        last = run.logged(step)
+    record = distill_run(
+        args, run, hfacc, _Step(model, head), opt, params, records,
+        batch=lambda s, rank, world: make_batch(
+            records, batch_indices(len(records), s, args.batch_size, args.seed)[rank::world], args.max_len),
+        lr=lambda s: lr_at(s, sched),
+        state=("head", lambda m: m.head.trained_state(), head.load_trained),
+        postfix=lambda st: {"loss": f"{st['loss']:.3f}", "reg": f"{st['reg']:.3f}", "agree": f"{st['agree']:.2f}"},
+        desc="train eagle")
     if hfacc.is_main_process:
-        head.training_info = {"command": command_line(), "config": identity, "examples": len(records),
-                              "steps": step, "schedule_steps": args.steps, "tokens_seen": tokens,
-                              "wall_seconds": round(wall_before + time.perf_counter() - t_start, 1),
-                              "threads": args.threads, "processes": world, "last_log": last}
+        head.training_info = record
         head.save(out, dtype=torch.float32)
-        print(json.dumps(last), flush=True)
+        print(json.dumps(record["last_log"]), flush=True)
     return 0
 
 

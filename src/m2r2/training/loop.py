@@ -118,6 +118,81 @@ class Run:
         return step
 
 
+def accelerate_step(hfacc, module, opt, params, batch: tuple, lr: float, max_grad_norm: float = 1.0) -> dict:
+    """One optimizer step of the self-distillation trainers (adapters, EAGLE head, MoE recovery) through Hugging Face
+    Accelerate: the learning rate set to ``lr``, ``module(*batch)`` on the accelerator's device -> (loss, stats),
+    backward, the gradient norm of ``params`` clipped at ``max_grad_norm`` (0: not clipped) and recorded in the stats
+    as ``grad_norm``, the optimizer step. Returns the stats."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss, stats = module(*(t.to(hfacc.device) for t in batch))
+    opt.zero_grad(set_to_none=True)
+    hfacc.backward(loss)
+    if max_grad_norm > 0:
+        stats["grad_norm"] = float(hfacc.clip_grad_norm_(params, max_grad_norm))
+    opt.step()
+    return stats
+
+
+def distill_run(args, run: Run, hfacc, step_module, opt, params, records: list, *, batch: Callable,
+                lr: Callable[[int], float], state: tuple, postfix: Callable[[dict], dict], desc: str,
+                ignore: tuple[str, ...] = ()) -> dict:
+    """The resumable step loop of a self-distillation trainer with one trainable module (the EAGLE head, the MoE
+    recovery's deltas), options from ``add_run_args``. The run's settings (``args`` less output, threads, progress,
+    cadence, stop, ``ignore``) must match a checkpoint it resumes; ``state`` = (checkpoint key, the trainable state
+    of the unwrapped module, a function loading that state) restores the module before Accelerate wraps it;
+    ``batch(step, rank, world)`` -> (ids, valid) is this process's share of a step's batch, ``lr(step)`` its learning
+    rate; ``postfix(stats)`` the progress bar's. Returns the training record an artifact keeps: command, settings,
+    examples, steps, tokens seen, wall time, threads, processes and the last log line."""
+    import time
+
+    from ..provenance import command_line
+    key, save_state, load_state = state
+    identity = {k: v for k, v in vars(args).items()
+                if k not in ("out", "threads", "no_progress", "checkpoint_every", "stop_at", *ignore)}
+    step, tokens, wall_before = 0, 0, 0.0
+    ck = run.checkpoint()
+    if ck is not None:
+        run.refuse_other_settings(ck["identity"], identity, detail=False)
+        load_state(ck[key])
+        opt.load_state_dict(ck["opt"])
+        step, tokens, wall_before = ck["step"], ck["tokens"], ck["wall_seconds"]
+        run.resumed(step)
+    module, opt = hfacc.prepare(step_module, opt)
+    t_start = time.perf_counter()
+    rank, world = hfacc.process_index, hfacc.num_processes
+
+    def checkpoint() -> None:
+        hfacc.wait_for_everyone()
+        run.save({"identity": identity, key: save_state(hfacc.unwrap_model(module)), "opt": opt.state_dict(),
+                  "step": step, "tokens": tokens, "wall_seconds": wall_before + time.perf_counter() - t_start})
+
+    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    last: dict = {}
+
+    def train_step(s: int) -> tuple[dict, dict]:
+        nonlocal step, tokens, last
+        ids, valid = batch(s, rank, world)
+        rate = lr(s)
+        st = accelerate_step(hfacc, module, opt, params, (ids, valid), rate)
+        step = s + 1
+        ntok = int(valid.sum()) * world
+        tokens += ntok
+        last = {"step": step, "lr": rate, "tokens": ntok, **st}
+        return last, postfix(st)
+
+    module.train()
+    run.steps(step, more=lambda s: s < end, train_step=train_step,
+              due=lambda s: s % args.checkpoint_every == 0 or s == end, checkpoint=checkpoint,
+              progress=not args.no_progress, bar=dict(total=end, initial=step, desc=desc, unit="step"))
+    if not last:  # resumed at the end: the last logged step
+        last = run.logged(step)
+    return {"command": command_line(), "config": identity, "examples": len(records), "steps": step,
+            "schedule_steps": args.steps, "tokens_seen": tokens,
+            "wall_seconds": round(wall_before + time.perf_counter() - t_start, 1), "threads": args.threads,
+            "processes": world, "last_log": last}
+
+
 def add_run_args(p, *, out: str, steps: int, warmup_steps: int, lr: float, checkpoint_every: int) -> None:
     """The options the self-distillation trainers of the peers share (``m2r2.training.peers``, ``.eagle``): data,
     output, the adapters' batches and schedule (``m2r2.training.adapters.batch_indices`` / ``make_batch``), the draft
