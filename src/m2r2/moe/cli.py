@@ -91,7 +91,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also keep the records this recovered MoEfication trained on out of the perplexity set (to "
                         "compare a plain MoEfication with its recovered one on the same records)")
     p.add_argument("--expert-format", choices=("f32", "q8_0", "q4_1"), default=None,
-                   help="store the experts evaluated as float32 or Q8_0 blocks (default: the artifact's, float32)")
+                   help="store the experts evaluated as float32, Q8_0 or Q4_1 blocks (default: float32)")
     p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
     p.set_defaults(func=cmd_moefy)
     return p

@@ -1,12 +1,15 @@
 """The MoE feed-forward and the block that plugs it into the engine's per-layer seam.
 
-An expert is one flat float buffer ``[gate|up (D, 2n) | down (n, D)]`` (row-major), so moving an expert
-between memories is one contiguous copy or one file read, and a slot in fast memory is just a buffer of
-that size. ``MoEFFN`` never owns expert weights: it asks its *provider* for the buffers of the experts a
+An expert is one flat buffer ``[gate|up | down]``: float32 (``(D, 2n)`` and ``(n, D)`` row-major) or GGUF blocks
+(``MoESpec.expert_format`` "q8_0" / "q4_1": gate and up as rows of blocks, down neuron by neuron; ``quantize_expert``),
+so moving an expert between memories is one contiguous copy or one file read, and a slot in fast memory is just a
+buffer of that size. ``MoEFFN`` never owns expert weights: it asks its *provider* for the buffers of the experts a
 step needs (``fetch``), and the provider decides where they come from (all resident, or a budgeted cache
 fed by a background loader). Whatever the provider does, the arithmetic is the same: selected experts
 are applied in ascending id order and summed into a zero buffer, so every provider and every prefetch
-strategy computes bit-identical outputs.
+strategy computes bit-identical outputs. On CPU the sum runs as a native kernel (``native.experts``; the block's
+attention half as ``native.attention``: ``MoEBlock.forward``), equal to the PyTorch path up to float32 summation
+order.
 
 Routing:
 
@@ -67,10 +70,6 @@ class MoESpec:
         if self.expert_format in BLOCK_BYTES:
             return self.expert_numel // 32 * BLOCK_BYTES[self.expert_format]
         return self.expert_numel
-
-    @property
-    def buffer_dtype(self) -> torch.dtype:
-        return torch.uint8 if self.expert_format in BLOCK_BYTES else torch.float32
 
     @property
     def native_kind(self) -> int:
