@@ -350,7 +350,7 @@ def test_fast_routers_fit_and_leave_outputs_unchanged(tiny_moe):
     all-resident one."""
     lm, moe = tiny_moe
     from m2r2.engine import native
-    from m2r2.moe.prefetch import FastRouters, fit_fast_routers
+    from m2r2.moe.fast_routers import FastRouters, fit_fast_routers
     if not native.available():
         pytest.skip("no native kernels")
     acc = fast_stream(lm, moe, seed=4)

@@ -309,7 +309,8 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         from tqdm.auto import tqdm
 
-        from ..moe.prefetch import fit_fast_routers, usage_counts
+        from ..moe.fast_routers import fit_fast_routers
+        from ..moe.prefetch import usage_counts
         routers, calibration = None, None
         if acc is not None and args.calibration_prompts:  # the fast stream's routers, fitted on self-distillation prompts
             from ..moe.moefy import load_records
