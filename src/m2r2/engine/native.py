@@ -123,10 +123,10 @@ def _build() -> ctypes.CDLL:
     lib.m2r2_qgemv.restype = None
     lib.m2r2_qdequant.argtypes = [P, I, I, I, P, I]
     lib.m2r2_qdequant.restype = None
-    lib.m2r2_experts.argtypes = [I, P, P, I, P, I, P, P, P, P, I, I, P, I]
     lib.m2r2_moe_attention.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, P, P, I,
                                        P, P, I, P, P, P, I]
     lib.m2r2_moe_attention.restype = None
+    lib.m2r2_experts.argtypes = [I, P, P, I, P, I, P, P, P, P, I, I, P, I]
     lib.m2r2_experts.restype = None
     lib.m2r2_experts_scratch.argtypes = [I, I, I, I]
     lib.m2r2_experts_scratch.restype = ctypes.c_long

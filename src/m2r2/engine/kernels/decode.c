@@ -249,6 +249,21 @@ long m2r2_block_scratch(const m2r2_dims *d, int T, int max_len, int threads) {
  * decode step, ragged or not) are the same call. cos and sin are the rows' RoPE rows (T, head_dim; sin
  * sign-folded so that rot(v) = v*cos + roll(v, hd/2)*sin). Every row's K/V is written before any row
  * attends, so rows of one sequence see each other's new slots whatever their order. */
+/* T rows of [gate | up] (2I floats each) -> silu(gate) * up, packed as T rows of I floats at the start of gu (what a
+ * down projection reads). Inside a parallel region (every thread calls it); ends at a barrier. */
+static void swiglu_team(float *gu, int T, int I) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float *g = gu + (size_t)t * 2 * I;
+        for (int i = 0; i < I; i++)
+            g[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];  /* silu(gate) * up, into the gate half */
+    }
+    /* the rows are 2I apart: pack them (row t moves down to t * I; earlier rows are already in place) */
+#pragma omp single
+    for (int t = 1; t < T; t++)
+        memmove(gu + (size_t)t * I, gu + (size_t)t * 2 * I, sizeof(float) * I);
+}
+
 /* The body of m2r2_block, run by every thread of an enclosing parallel region (ends at a barrier) */
 static void block_team(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const int *row_b,
                        const int *row_pos, const float *cos, const float *sin, float *kcache, float *vcache,
@@ -320,16 +335,7 @@ static void block_team(const m2r2_dims *d, const m2r2_weights *w, float *x, int 
         if (I == 0)  /* the attention half only (an MoE block: its FFN runs m2r2_experts) */
             return;
         gemv_team(h, T, w->gate_up, d->kind_gate_up, w->gate_up_b, gu, part, D, 2 * I);
-#pragma omp for schedule(static)
-        for (int t = 0; t < T; t++) {
-            float *g = gu + (size_t)t * 2 * I;
-            for (int i = 0; i < I; i++)
-                g[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];  /* silu(gate) * up, into the gate half */
-        }
-        /* down reads each row's first I floats: the rows of gu are 2I apart, so pack them first */
-#pragma omp single
-        for (int t = 1; t < T; t++)
-            memmove(gu + (size_t)t * I, gu + (size_t)t * 2 * I, sizeof(float) * I);
+        swiglu_team(gu, T, I);
         gemv_team(gu, T, w->down, d->kind_down, w->down_b, h, part, I, D);
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++)
@@ -387,8 +393,7 @@ static void q_axpy_team(int kind, const unsigned char *W, const float *a, int as
                     w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))), d);
                     w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))), d);
                 } else {  /* d * q + m: the 16 values as a table, looked up by nibble */
-                    const unsigned char *row_ = row;
-                    const unsigned char *b = row_ + (size_t)u * 20;
+                    const unsigned char *b = row + (size_t)u * 20;
                     const __m128 dm = f16x2(b);
                     const __m512 table = _mm512_add_ps(_mm512_mul_ps(_mm512_broadcastss_ps(dm), iota),
                                                        _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
@@ -449,15 +454,7 @@ void m2r2_experts(int nsel, const void *const *gu, const void *const *down, int 
             for (int r = 0; r < m; r++)
                 memcpy(xs + (size_t)r * D, h + (size_t)rows[r] * D, sizeof(float) * D);
             gemv_team(xs, m, gu[e], kind, NULL, g, part, D, 2 * n);
-#pragma omp for schedule(static)
-            for (int r = 0; r < m; r++) {
-                float *gr = g + (size_t)r * 2 * n;
-                for (int i = 0; i < n; i++)
-                    gr[i] = gr[i] / (1.0f + expf(-gr[i])) * gr[n + i];
-            }
-#pragma omp single
-            for (int r = 1; r < m; r++)
-                memmove(g + (size_t)r * n, g + (size_t)r * 2 * n, sizeof(float) * n);
+            swiglu_team(g, m, n);
             if (qkind(kind)) {
                 q_axpy_team(kind, (const unsigned char *)down[e], g, n, m, n, D, y, omp_get_thread_num(),
                             omp_get_num_threads());
