@@ -208,9 +208,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Block(nn.Module):
     """One pre-norm decoder layer: x + Attn(norm(x)), then x + MLP(norm(x))."""
 
-    # the submodules the native block kernel computes, by type
+    # the submodules the native block kernel computes, by type, and its linears (a block whose FFN runs elsewhere,
+    # like the MoE block, names only its attention half's)
     _NATIVE_PARTS = (("input_norm", RMSNorm), ("qkv", Linear), ("o", Linear), ("post_norm", RMSNorm),
                      ("gate_up", Linear), ("down", Linear))
+    _NATIVE_LINEARS = ("qkv", "o", "gate_up", "down")
 
     def __init__(self, cfg: ModelConfig, index: int, threads: int = 1):
         super().__init__()

@@ -77,8 +77,8 @@ class WeightFormat:
         return contextlib.nullcontext()
 
     def native_block_ready(self, blk) -> bool:
-        """Whether the native block kernel can run block ``blk``'s four linears from this format."""
-        return all(self.native_weight(blk._modules[n]) is not None for n in ("qkv", "o", "gate_up", "down"))
+        """Whether the native block kernel can run block ``blk``'s linears (``blk._NATIVE_LINEARS``) from this format."""
+        return all(self.native_weight(blk._modules[n]) is not None for n in blk._NATIVE_LINEARS)
 
     def __repr__(self) -> str:
         return f"WeightFormat({self.name!r}, {self.bytes_per_weight} bytes/weight)"
@@ -222,7 +222,7 @@ class GGUFBlocks(WeightFormat):
         return lin.lowp[self.name].kind
 
     def native_block_ready(self, blk) -> bool:
-        return all(self.name in blk._modules[n].lowp for n in ("qkv", "o", "gate_up", "down"))
+        return all(self.name in blk._modules[n].lowp for n in blk._NATIVE_LINEARS)
 
     def prefill(self):
         from .gguf_weights import prefill_products

@@ -212,10 +212,7 @@ class MoEFFN(nn.Module):
             if resid is not None:
                 x2 += out
         if resid is None:
-            s = self.shared(h)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(h)) * s
-            x2 += out + s
+            x2 += out + self._shared_term(h)
         return x
 
     def _native(self, h2: torch.Tensor) -> bool:
@@ -300,11 +297,13 @@ class MoEFFN(nn.Module):
         else:
             out = self._torch_forward(h2, needed, idx, w, bufs)
         if self.shared is not None:
-            s = self.shared(h2)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(h2)) * s
-            out = out + s
+            out = out + self._shared_term(h2)
         return out.view(*lead, -1)
+
+    def _shared_term(self, h2: torch.Tensor) -> torch.Tensor:
+        """The always-resident shared expert's output (Qwen2-MoE), through its sigmoid gate where it has one."""
+        s = self.shared(h2)
+        return s if self.shared_gate is None else torch.sigmoid(self.shared_gate(h2)) * s
 
 
 class SharedMLP(nn.Module):
@@ -333,38 +332,32 @@ class MoEBlock(nn.Module):
 
     qkv_proj = Block.qkv_proj
     attend = Block.attend
-    _ATTENTION_PARTS = (("input_norm", RMSNorm), ("qkv", Linear), ("o", Linear), ("post_norm", RMSNorm))
+    # what the native kernel computes of this block: its attention half (the experts run their own kernel)
+    _NATIVE_PARTS = (("input_norm", RMSNorm), ("qkv", Linear), ("o", Linear), ("post_norm", RMSNorm))
+    _NATIVE_LINEARS = ("qkv", "o")
 
     def _native_attention(self, x: torch.Tensor, ctx) -> object:
-        """The weight format the native kernel computes this block's attention half from (then the experts run
-        their own kernel), or None: the conditions of ``Block._native_format`` for the four parts the kernel
-        computes (not with OLMoE's q/k norms, which it does not)."""
-        mods = self._modules
-        if not ctx.native or "q_norm" in mods or any(type(mods[n]) is not t for n, t in self._ATTENTION_PARTS):
-            return None
-        qkv = mods["qkv"]
-        w = qkv._parameters["weight"]
-        fmt = ctx.weights or qkv.default_format()
-        ok = ctx.write.mask is ctx.causal_mask and w.dtype == torch.float32 \
-            and all(fmt.native_weight(mods[n]) is not None for n in ("qkv", "o")) \
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in mods.values())
-        return fmt if ok else None
+        """The weight format the native kernel computes this block's attention half from, or None: ``Block``'s own
+        conditions for those parts (not with OLMoE's q/k norms, which the kernel does not compute)."""
+        return None if "q_norm" in self._modules else Block._native_format(self, x, ctx)
+
+    def _native_ffn(self, x: torch.Tensor) -> bool:
+        """Whether the experts run as the native kernel after it (the router's logits fit the kernel's scratch)."""
+        return self.ffn._native(x) and self.ffn.spec.num_experts <= self.cfg.q_size + 2 * self.cfg.kv_size
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         fmt = self._native_attention(x, ctx)
-        ffn = self.ffn
-        if fmt is None or not ffn._native(x) or ffn.spec.num_experts > self.cfg.q_size + 2 * self.cfg.kv_size:
+        if fmt is None or not self._native_ffn(x):
             return Block.forward(self, x, ctx)
+        ffn = self.ffn
         x, h, logits = native.attention(self, x, ctx.cache.k[self.index], ctx.cache.v[self.index], ctx.cos,
                                         ctx.sin, ctx.native_rows, fmt, ffn.router_columns(), ffn.router.bias)
         return ffn.native_step(x, h, logits)
 
     def can_ride(self, x: torch.Tensor, ctx) -> bool:
         """Whether ``ride`` runs here (the native attention half and expert kernel, moefy routing)."""
-        return self._native_attention(x, ctx) is not None and self.ffn._native(x) \
-            and self.ffn.spec.routing == "moefy" and self.ffn.shared is None \
-            and self.ffn.spec.num_experts <= self.cfg.q_size + 2 * self.cfg.kv_size
+        return self._native_attention(x, ctx) is not None and self._native_ffn(x) \
+            and self.ffn.spec.routing == "moefy" and self.ffn.shared is None
 
     def ride(self, x: torch.Tensor, ctx) -> torch.Tensor:
         """The block on rows whose first is the token's slow row and whose others ride with it (``can_ride`` must

@@ -254,6 +254,12 @@ class MoEDecode(Strategy):
         self.fast_seconds = 0.0
         self.riding = self.acc is not None and self._ride_setup(state)
 
+    @staticmethod
+    def _targets(i: int, L: int, R: int) -> list[int]:
+        """The slow layers fast layer i's state predicts (it approximates the slow state at depth R * (i + 1)): R*i+1
+        .. R*(i+1), those still ahead of the slow stream."""
+        return [j for j in range(R * i + 1, R * (i + 1) + 1) if i < j < L]
+
     def _ride_setup(self, state) -> bool:
         """The fast row rides in the slow row's kernel calls where every layer it visits can (``MoEBlock.can_ride``):
         a cache of two batch rows, the slow token's in row 0 and the fast row's in row 1, whose slots before the
@@ -304,7 +310,7 @@ class MoEDecode(Strategy):
             t0 = time.perf_counter()
             f = y[1:2] + self.acc.adapters[i](xx[1:2])
             xx = torch.cat([y[:1], f], 0)
-            self.policy.after_fast(prov, i, [j for j in range(R * i + 1, R * (i + 1) + 1) if i < j < L], f)
+            self.policy.after_fast(prov, i, self._targets(i, L, R), f)
             self.fast_seconds += time.perf_counter() - t0
         x = xx[:1]
         for i in range(F_, L):
@@ -332,8 +338,7 @@ class MoEDecode(Strategy):
             if i < F_:
                 t0 = time.perf_counter()
                 f = self._fast_layer(m, i, f, ctx, state.cache, t)
-                targets = [j for j in range(R * i + 1, R * (i + 1) + 1) if i < j < L]
-                self.policy.after_fast(prov, i, targets, f)
+                self.policy.after_fast(prov, i, self._targets(i, L, R), f)
                 self.fast_seconds += time.perf_counter() - t0
         return x
 
