@@ -97,7 +97,8 @@ class Recovery(nn.Module):
 def _add_args(p: argparse.ArgumentParser) -> None:
     from ..options import int_at_least
     from ..training.loop import add_run_args
-    add_run_args(p, out="runs/moe-recovered", steps=300, warmup_steps=20, lr=2e-3, checkpoint_every=10)
+    add_run_args(p, out="runs/moe-recovered", steps=300, warmup_steps=20, lr=2e-3, checkpoint_every=10,
+                 draft_vocab=False)
     p.add_argument("--moe", required=True, help="the MoEfication to recover (a `m2r2 moefy --out` directory)")
     p.add_argument("--rank", type=int_at_least("--rank", 1), default=16)
     p.add_argument("--top-k", type=int_at_least("--top-k", 1), default=None,
@@ -149,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
         lr=lambda s: lr_at(s, sched),
         state=("deltas", lambda m: {k: v.detach().clone() for k, v in m.deltas().items()}, load_deltas),
         postfix=lambda st: {"kl": f"{st['kl']:.3f}", "agree": f"{st['agree']:.2f}"},
-        desc="recover moe", ignore=("draft_vocab",))
+        desc="recover moe")
     if hfacc.is_main_process:
         art.lora = {k: v.detach().to(torch.float16).contiguous() for k, v in rec.deltas().items()}
         art.spec = dataclasses.replace(art.spec, top_k=top_k)

@@ -135,11 +135,10 @@ def accelerate_step(hfacc, module, opt, params, batch: tuple, lr: float, max_gra
 
 
 def distill_run(args, run: Run, hfacc, step_module, opt, params, records: list, *, batch: Callable,
-                lr: Callable[[int], float], state: tuple, postfix: Callable[[dict], dict], desc: str,
-                ignore: tuple[str, ...] = ()) -> dict:
+                lr: Callable[[int], float], state: tuple, postfix: Callable[[dict], dict], desc: str) -> dict:
     """The resumable step loop of a self-distillation trainer with one trainable module (the EAGLE head, the MoE
     recovery's deltas), options from ``add_run_args``. The run's settings (``args`` less output, threads, progress,
-    cadence, stop, ``ignore``) must match a checkpoint it resumes; ``state`` = (checkpoint key, the trainable state
+    cadence, stop) must match a checkpoint it resumes; ``state`` = (checkpoint key, the trainable state
     of the unwrapped module, a function loading that state) restores the module before Accelerate wraps it;
     ``batch(step, rank, world)`` -> (ids, valid) is this process's share of a step's batch, ``lr(step)`` its learning
     rate; ``postfix(stats)`` the progress bar's. Returns the training record an artifact keeps: command, settings,
@@ -149,7 +148,7 @@ def distill_run(args, run: Run, hfacc, step_module, opt, params, records: list, 
     from ..provenance import command_line
     key, save_state, load_state = state
     identity = {k: v for k, v in vars(args).items()
-                if k not in ("out", "threads", "no_progress", "checkpoint_every", "stop_at", *ignore)}
+                if k not in ("out", "threads", "no_progress", "checkpoint_every", "stop_at")}
     step, tokens, wall_before = 0, 0, 0.0
     ck = run.checkpoint()
     if ck is not None:
@@ -193,10 +192,12 @@ def distill_run(args, run: Run, hfacc, step_module, opt, params, records: list, 
             "processes": world, "last_log": last}
 
 
-def add_run_args(p, *, out: str, steps: int, warmup_steps: int, lr: float, checkpoint_every: int) -> None:
-    """The options the self-distillation trainers of the peers share (``m2r2.training.peers``, ``.eagle``): data,
-    output, the adapters' batches and schedule (``m2r2.training.adapters.batch_indices`` / ``make_batch``), the draft
-    vocabulary, checkpoints and stopping, threads, progress."""
+def add_run_args(p, *, out: str, steps: int, warmup_steps: int, lr: float, checkpoint_every: int,
+                 draft_vocab: bool = True) -> None:
+    """The options the self-distillation trainers share (``m2r2.training.peers``, ``.eagle``, ``m2r2.moe.recover``):
+    data, output, the adapters' batches and schedule (``m2r2.training.adapters.batch_indices`` / ``make_batch``), the
+    draft vocabulary (``draft_vocab``: for trainers whose artifact reads out over one), checkpoints and stopping,
+    threads, progress."""
     from ..options import float_in, int_at_least
     p.add_argument("--data", required=True, help="self-distillation data directory (from `m2r2 data`)")
     p.add_argument("--out", default=out)
@@ -206,7 +207,8 @@ def add_run_args(p, *, out: str, steps: int, warmup_steps: int, lr: float, check
     p.add_argument("--max-len", type=int_at_least("--max-len", 2), default=320)
     p.add_argument("--lr", type=float_in("--lr", 0, lo_open=True), default=lr)
     p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
-    p.add_argument("--draft-vocab", type=int_at_least("--draft-vocab", 1), default=4096)
+    if draft_vocab:
+        p.add_argument("--draft-vocab", type=int_at_least("--draft-vocab", 1), default=4096)
     p.add_argument("--checkpoint-every", type=int_at_least("--checkpoint-every", 1), default=checkpoint_every)
     p.add_argument("--stop-at", type=int_at_least("--stop-at", 0), default=None,
                    help="end the run at this step and export (the schedule still spans --steps)")
