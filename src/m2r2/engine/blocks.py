@@ -233,6 +233,16 @@ def dequantize(raw: np.ndarray, fmt) -> np.ndarray:
     return out.reshape(rows, cols)
 
 
+def quantize(w: np.ndarray, fmt) -> np.ndarray:
+    """float32 ``w`` (rows, cols) -> uint8 (rows, bytes_per_row) in block format ``fmt`` (a ``BLOCK_FORMATS`` name), as
+    the gguf package quantizes (for weights m2r2 derives itself: the EAGLE head's layer, MoE experts)."""
+    import gguf
+    name = _format(fmt)
+    if name not in BLOCK_FORMATS:
+        raise ValueError(f"quantize: {name} is not a block format")
+    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType[name])
+
+
 def dequantize_rows(raw: np.ndarray, fmt, rows_idx) -> np.ndarray:
     """``dequantize(raw, fmt)[rows_idx]`` reading only the selected rows (an embedding gather): float32
     (len(rows_idx), cols)."""

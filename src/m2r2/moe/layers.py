@@ -92,11 +92,10 @@ def quantize_expert(buf: torch.Tensor, spec: MoESpec) -> torch.Tensor:
     Q4_1): ``[gate|up as block rows (2n, D) | down as block rows (n, D)]``: gate and up in the GGUF layout (out rows
     of blocks: the kernel's dot products), down neuron by neuron (each neuron's D outputs in blocks: the kernel adds
     each neuron's row times its activation, kernels/decode.c q_axpy_team)."""
-    import gguf
+    from ..engine.blocks import quantize
     D, n = spec.hidden_size, spec.expert_size
     gu, down = buf[: 2 * D * n].view(D, 2 * n), buf[2 * D * n:].view(n, D)
-    qt = gguf.GGMLQuantizationType[spec.expert_format.upper()]
-    parts = [gguf.quants.quantize(w.contiguous().float().numpy(), qt).reshape(-1) for w in (gu.t(), down)]
+    parts = [quantize(w.float().numpy(), spec.expert_format.upper()).reshape(-1) for w in (gu.t(), down)]
     return torch.from_numpy(np.concatenate(parts)).contiguous()
 
 

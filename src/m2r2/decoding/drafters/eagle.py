@@ -107,14 +107,13 @@ class EagleHead(nn.Module):
         read-out rows are the target's own where it runs from Q8_0 blocks. Drafts only propose, so their rounding
         never changes the output. A no-op without the native kernels."""
         from ...engine import native
+        from ...engine.blocks import quantize
         from ...engine.gguf_weights import BlockWeight
         if not native.available():
             return self
-        import gguf
-        q8 = gguf.GGMLQuantizationType.Q8_0
 
         def blocks(w: torch.Tensor) -> BlockWeight:
-            return BlockWeight([("q8_0", torch.from_numpy(gguf.quants.quantize(w.detach().float().numpy(), q8)))])
+            return BlockWeight([("q8_0", torch.from_numpy(quantize(w.detach().float().numpy(), "Q8_0")))])
 
         blk = self.net.layers[0]
         for n in LINEARS:
