@@ -319,7 +319,7 @@ def main(args: argparse.Namespace) -> int:
                                                     args.calibration_tokens, progress=not args.no_progress)
             calibration["data"] = args.calibration_data
             print(f"m2r2 bench moe: fast routers calibrated: {calibration}", file=sys.stderr)
-        # warm-up (untimed): resident and one budgeted run
+        # warm-up (untimed): one all-resident decode
         run_one(lm, moe, acc, warm, 8, "all-resident", None, None, None, pk)
         records, ref, traces = [], {}, {}
         n_runs = len(prompts) * (1 + sum(len(budgets) * len(names) for _ in mems))
