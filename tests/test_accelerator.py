@@ -372,3 +372,63 @@ def test_moe_recovery_resumes_and_folds_into_the_experts(lm, data_dir, tmp_path,
     with pytest.raises(Exception, match="already recovered"):
         _killed_and_resumed(recover, ["--moe", str(tmp_path / "whole"), "--data", str(data_dir), "--steps", "1",
                                       "--no-progress"], lm, tmp_path / "again", monkeypatch)
+
+
+def _seeing(lm, seed: int = 1) -> Accelerator:
+    """A rate-2 fast stream that sees the slow stream, its adapters and seer perturbed."""
+    acc = _perturbed(Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8, sees_slow=True), seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        acc.seer.up.weight.copy_(torch.randn(acc.seer.up.weight.shape, generator=g) * 0.3)
+    return acc
+
+
+def test_seeing_fast_stream_reads_the_previous_slow_state_in_training_and_inference(lm):
+    """m2r2-eagle's fast stream: position t's input reads the slow final state at t-1, the same in the parallel
+    training pass and the step-by-step inference pass; untrained (seer up = 0) it is the plain fast stream."""
+    T = SEQ.shape[1]
+    plain = Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8, sees_slow=True)
+    with torch.no_grad():
+        slow, cache = slow_trace(lm.model, SEQ)
+        prev = torch.cat([torch.zeros_like(slow[-1][:, :1]), slow[-1][:, :-1]], 1)
+        assert torch.equal(plain.embed(lm.model, SEQ, prev), lm.model.embed(SEQ))
+        acc = _seeing(lm)
+        par = acc.parallel_fast_states(lm.model, SEQ, cache.k, cache.v, prev=prev)
+        blind = acc.parallel_fast_states(lm.model, SEQ, cache.k, cache.v)
+        assert ulps_apart(par[-1], blind[-1]) > FAR  # the seer changes the stream
+        for t in range(T):
+            c = lm.model.new_cache(1, T)
+            lm.model(SEQ, c, torch.arange(T).unsqueeze(0))
+            c.advance(T)
+            c.crop(t)
+            step = acc.fast_forward(lm.model, SEQ[:, t:t + 1], lm.model.context(c, torch.tensor([[t]])),
+                                    prev=prev[:, t:t + 1])
+            assert_close_rel(step[0, 0], par[-1][0, t])
+    # the loss trains the seer too
+    loss, _ = distill_loss(lm.model, acc, SEQ, torch.ones_like(SEQ, dtype=torch.bool))
+    loss.backward()
+    assert acc.seer.up.weight.grad is not None and acc.seer.up.weight.grad.abs().sum() > 0
+
+
+def test_seeing_adapter_trains_from_a_plain_one_and_drafts_losslessly(lm, data_dir, tmp_path):
+    base = dict(data=str(data_dir), rate=2, rank=4, batch_size=3, max_len=24, lr=1e-2, warmup_steps=1)
+    train(TrainConfig(out=str(tmp_path / "plain"), steps=2, **base), lm=lm, progress=False)
+    train(TrainConfig(out=str(tmp_path / "sees"), steps=2, sees_slow=True, init_from=str(tmp_path / "plain"),
+                      **base), lm=lm, progress=False)
+    with pytest.raises(TrainError, match="add --sees-slow"):
+        train(TrainConfig(out=str(tmp_path / "back"), steps=1, init_from=str(tmp_path / "sees"), **base), lm=lm,
+              progress=False)
+    with pytest.raises(TrainError, match="rank"):
+        train(TrainConfig(out=str(tmp_path / "r8"), steps=1, init_from=str(tmp_path / "plain"),
+                          **{**base, "rank": 8}), lm=lm, progress=False)
+    acc = Accelerator.load(tmp_path / "sees", lm.model, lm.source.identity)
+    plain = Accelerator.load(tmp_path / "plain", lm.model, lm.source.identity)
+    assert acc.cfg.sees_slow and acc.seer.up.weight.abs().sum() > 0
+    # the plain adapter's weights moved on from where they started (training continued from them)
+    assert any(not torch.equal(a, b) for (k, a), (_, b) in zip(plain.state_dict().items(), acc.state_dict().items()))
+    prompt = [5, 17, 23, 4, 99, 31, 8]
+    ref = lm.generate(prompt, max_new_tokens=24, strategy="plain")
+    out = lm.generate(prompt, max_new_tokens=24, strategy=lm.strategy("m2r2-eagle", adapter=str(tmp_path / "sees")))
+    assert out.token_ids == ref.token_ids and out.stats.extra["drafted"] > 0
+    with pytest.raises(m2r2.AdapterError, match="does not see the slow stream"):
+        lm.strategy("m2r2-eagle", adapter=str(tmp_path / "plain"))

@@ -3,7 +3,7 @@ options dataclass (its settings, defaults, checks and help) and a factory that b
 loaded model, finding the artifacts trained for it (M2R2 adapters, ARLA routers, Medusa heads, a draft
 model, MoD routers) in the package or at the path given.
 
-Lossless (greedy output identical to ``plain``; ``m2r2.decoding.speculative``): ``m2r2``, ``early-exit``,
+Lossless (greedy output identical to ``plain``; ``m2r2.decoding.speculative``): ``m2r2``, ``m2r2-eagle``, ``early-exit``,
 ``early-exit-adapter``, ``quant-draft``, ``prompt-lookup``, ``lookahead``, ``medusa``, ``eagle``, ``draft-model``.
 Lossy, batch 1 (``m2r2.decoding.early_exit``, ``m2r2.baselines``): ``calm``, ``calm-adapter``,
 ``m2r2-exit``, ``m2r2-exit-conf``, ``skipdecode``, ``mod``.
@@ -26,22 +26,28 @@ from .errors import AdapterError, StrategyError
 # ---------------------------------------------------------------- artifacts for a model
 
 
-def accelerator(host: Host, kind: str, rate: int, path=None):
+def accelerator(host: Host, kind: str, rate: int, path=None, sees_slow: bool | None = False):
     """The M2R2 accelerator (``kind`` "m2r2") or exit adapter ("exit") for ``host``'s model: from ``path`` or
-    the one shipped for this exact model and ``rate``; loaded once per model."""
+    the one shipped for this exact model and ``rate`` (one whose fast stream sees the slow stream when
+    ``sees_slow``; None: either, from ``path``); loaded once per model."""
     from .stream.accelerator import Accelerator, find_shipped
-    key = ("accelerator", kind, rate, None if path is None else str(path))
+    key = ("accelerator", kind, rate, None if path is None else str(path), sees_slow)
     if key not in host.artifacts:
         identity = _identity(host)
         where = path
         if where is None:
-            where = find_shipped(identity, rate, kind)
+            where = find_shipped(identity, rate, kind, bool(sees_slow))
             if where is None:
-                raise AdapterError(f"no {kind} adapter with rate {rate} ships for {host.source.name}; train one "
-                                   f"with `m2r2 data` and `m2r2 train --kind {kind}`, then pass its directory")
+                what = f"{kind} adapter{' that sees the slow stream' if sees_slow else ''} with rate {rate}"
+                flags = f"--kind {kind}{' --sees-slow' if sees_slow else ''}"
+                raise AdapterError(f"no {what} ships for {host.source.name}; train one with `m2r2 data` and "
+                                   f"`m2r2 train {flags}`, then pass its directory")
         acc = Accelerator.load(where, host.model, identity)
         if acc.cfg.kind != kind:
             raise AdapterError(f"{where} holds a {acc.cfg.kind} adapter, not a {kind} one")
+        if sees_slow and not acc.cfg.sees_slow:
+            raise AdapterError(f"{where} holds an adapter whose fast stream does not see the slow stream "
+                               "(train one with `m2r2 train --sees-slow`)")
         host.artifacts[key] = acc
     return host.artifacts[key]
 
@@ -193,7 +199,9 @@ class MoDOptions(Options):
 
 def _stream(kind: str):
     def make(host: Host, o: StreamOptions):
-        acc = accelerator(host, "m2r2" if kind == "m2r2" else "exit", o.rate, o.adapter)
+        # m2r2: the shipped plain fast stream, or any adapter given; m2r2-eagle: one that sees the slow stream
+        sees = True if kind == "m2r2-eagle" else (None if o.adapter else False)
+        acc = accelerator(host, "exit" if kind == "early-exit-adapter" else "m2r2", o.rate, o.adapter, sees)
         host.model.build_weights(o.draft_weights)  # now, not inside a timed generate
         return o.speculative(StreamDrafter(acc, vocab=acc.draft_vocab if o.draft_vocab else None,
                                            stop_below=o.stop_below, name=kind, weights=o.draft_weights))
@@ -263,6 +271,9 @@ def _mod(host: Host, o: MoDOptions):
 register_strategy("m2r2", _stream("m2r2"), StreamOptions, lossless=True,
                   help="self-speculative decoding: drafts from the M2R2 fast stream (shipped adapter for rate, or "
                        "adapter), over its frequent-token draft vocabulary")
+register_strategy("m2r2-eagle", _stream("m2r2-eagle"), StreamOptions, lossless=True,
+                  help="self-speculative decoding from an M2R2 fast stream that also reads the slow stream's final "
+                       "state of the position before (the feature EAGLE drafts from)")
 register_strategy("early-exit", _early_exit, EarlyExitDraftOptions, lossless=True,
                   help="self-speculative decoding drafting with the model's own first depth layers (no adapters)")
 register_strategy("early-exit-adapter", _stream("early-exit-adapter"), StreamOptions, lossless=True,

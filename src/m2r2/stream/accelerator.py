@@ -12,6 +12,12 @@ Design (a reconstruction from the paper's abstract; see docs/METHOD.md):
   fast token writes its K/V into slot t (temporarily; verification overwrites it) and attends to
   slots <= t. In training all positions run in parallel with keys ``[slow K (T) | fast K (T)]`` and a
   mask that is strictly causal over the slow half and diagonal over the fast half.
+* Seeing the slow stream (``sees_slow``, the ``m2r2-eagle`` variant): the fast stream's input at position t also
+  reads the slow stream's final state at t-1, the feature an EAGLE head drafts from:
+  ``f_0 = E(x_t) + S(s_L[t-1])`` with ``S(x) = U act(D rmsnorm(x))`` (U zero-initialised: an untrained seer
+  adds nothing). Training feeds it the slow stream's own states; when drafting, the first draft reads the last
+  verified position's state and later drafts, whose positions have no slow state yet, the fast stream's own final
+  state at the previous draft (trained to point the same way: the alignment loss on the final norm).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class AcceleratorConfig:
     output_scale: str = "rms"  # "rms": the adapter's output is scaled by its input's RMS; "none": not
     kind: str = "m2r2"  # "m2r2": an adapter beside each of the F fast blocks; "exit": the plain slow stream
     #                     through F blocks plus one exit adapter before the read-out (Kangaroo/DEED-style)
+    sees_slow: bool = False  # the fast stream's input also reads the slow final state of the previous position
     format: int = ADAPTER_FORMAT
     training: dict = field(default_factory=dict)  # what produced it: command, data, steps, wall time
 
@@ -56,6 +63,8 @@ class AcceleratorConfig:
             raise AdapterError(f"kind must be 'm2r2' or 'exit', got {self.kind!r}")
         if self.output_scale not in ("rms", "none"):
             raise AdapterError(f"output_scale must be 'rms' or 'none', got {self.output_scale!r}")
+        if self.sees_slow and self.kind != "m2r2":
+            raise AdapterError("only an m2r2 fast stream can see the slow stream (sees_slow), not an exit adapter")
 
     @property
     def fast_layers(self) -> int:
@@ -105,13 +114,17 @@ class Accelerator(nn.Module):
         n = cfg.fast_layers if cfg.kind == "m2r2" else 1
         self.adapters = nn.ModuleList(Adapter(cfg.hidden_size, cfg.rank, rms_scaled=cfg.output_scale == "rms")
                                       for _ in range(n))
+        # the slow stream's previous final state -> the fast stream's input (``sees_slow``); unscaled: the input it
+        # adds to is an embedding, whose size does not track the deep state's
+        self.seer = Adapter(cfg.hidden_size, cfg.rank, rms_scaled=False) if cfg.sees_slow else None
 
     @classmethod
     def for_model(cls, model: Transformer, identity: str, rate: int = 2, rank: int = 64,
-                  output_scale: str = "rms", kind: str = "m2r2") -> "Accelerator":
+                  output_scale: str = "rms", kind: str = "m2r2", sees_slow: bool = False) -> "Accelerator":
         c = model.cfg
         return cls(AcceleratorConfig(rate=rate, rank=rank, base_identity=identity, base_num_layers=c.num_layers,
-                                     hidden_size=c.hidden_size, output_scale=output_scale, kind=kind))
+                                     hidden_size=c.hidden_size, output_scale=output_scale, kind=kind,
+                                     sees_slow=sees_slow))
 
     @property
     def is_exit(self) -> bool:
@@ -129,12 +142,21 @@ class Accelerator(nn.Module):
         """f_{i+1} = B_i(f_i) + A_i(f_i), with B_i reading/writing the shared cache through ``ctx``."""
         return model.layer(i, f, ctx) + self.adapters[i](f)
 
-    def fast_forward(self, model: Transformer, ids: torch.Tensor, ctx: StepContext, depth: int | None = None,
-                     return_states: bool = False):
-        """Run the fast stream for ids (B, T) through ``depth`` fast layers (default all). Writes the
-        fast K/V into the cache slots of ``ctx`` (temporary: the caller crops or overwrites them)."""
-        depth = self.fast_layers if depth is None else depth
+    def embed(self, model: Transformer, ids: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """The fast stream's input f_0 for ids (B, T): the embedding, plus what the seer makes of ``prev`` (B, T, D),
+        the slow stream's final states at the positions before (``sees_slow``; None: none known, nothing added)."""
         f = model.embed(ids)
+        if self.seer is not None and prev is not None:
+            f = f + self.seer(prev.to(f.dtype))
+        return f
+
+    def fast_forward(self, model: Transformer, ids: torch.Tensor, ctx: StepContext, depth: int | None = None,
+                     return_states: bool = False, prev: torch.Tensor | None = None):
+        """Run the fast stream for ids (B, T) through ``depth`` fast layers (default all). Writes the
+        fast K/V into the cache slots of ``ctx`` (temporary: the caller crops or overwrites them). ``prev``: the
+        final states before each position, for a fast stream that sees the slow one (``embed``)."""
+        depth = self.fast_layers if depth is None else depth
+        f = self.embed(model, ids, prev)
         states = [f]
         for i in range(depth):
             if self.is_exit:  # the slow stream, then the exit adapter at the read-out depth
@@ -150,11 +172,13 @@ class Accelerator(nn.Module):
     # ---- training: all positions in parallel ----
     def parallel_fast_states(self, model: Transformer, ids: torch.Tensor, slow_k: list[torch.Tensor],
                              slow_v: list[torch.Tensor], depth: int | None = None,
-                             slow_states: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                             slow_states: list[torch.Tensor] | None = None,
+                             prev: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Fast states f_0..f_depth (each (B, T, D)) for every position at once.
 
         slow_k[i], slow_v[i]: the slow stream's rotated K/V at block i, (B, KV, T, hd). Query t sees
-        slow keys j < t and its own fast key at t, exactly what step-by-step inference sees.
+        slow keys j < t and its own fast key at t, exactly what step-by-step inference sees. ``prev``: the slow
+        stream's final states before each position (B, T, D), for a fast stream that sees them (``embed``).
         For an exit adapter the states are the slow stream's (``slow_states`` if given) and the exit
         adapter applied at depth F."""
         depth = self.fast_layers if depth is None else depth
@@ -172,7 +196,7 @@ class Accelerator(nn.Module):
         strict = pos.view(1, -1) < pos.view(-1, 1)  # (T, T): slow key j visible to query t iff j < t
         diag = torch.eye(T, dtype=torch.bool, device=ids.device)
         mask = torch.cat([strict, diag], dim=1).view(1, 1, T, 2 * T)
-        f = model.embed(ids)
+        f = self.embed(model, ids, prev)
         states = [f]
         for i in range(depth):
             blk = model.layers[i]
@@ -270,7 +294,11 @@ def distill_loss(model: Transformer, acc: Accelerator, ids: torch.Tensor, mask: 
         teacher_logp = torch.log_softmax(model.head(slow[-1][sel]), -1)  # (N, V)
         teacher_p = teacher_logp.exp()
         teacher_top = teacher_logp.argmax(-1)
-    fast = acc.parallel_fast_states(model, ids, cache.k, cache.v, slow_states=slow)
+    prev = None
+    if acc.seer is not None:  # position t reads the slow final state at t-1 (nothing before the first)
+        last = slow[-1]
+        prev = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], 1)
+    fast = acc.parallel_fast_states(model, ids, cache.k, cache.v, slow_states=slow, prev=prev)
     aligned = range(1, F_ + 1) if not acc.is_exit else (F_,)  # an exit adapter only changes depth F
     align = torch.stack([(1 - F.cosine_similarity(model.norm(fast[l][sel]), norm_targets[l - 1], dim=-1)).mean()
                          for l in aligned])
@@ -303,6 +331,8 @@ def shipped_dir() -> Path:
     return shipped_roots()[0]
 
 
-def find_shipped(identity: str, rate: int, kind: str = "m2r2") -> Path | None:
-    """The adapter of ``kind`` shipped inside the package for this base model and rate, if any."""
-    return find_artifact(identity, kind, where=lambda raw: raw.get("rate") == rate)
+def find_shipped(identity: str, rate: int, kind: str = "m2r2", sees_slow: bool = False) -> Path | None:
+    """The adapter of ``kind`` shipped inside the package for this base model and rate (one that sees the slow
+    stream, or one that does not), if any."""
+    return find_artifact(identity, kind,
+                         where=lambda raw: raw.get("rate") == rate and bool(raw.get("sees_slow")) == sees_slow)

@@ -44,6 +44,8 @@ class TrainConfig:
     rank: int = 128
     output_scale: str = "rms"  # adapter output scaled by its input's RMS ("rms") or not ("none")
     kind: str = "m2r2"  # "m2r2" (fast stream) or "exit" (one exit adapter at depth ceil(L/R): a peer)
+    sees_slow: bool = False  # the fast stream also reads the slow stream's previous final state (m2r2-eagle)
+    init_from: str | None = None  # start from this trained adapter's weights (same rate, rank, kind)
     draft_vocab: int = 4096  # size of the frequent-token draft vocabulary written beside the adapter
     steps: int = 500
     batch_size: int = 4  # sequences per global batch
@@ -68,6 +70,8 @@ class TrainConfig:
             raise TrainError(f"--lr must be > 0, got {self.lr}")
         if self.kind not in ("m2r2", "exit"):
             raise TrainError(f"--kind must be m2r2 or exit, got {self.kind!r}")
+        if self.sees_slow and self.kind != "m2r2":
+            raise TrainError("--sees-slow needs --kind m2r2")
         if self.rate not in (2, 3, 4):
             raise TrainError(f"--rate must be 2, 3 or 4, got {self.rate}")
         self.kl_layers = tuple(int(x) for x in self.kl_layers)
@@ -131,6 +135,22 @@ class _Distill(nn.Module):
         return distill_loss(self.backbone, self.acc, ids, valid, self.weights)
 
 
+def init_from(acc: M2R2Accelerator, path: str, model, identity: str) -> None:
+    """Start ``acc`` from the trained adapter in ``path`` (the same base model, rate, rank, kind and output scale):
+    every weight it has; a seer it lacks starts untrained (adding nothing), so a fast stream that sees the slow one
+    can continue a plain one's training."""
+    src = M2R2Accelerator.load(path, model, identity)
+    a, b = src.cfg, acc.cfg
+    if (a.rate, a.rank, a.kind, a.output_scale) != (b.rate, b.rank, b.kind, b.output_scale):
+        raise TrainError(f"--init-from {path}: rate {a.rate}, rank {a.rank}, kind {a.kind}, output scale "
+                         f"{a.output_scale}; this run has {b.rate}, {b.rank}, {b.kind}, {b.output_scale}")
+    if a.sees_slow and not b.sees_slow:
+        raise TrainError(f"--init-from {path}: that adapter sees the slow stream; add --sees-slow")
+    missing, unexpected = acc.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("seer.") for k in missing):  # (the same settings: the same names)
+        raise TrainError(f"--init-from {path}: its weights do not match this run's ({(missing + unexpected)[:3]})")
+
+
 def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) adapters as ``cfg`` says; writes ``cfg.out``/adapter.{safetensors,json}.
     ``stop_after`` ends this call after that many steps (as if interrupted; tests use it)."""
@@ -152,7 +172,10 @@ def train(cfg: TrainConfig, lm=None, progress: bool = True, stop_after: int | No
 
     torch.manual_seed(cfg.seed)
     acc = M2R2Accelerator.for_model(model, lm.source.identity, rate=cfg.rate, rank=cfg.rank,
-                                         output_scale=cfg.output_scale, kind=cfg.kind).to(hfacc.device)
+                                    output_scale=cfg.output_scale, kind=cfg.kind,
+                                    sees_slow=cfg.sees_slow).to(hfacc.device)
+    if cfg.init_from:
+        init_from(acc, cfg.init_from, model, lm.source.identity)
     F_ = acc.fast_layers
     bad = [l for l in cfg.kl_layers if not 1 <= l <= F_]
     if bad:
@@ -244,6 +267,12 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=("m2r2", "exit"), default=d.kind,
                    help="m2r2: accelerator adapters (default); exit: one exit adapter at depth ceil(L/R) on the "
                         "unchanged model (the Kangaroo/DEED-style peer, same data and budget)")
+    p.add_argument("--sees-slow", action="store_true",
+                   help="the fast stream's input also reads the slow stream's final state at the previous position "
+                        "(the m2r2-eagle variant)")
+    p.add_argument("--init-from", default=None,
+                   help="start from this trained adapter directory (same rate, rank, kind; a seer it lacks starts "
+                        "untrained)")
     p.add_argument("--output-scale", choices=("rms", "none"), default=d.output_scale,
                    help=f"scale each adapter's output by its input's RMS (default: {d.output_scale})")
     p.add_argument("--kl-layers", type=int_list("--kl-layers", 1), default=(),

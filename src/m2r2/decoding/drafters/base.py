@@ -52,6 +52,34 @@ class Drafter:
         return 0.0
 
 
+class FinalStates:
+    """The model's final hidden states (before the final norm) by position, for drafters that draft from them
+    (EAGLE, the fast stream that sees the slow one): filled from the prompt's prefill (``DecodeState.prefill_states``)
+    and from every verification forward (``forward``, a drafter's ``verify_forward``). A slot holds the state of
+    whatever was last verified there; the drafter reads only committed positions."""
+
+    def __init__(self, state: DecodeState, hidden: int):
+        self.x = torch.zeros(state.batch, state.cache.max_len, hidden)
+        x, a = state.prefill_states, state.prefill_start
+        if x is None:  # a caller that kept no prefill states: known from the first verification on
+            a = int(state.cache.lengths.min())
+        else:
+            self.x[:, a:a + x.shape[1]] = x
+        self.start = a  # states known from this position on
+
+    def forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The verification forward (``Drafter.verify_forward``), keeping the final states of its rows."""
+        x = state.model.hidden(ids, state.cache, positions)
+        self.x[torch.arange(state.batch).view(-1, 1), positions] = x
+        return state.model.head(x)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The states at ``positions`` (B, T) -> (B, T, D); zeros where none is known (before ``start``)."""
+        pos = positions.clamp_min(0)
+        out = self.x[torch.arange(self.x.shape[0]).view(-1, 1), pos]
+        return torch.where((positions >= self.start).unsqueeze(-1), out, torch.zeros(()))
+
+
 def layer_bytes(model: Transformer) -> int:
     """Float32 bytes of one decoder block's weights."""
     return sum(p.numel() for p in model.layers[0].parameters()) * 4

@@ -37,7 +37,7 @@ from ...artifacts import load_artifact, save_artifact
 from ...engine.model import Linear, Transformer
 from ...errors import AdapterError
 from ..loop import DecodeState
-from .base import Draft, Drafter, pick_draft, scatter_full
+from .base import Draft, Drafter, FinalStates, pick_draft, scatter_full
 
 STEM = "eagle"
 LINEARS = ("qkv", "o", "gate_up", "down")
@@ -246,14 +246,10 @@ class EagleDrafter(Drafter):
     def setup(self, state: DecodeState) -> None:
         B, D = state.batch, self.head.fc.out_features
         self.cache = self.head.new_cache(B, state.cache.max_len)
-        self.feats = torch.zeros(B, state.cache.max_len, D)  # the target's features by position
-        x, a = state.prefill_states, state.prefill_start
-        if x is None:  # a caller that kept no prefill states: start from what the first verification gives
-            a = int(state.cache.lengths.min())
-        else:
-            self.feats[:, a:a + x.shape[1]] = x
-        self.start = a  # features known from this position on
-        self.valid = torch.full((B,), a, dtype=torch.long)  # the head's cache holds target-feature entries [start, valid)
+        self.feats = FinalStates(state, D)  # the target's features by position
+        self.start = self.feats.start  # features known from this position on
+        # the head's cache holds target-feature entries [start, valid)
+        self.valid = torch.full((B,), self.start, dtype=torch.long)
         self.calls = 0
 
     def stats(self) -> dict:
@@ -271,9 +267,7 @@ class EagleDrafter(Drafter):
 
     def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The verification forward, keeping the target's features of its rows for the next draft."""
-        x = state.model.hidden(ids, state.cache, positions)
-        self.feats[torch.arange(state.batch).view(-1, 1), positions] = x
-        return state.model.head(x)
+        return self.feats.forward(state, ids, positions)
 
     def draft(self, state: DecodeState, gamma: int) -> Draft:
         B, head, s = state.batch, self.head, state.sampling
@@ -287,7 +281,7 @@ class EagleDrafter(Drafter):
             for j in range(T):
                 p = int(pos[b, j]) + 1
                 nxt[b, j] = seq[p] if p < len(seq) else state.pending[b]
-        f = self.feats[torch.arange(B).view(-1, 1), pos]
+        f = self.feats.x[torch.arange(B).view(-1, 1), pos]
         drafts, qs = [], []
         with torch.inference_mode():
             h = head.features(f, nxt, self.cache, pos)[:, -1:]  # the predicted feature at position n

@@ -8,7 +8,7 @@ from ...engine import weights as _weights
 from ...engine.model import Transformer
 from ...stream.accelerator import Accelerator
 from ..loop import DecodeState
-from .base import Draft, Drafter, DraftHead, layer_bytes
+from .base import Draft, Drafter, DraftHead, FinalStates, layer_bytes
 
 
 class StreamDrafter(Drafter):
@@ -18,7 +18,9 @@ class StreamDrafter(Drafter):
     ``stop_below``: stop drafting when every row's top draft probability is below it. ``weights``: run the
     model's linear layers from their "fp16" or "int8" copies while drafting (``Linear.build_lowp``): 1/2 or
     1/4 of the bytes per draft token. Drafts read and write the shared cache; the verification forward
-    rewrites every drafted slot with the verifier's own K/V, so the cache stays exact."""
+    rewrites every drafted slot with the verifier's own K/V, so the cache stays exact. A fast stream that sees the
+    slow one (``Accelerator.seer``) keeps the verification's final states: the first draft reads the state at the
+    position before the pending token, each later one the fast stream's own final state of the draft before."""
 
     def __init__(self, accelerator: Accelerator | None = None, depth: int | None = None,
                  vocab: torch.Tensor | None = None, stop_below: float = 0.0, name: str | None = None,
@@ -42,14 +44,24 @@ class StreamDrafter(Drafter):
             self._head = DraftHead(state.model, self.vocab)
         state.model.build_weights(self.weights)  # if ``lm.strategy`` has not already
         self.calls = 0
+        self.finals = FinalStates(state, state.model.cfg.hidden_size) if self._sees else None
+
+    @property
+    def _sees(self) -> bool:
+        return self.acc is not None and self.acc.seer is not None
+
+    def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.finals is None:
+            return super().verify_forward(state, ids, positions)
+        return self.finals.forward(state, ids, positions)
 
     def stats(self) -> dict:
         return {"draft_calls": self.calls, "draft_depth": self.depth, "draft_vocab": self._head.size,
                 "draft_weights": self.weights}
 
-    def _hidden(self, model: Transformer, tok: torch.Tensor, ctx) -> torch.Tensor:
+    def _hidden(self, model: Transformer, tok: torch.Tensor, ctx, prev: torch.Tensor | None = None) -> torch.Tensor:
         if self.acc is not None:
-            return self.acc.fast_forward(model, tok, ctx, depth=self.depth)
+            return self.acc.fast_forward(model, tok, ctx, depth=self.depth, prev=prev)
         x = model.embed(tok)
         for i in range(self.depth):
             x = model.layer(i, x, ctx)
@@ -72,9 +84,13 @@ class StreamDrafter(Drafter):
         n = state.cache.lengths
         tok = state.pending
         drafts, qs = [], []
+        prev = self.finals.at((n - 1).view(-1, 1)) if self.finals is not None else None  # (B, 1, D)
         for j in range(gamma):
             ctx = model.context(state.cache, (n + j).view(-1, 1))
-            logits = head.logits(self._hidden(model, tok.view(-1, 1), ctx)[:, 0])  # (B, K)
+            h = self._hidden(model, tok.view(-1, 1), ctx, prev)
+            if prev is not None:
+                prev = h
+            logits = head.logits(h[:, 0])  # (B, K)
             self.calls += 1
             tok, q = head.pick(logits, s, state.generator)
             if q is None:
