@@ -268,22 +268,28 @@ def test_spec_command_end_to_end(bench_dir, bench_lm, tmp_path, capsys, monkeypa
     parser = argparse.ArgumentParser()
     add_spec(parser.add_subparsers(dest="bench_cmd", required=True))
     args = parser.parse_args(["spec", "--model", str(bench_dir), "--prompt-ids", str(ids), "--max-new-tokens", "24",
-                              "--threads", "1", "--arms", "m2r2,m2r2-r3,early-exit,quant-draft,prompt-lookup",
+                              "--threads", "1", "--arms", "m2r2,m2r2-tree,m2r2-r3,early-exit,quant-draft,prompt-lookup",
                               "--adapter", str(tmp_path / "adapter"), "--per-category", "1",
                               "--out", "spec", "--out-dir", str(tmp_path), "--no-progress", "--bandwidth-mb", "8"])
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "spec.json").read_text())
     assert doc["meta"]["n_prompts"] == 2  # one per category
-    assert doc["meta"]["arms"] == ["m2r2-plain", "m2r2", "early-exit", "quant-draft", "prompt-lookup"]
+    assert doc["meta"]["arms"] == ["m2r2-plain", "m2r2", "m2r2-tree", "early-exit", "quant-draft", "prompt-lookup"]
     assert "m2r2-r3" in doc["meta"]["skipped_arms"]  # no rate-3 adapter for this model
-    for arm in ("m2r2", "early-exit", "quant-draft", "prompt-lookup"):
+    for arm in ("m2r2", "m2r2-tree", "early-exit", "quant-draft", "prompt-lookup"):
         assert doc["summary"]["arms"][arm]["equality"]["identical"] == 2
         spec = doc["summary"]["speculative"][arm]["all"]
         assert spec["verify_steps"] > 0 and spec["tokens_per_verify"] >= 1
+        # the cost model: tokens per verification over the step's drafting + verifying time
+        assert spec["cost_model_speedup"] == pytest.approx(spec["tokens_per_verify"] / spec["step_cost"])
+    tree, chain = (doc["summary"]["speculative"][a]["all"] for a in ("m2r2-tree", "m2r2"))
+    assert tree["nodes_per_verify"] > tree["drafts_per_verify"]  # leaves beside the chain
+    assert chain["nodes_per_verify"] == pytest.approx(chain["drafts_per_verify"])
     assert doc["summary"]["speculative"]["prompt-lookup"]["draft_cost_bytes"] == 0.0
     assert 0 < doc["summary"]["speculative"]["early-exit"]["draft_cost_bytes"] < 1
     assert doc["summary"]["speculative"]["quant-draft"]["draft_cost_bytes"] == pytest.approx(0.25)  # int8: all layers
-    assert "Speculative decoding" in (tmp_path / "spec.md").read_text()
+    md = (tmp_path / "spec.md").read_text()
+    assert "Speculative decoding" in md and "cost model" in md
 
 
 def test_exit_command_end_to_end(bench_dir, bench_lm, tmp_path):

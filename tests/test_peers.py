@@ -61,6 +61,12 @@ def _eagle(lm, vocab=None, scale: float = 0.02) -> EagleHead:
     return head.eval().requires_grad_(False)
 
 
+def _branched(drafter, branch: int):
+    """The drafter proposing trees: ``branch`` candidates per depth."""
+    drafter.branch = branch
+    return drafter
+
+
 DRAFTERS = {
     "lookahead": lambda lm, tmp: LookaheadDrafter(window=4, ngram=4),
     "lookahead-small": lambda lm, tmp: LookaheadDrafter(window=2, ngram=2),
@@ -69,6 +75,7 @@ DRAFTERS = {
     "eagle": lambda lm, tmp: EagleDrafter(_eagle(lm)),
     "eagle-subvocab": lambda lm, tmp: EagleDrafter(_eagle(lm, torch.arange(0, 256, 2))),
     "eagle-q8": lambda lm, tmp: EagleDrafter(_eagle(lm).quantize(lm.model)),  # as shipped heads draft
+    "eagle-tree": lambda lm, tmp: _branched(EagleDrafter(_eagle(lm)), 3),
     "draft-model": lambda lm, tmp: DraftModelDrafter(_draft(lm, tmp)),
     "draft-model-subvocab": lambda lm, tmp: DraftModelDrafter(_draft(lm, tmp), vocab=torch.arange(0, 200)),
 }
@@ -128,6 +135,7 @@ SAMPLERS = {
     "draft-model": lambda lm, tmp: DraftModelDrafter(_draft(lm, tmp, scale=0.2)),
     "eagle": lambda lm, tmp: EagleDrafter(_eagle(lm, scale=0.3)),
     "int8-draft": lambda lm, tmp: StreamDrafter(None, depth=lm.config.num_layers, weights="int8"),
+    "int8-draft-tree": lambda lm, tmp: _branched(StreamDrafter(None, depth=lm.config.num_layers, weights="int8"), 2),
 }
 
 

@@ -220,3 +220,148 @@ def test_draft_head_over_a_subset_equals_the_full_head_restricted(lm):
     h = torch.randn(2, lm.config.hidden_size)
     full = lm.model.head(h)[:, vocab]
     assert_close_rel(DraftHead(lm.model, vocab).logits(h), full)
+
+
+# ---- draft trees: one forward over a tree mask, cache compaction, identity, the sampled joint law ----
+
+from m2r2.decoding.speculative import verify_tree  # noqa: E402
+from m2r2.engine import native  # noqa: E402
+from m2r2.engine.cache import TreeMask  # noqa: E402
+
+TREE = [-1, 0, 1, -1, 0, 3, -1, 4]  # draft i's parent (-1: the pending token): depth 3, 8 nodes, leaves off the chain
+
+
+def _path(parents: list[int], i: int) -> list[int]:
+    """Draft i's path from the pending token: the draft indices on it, root side first."""
+    out = []
+    while i >= 0:
+        out.append(i)
+        i = parents[i]
+    return out[::-1]
+
+
+def _prefilled(lm, prompt: list[int], room: int = 32):
+    c = lm.model.new_cache(1, len(prompt) + room)
+    lm.model(torch.tensor([prompt]), c, torch.arange(len(prompt)).view(1, -1))
+    c.advance(len(prompt))
+    return c
+
+
+@pytest.mark.parametrize("kernels", ["native", "pytorch"])
+def test_tree_mask_equals_sequential_decoding_of_each_branch(lm, kernels):
+    """Every node's logits from one tree forward equal those of decoding its own path as a plain sequence (by the
+    relative bound: a different number of rows may sum in another order), and its K/V land in its slot."""
+    if kernels == "native" and not native.available():
+        pytest.skip("no native kernels here")
+    prompt, pending = PROMPTS[2], 77
+    g = torch.Generator().manual_seed(5)
+    drafts = torch.randint(0, lm.model.cfg.vocab_size, (1, len(TREE)), generator=g)
+    with torch.no_grad(), (native.disabled() if kernels == "pytorch" else torch.enable_grad()):
+        c = _prefilled(lm, prompt)
+        n = c.lengths.clone()
+        tree = TreeMask(TREE, n)
+        logits = lm.model(torch.cat([torch.tensor([[pending]]), drafts], 1), c, tree.slots, tree=tree)[0]
+        for node in range(len(TREE) + 1):
+            path = _path(TREE, node - 1)
+            seq = torch.tensor([[pending] + drafts[0, path].tolist()])
+            c2 = _prefilled(lm, prompt)
+            ref = lm.model(seq, c2, n.view(1, 1) + torch.arange(seq.shape[1]))[0, -1]
+            assert_close_rel(logits[node], ref)
+            slot = int(n) + node  # the node's own K/V: what the sequence wrote at its last position
+            for layer in (0, len(c.k) - 1):
+                assert_close_rel(c.k[layer][0, :, slot], c2.k[layer][0, :, int(n) + len(path)])
+
+
+def test_tree_compaction_leaves_the_accepted_path_in_consecutive_slots(lm):
+    """Greedy verification of a tree whose accepted path ends in a leaf (the main chain is wrong at depth 2, a leaf
+    there is right): the path is found, and after compaction the cache's slots n .. n+2 hold the K/V a plain forward
+    of the committed tokens writes there."""
+    from m2r2.decoding.drafters.base import Drafter
+    prompt = PROMPTS[0]
+    out, _ = decode(lm.model, [prompt], max_new_tokens=4)
+    pending, plain = out[0][0], out[0][1:]  # the model's own continuation after the pending token
+    V = lm.model.cfg.vocab_size
+    drafts = torch.tensor([[plain[0], (plain[1] + 1) % V, 3, plain[1]]])
+    parents = [-1, 0, 1, 0]  # chain 0 -> 1 -> 2, and draft 3 a leaf under draft 0
+    with torch.no_grad():
+        c = _prefilled(lm, prompt)
+        n = c.lengths.clone()
+        tree = TreeMask(parents, n)
+        logits = lm.model(torch.cat([torch.tensor([[pending]]), drafts], 1), c, tree.slots, tree=tree)
+        acc, nxt, paths = verify_tree(logits, Draft(drafts, None, parents), SamplingConfig())
+        assert paths == [[0, 3]] and int(acc[0]) == 2 and int(nxt[0]) == plain[2]
+        state = type("State", (), {"cache": c})()
+        spec = Speculative(Drafter())
+        spec._compact(state, paths, n, None)
+        ref = _prefilled(lm, prompt)
+        lm.model(torch.tensor([[pending, plain[0], plain[1]]]), ref, n.view(1, 1) + torch.arange(3))
+        k = int(n)
+        for layer in range(len(c.k)):
+            assert_close_rel(c.k[layer][0, :, k:k + 3], ref.k[layer][0, :, k:k + 3])
+            assert_close_rel(c.v[layer][0, :, k:k + 3], ref.v[layer][0, :, k:k + 3])
+
+
+@pytest.mark.parametrize("branch,gamma", [(2, 3), (4, 2)])
+def test_greedy_tree_speculation_equals_plain(lm, branch, gamma):
+    acc = _acc(lm, 0.3)
+    for p in PROMPTS:
+        plain, _ = decode(lm.model, [p], max_new_tokens=96)
+        drafter = StreamDrafter(acc)
+        drafter.branch = branch
+        spec, st = decode(lm.model, [p], max_new_tokens=96, strategy=Speculative(drafter, gamma=gamma))
+        assert spec == plain
+        assert st.extra["tree_steps"] > 0 and st.extra["draft_nodes"] > st.extra["drafted"]
+    # a ragged batch of trees
+    drafter = StreamDrafter(acc)
+    drafter.branch = branch
+    spec, st = decode(lm.model, PROMPTS, max_new_tokens=96, strategy=Speculative(drafter, gamma=gamma))
+    assert spec == [decode(lm.model, [p], max_new_tokens=96)[0][0] for p in PROMPTS]
+
+
+def test_tree_verification_keeps_the_model_joint_law():
+    """A depth-2 tree of independent samples (3 candidates for the first token, 2 under each of the first two) from
+    proposal tables q, verified against a model's conditional tables p: the first two tokens emitted follow
+    p(x1) p(x2 | x1) (chi-square-sized bound over 30,000 trials); leaves are accepted on the way."""
+    V = 4
+    g = torch.Generator().manual_seed(11)
+    p1 = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    p2 = torch.softmax(torch.randn(V, V, generator=g) * 1.5, -1)  # p(x2 | x1)
+    q1 = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q2 = torch.softmax(torch.randn(V, V, generator=g), -1)
+    parents = [-1, 0, -1, -1, 2, 0, 2]  # depth-1 nodes 0, 2, 3; depth-2: 1, 5 under 0 and 4, 6 under 2
+    n = 30000
+    d1 = torch.multinomial(q1, 3 * n, replacement=True, generator=g).view(n, 3)  # nodes 0, 2, 3
+    tokens = torch.zeros(n, len(parents), dtype=torch.long)
+    tokens[:, 0], tokens[:, 2], tokens[:, 3] = d1[:, 0], d1[:, 1], d1[:, 2]
+    for a, kids in ((0, (1, 5)), (2, (4, 6))):
+        for k in kids:
+            tokens[:, k] = torch.multinomial(q2[tokens[:, a]], 1, generator=g)[:, 0]
+    q = torch.zeros(n, len(parents), V)
+    for i, par in enumerate(parents):
+        q[:, i] = q1 if par < 0 else q2[tokens[:, par]]
+    logits = torch.zeros(n, len(parents) + 1, V)
+    logits[:, 0] = p1.log()
+    for i in range(len(parents)):  # the model's next-token law after node i's path
+        path = _path(parents, i)
+        logits[:, i + 1] = p2[tokens[:, i]].log() if len(path) == 1 else p1.log()  # (depth-2 rows: unused below)
+    acc, nxt, paths = verify_tree(logits, Draft(tokens, q, parents), S, torch.Generator().manual_seed(12))
+    out = []
+    for b in range(n):
+        seq = tokens[b, paths[b]].tolist() + [int(nxt[b])]
+        if len(seq) == 1:  # the next step's own sample from the model
+            seq.append(int(torch.multinomial(p2[seq[0]], 1, generator=g)))
+        out.append(seq[0] * V + seq[1])
+    freq = torch.bincount(torch.tensor(out), minlength=V * V).double() / n
+    want = (p1.view(-1, 1) * p2).reshape(-1).double()
+    assert (freq - want).abs().max() < 4 * (want * (1 - want) / n).sqrt().max() + 1e-3
+    assert any(pth and pth[0] in (2, 3) for pth in paths)  # candidates after the first were accepted too
+    assert any(len(pth) == 2 for pth in paths)
+
+
+def test_tree_options_and_limits(lm):
+    with pytest.raises(ValueError, match="at most"):
+        TreeMask(list(range(-1, 70)), torch.tensor([0]))
+    with pytest.raises(ValueError, match="come before"):
+        TreeMask([-1, 2, 0], torch.tensor([0]))
+    with pytest.raises(m2r2.StrategyError, match="chains only"):
+        lm.strategy("prompt-lookup", branch=2)

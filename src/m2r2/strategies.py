@@ -21,6 +21,7 @@ from .decoding.early_exit import ConfidenceRule, EarlyExit
 from .decoding.registry import Host, Options, option, register_strategy
 from .decoding.speculative import Speculative
 from .engine import weights
+from .engine.cache import TreeMask
 from .errors import AdapterError, StrategyError
 
 # ---------------------------------------------------------------- artifacts for a model
@@ -98,11 +99,21 @@ class SpeculativeOptions(Options):
     gamma: int = option(4, "initial draft length (adapts between 1 and max_gamma)", min=1)
     max_gamma: int | None = option(None, "longest draft (default: max(8, gamma))", min=1)
     adaptive: bool = option(True, "grow / shrink the draft length with acceptance")
+    branch: int = option(1, "candidates per draft depth: > 1 verifies a draft tree (the main chain plus the drafter's "
+                            "next guesses at each depth as leaves) in one forward; drafters that propose trees only",
+                         min=1, max=8)
 
     def speculative(self, drafter, min_max_gamma: int = 0) -> Speculative:
         top = max(8, self.gamma) if self.max_gamma is None else self.max_gamma
         if self.gamma > top:
             raise StrategyError(f"gamma ({self.gamma}) must be <= max_gamma ({top})")
+        if self.branch > 1:
+            if not drafter.trees:
+                raise StrategyError(f"branch {self.branch}: the {drafter.name} drafter proposes chains only (branch 1)")
+            if max(top, min_max_gamma) * self.branch >= TreeMask.MAX_NODES:
+                raise StrategyError(f"branch {self.branch} x max_gamma {top} drafts exceed a tree's "
+                                    f"{TreeMask.MAX_NODES - 1}")
+            drafter.branch = self.branch
         return Speculative(drafter, gamma=self.gamma, max_gamma=max(top, min_max_gamma), adaptive=self.adaptive)
 
 

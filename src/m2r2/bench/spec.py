@@ -47,6 +47,12 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
     # default of one draft to start (adapting), not the benchmark's --gamma
     "eagle": ("eagle", {"gamma": 1}),
     "draft-model": ("draft-model", {}),  # 4 layers of the target, LoRA-distilled, its own KV cache
+    # draft trees: the main chain plus the drafter's 2 next guesses at each depth as leaves, one verification
+    "eagle-tree": ("eagle", {"gamma": 1, "branch": 3}),
+    "m2r2-tree": ("m2r2", {"rate": 2, "branch": 3}),
+    # the fast stream that also reads the slow stream's previous final state (chains, and trees)
+    "m2r2-eagle": ("m2r2-eagle", {"rate": 2}),
+    "m2r2-eagle-tree": ("m2r2-eagle", {"rate": 2, "branch": 3}),
 }
 EXTERNAL_ARMS = ("hf-pld", "hf-assist", "llamacpp")
 ARM_NAMES = (*M2R2_ARMS, *EXTERNAL_ARMS)
@@ -186,6 +192,13 @@ def speculative_summary(records: list[dict], categories: list[str]) -> dict:
             out["draft_cost_measured"] = dsec / calls / plain_token_seconds
         if steps and plain_token_seconds:
             out["verify_cost_measured"] = vsec / steps / plain_token_seconds
+            # the cost model: a verification step yields tokens_per_verify tokens for (drafting + verifying) time, in
+            # plain decode steps; what the speedup would be with nothing else (prefill, Python between steps) counted
+            out["step_cost"] = (dsec + vsec) / steps / plain_token_seconds
+            out["cost_model_speedup"] = out["tokens_per_verify"] / out["step_cost"] if out["step_cost"] else None
+        if steps:
+            out["drafts_per_verify"] = calls / steps
+            out["nodes_per_verify"] = sum(s.get("draft_nodes", 0) for s in st) / steps
         return out
 
     summary = {}
@@ -226,7 +239,7 @@ def make_arms(names: list[str], args: argparse.Namespace, n_ctx: int) -> list[Ar
                   "temperature": args.temperature}
         if n in M2R2_ARMS:
             strat, opts = M2R2_ARMS[n]
-            if args.adapter and n in ("m2r2", "m2r2-full-vocab", "m2r2-confstop"):
+            if args.adapter and n in ("m2r2", "m2r2-full-vocab", "m2r2-confstop", "m2r2-tree"):
                 opts = {**opts, "adapter": args.adapter}
             # m2r2's strategies share one worker and one loaded model (one engine; a model copy for each of
             # up to 15 arms would not fit in memory); external engines get a worker each

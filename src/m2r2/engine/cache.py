@@ -58,6 +58,14 @@ class KVCache:
         """Commit ``counts`` newly written tokens per row."""
         self.lengths = self.lengths + torch.as_tensor(counts, dtype=torch.long, device=self.lengths.device)
 
+    def move(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the K/V of slot ``src[i]`` to slot ``dst[i]`` of batch row ``rows[i]``, in every layer (all read before
+        any is written): a verified draft tree's accepted path brought down to consecutive slots."""
+        if rows.numel() == 0:
+            return
+        for t in self.k + self.v:
+            t[rows, :, dst] = t[rows, :, src]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
@@ -103,3 +111,45 @@ class WriteSpec:
         if valid is not None:  # extra key-validity (B, S), e.g. padding inside a row
             mask = mask & valid[:, None, None, : self.span]
         self.mask = mask
+
+
+class TreeMask:
+    """A draft tree verified in one forward (``Transformer.forward(..., tree=)``): node 0 is each row's pending
+    token, node i + 1 is draft i, whose parent is node ``parents[i] + 1`` (-1: the pending token); parents come
+    before their children. The N = len(parents) + 1 nodes of row b occupy cache slots ``start[b] .. start[b] + N - 1``
+    in node order and sit at RoPE position ``start[b] + depth``; each node attends to every slot before ``start[b]``
+    and, among the tree's slots, to its ancestors and itself (``ancestors``: bit j set for node j, at most 64
+    nodes). A chain (parents -1, 0, 1, ...) is the ordinary causal step. After verification ``KVCache.move`` copies
+    the accepted path's K/V down to consecutive slots."""
+
+    MAX_NODES = 64
+
+    def __init__(self, parents: list[int], start: torch.Tensor):
+        N = len(parents) + 1
+        if N > self.MAX_NODES:
+            raise ValueError(f"a draft tree has at most {self.MAX_NODES - 1} drafts, got {N - 1}")
+        depth, anc = [0], [1]
+        for i, p in enumerate(parents):
+            if not -1 <= p < i:
+                raise ValueError(f"draft {i}'s parent {p} does not come before it")
+            depth.append(depth[p + 1] + 1)
+            anc.append(anc[p + 1] | (1 << (i + 1)))
+        self.parents = list(parents)
+        self.depth = torch.tensor(depth)
+        # bit 63 as the int64 sign bit: the kernel reads the same 64 bits unsigned
+        self.ancestors = torch.tensor([a - (1 << 64) if a >= 1 << 63 else a for a in anc], dtype=torch.int64)
+        self.start = start.to(torch.long)
+        self.slots = self.start.view(-1, 1) + torch.arange(N)  # (B, N)
+        self.rope_positions = self.start.view(-1, 1) + self.depth  # (B, N)
+
+    def visible(self, span: int) -> torch.Tensor:
+        """(B, 1, N, span) bool: which key slots each node's query sees."""
+        N = len(self.parents) + 1
+        keys = torch.arange(span)
+        rel = keys.view(1, 1, -1) - self.start.view(-1, 1, 1)  # (B, 1, S): slot relative to the tree's first
+        bits = torch.arange(N).view(-1, 1)  # node j's own bit
+        anc_bits = ((self.ancestors.view(-1, 1) >> bits.view(1, -1)) & 1).bool()  # (N, N): node t sees node j
+        inside = (rel >= 0) & (rel < N)
+        seen = anc_bits[:, rel.clamp(0, N - 1)]  # (N, B, 1, S) -> reorder
+        seen = seen.permute(1, 2, 0, 3)[:, 0]  # (B, N, S)
+        return ((rel < 0) | (inside & seen)).unsqueeze(1)

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import native, weights
 from .weights import FORMATS, FP32, lowp_available  # noqa: F401  (lowp_available: re-exported)
-from .cache import KVCache, WriteSpec
+from .cache import KVCache, TreeMask, WriteSpec
 from .config import ModelConfig
 
 _MATERIALIZE = threading.Lock()  # one thread dequantises a layer's float32 weight (Linear.float_weight)
@@ -303,7 +303,13 @@ class StepContext:
     in a format whose kernels take any number of rows, the GGUF blocks)."""
 
     def __init__(self, model: "Transformer", cache: KVCache, positions: torch.Tensor,
-                 rope_positions: torch.Tensor | None = None, mask: torch.Tensor | None = None, prompt: bool = False):
+                 rope_positions: torch.Tensor | None = None, mask: torch.Tensor | None = None, prompt: bool = False,
+                 tree: TreeMask | None = None):
+        if tree is not None:  # a draft tree: its slots, its depths' RoPE rows, its mask (which the kernels take too)
+            if mask is not None or rope_positions is not None:
+                raise ValueError("a draft tree brings its own mask and RoPE positions")
+            positions, rope_positions = tree.slots, tree.rope_positions
+            mask = tree.visible(int(positions.max()) + 1)
         self.cache = cache
         self.positions = positions
         self.write = WriteSpec(positions, cache.max_len)
@@ -318,10 +324,12 @@ class StepContext:
         # ``fmt.prefill()`` (Transformer.hidden) instead of the native decode-step kernels
         self.prefill = fmt if prompt and mask is None and fmt.prefill_rows \
             and positions.shape[-1] >= fmt.prefill_rows else None
-        self.native = mask is None and rows_ok and self.prefill is None and type(cache) is KVCache \
-            and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" and native.available()
-        self.causal_mask = self.write.mask if mask is None else None
-        self.native_rows = native.rows_of(positions) if self.native else None
+        self.native = (mask is None or tree is not None) and rows_ok and self.prefill is None \
+            and type(cache) is KVCache and cache.k[0].dtype == torch.float32 and cache.k[0].device.type == "cpu" \
+            and native.available()
+        # the mask the native kernels compute: the cache's causal rule, or a draft tree's
+        self.causal_mask = self.write.mask if mask is None or tree is not None else None
+        self.native_rows = native.rows_of(positions, tree) if self.native else None
 
 
 class Transformer(nn.Module):
@@ -476,8 +484,8 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
     def context(self, cache: KVCache, positions: torch.Tensor, rope_positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, prompt: bool = False) -> StepContext:
-        return StepContext(self, cache, positions, rope_positions, mask, prompt)
+                mask: torch.Tensor | None = None, prompt: bool = False, tree: TreeMask | None = None) -> StepContext:
+        return StepContext(self, cache, positions, rope_positions, mask, prompt, tree)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.cfg
@@ -490,18 +498,20 @@ class Transformer(nn.Module):
         return w.dtype if w.is_floating_point() else torch.float32
 
     def forward(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, tree: TreeMask | None = None) -> torch.Tensor:
         """Full-depth forward of ids (B, T) at ``positions`` (B, T); returns logits (B, T, V)
-        (or (B, 1, V) of the last position when ``last_only``). Writes K/V; does not commit lengths."""
-        x = self.hidden(ids, cache, positions)
+        (or (B, 1, V) of the last position when ``last_only``). Writes K/V; does not commit lengths. ``tree``: the
+        T tokens are a draft tree's nodes (its slots and positions replace ``positions``; see ``TreeMask``)."""
+        x = self.hidden(ids, cache, positions, tree=tree)
         if last_only:
             x = x[:, -1:]
         return self.head(x)
 
-    def hidden(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor, prompt: bool = False) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor, prompt: bool = False,
+               tree: TreeMask | None = None) -> torch.Tensor:
         """The full-depth forward of ``forward`` up to the final states (B, T, D), before norm and head. ``prompt``: a
-        prefill (its rows may be computed together in any order: see ``StepContext``)."""
-        ctx = self.context(cache, positions, prompt=prompt)
+        prefill (its rows may be computed together in any order: see ``StepContext``); ``tree``: a draft tree."""
+        ctx = self.context(cache, positions, prompt=prompt, tree=tree)
         x = self.embed(ids)
         fmt = self._native_stack(x, ctx)
         if fmt is not None:  # every block native in one format: the whole stack in one C call

@@ -113,9 +113,9 @@ def _build() -> ctypes.CDLL:
     P, I = ctypes.c_void_p, ctypes.c_int
     lib.m2r2_gemv.argtypes = [P, I, P, I, P, P, P, I, I, I]
     lib.m2r2_gemv.restype = None
-    lib.m2r2_block.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, P, P, I, P, I]
+    lib.m2r2_block.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, P, P, P, P, I, P, I]
     lib.m2r2_block.restype = None
-    lib.m2r2_blocks.argtypes = [I, P, P, P, I, P, P, P, P, P, P, I, P, I]
+    lib.m2r2_blocks.argtypes = [I, P, P, P, I, P, P, P, P, P, P, P, P, I, P, I]
     lib.m2r2_blocks.restype = None
     lib.m2r2_block_scratch.argtypes = [ctypes.POINTER(Dims), I, I, I]
     lib.m2r2_block_scratch.restype = ctypes.c_long
@@ -123,8 +123,8 @@ def _build() -> ctypes.CDLL:
     lib.m2r2_qgemv.restype = None
     lib.m2r2_qdequant.argtypes = [P, I, I, I, P, I]
     lib.m2r2_qdequant.restype = None
-    lib.m2r2_moe_attention.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, P, P, I,
-                                       P, P, I, P, P, P, I]
+    lib.m2r2_moe_attention.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Weights), P, I, P, P, P, P, P, P, P, P,
+                                       I, P, P, I, P, P, P, I]
     lib.m2r2_moe_attention.restype = None
     lib.m2r2_experts.argtypes = [I, P, P, I, P, I, P, P, P, P, I, I, P, I]
     lib.m2r2_experts.restype = None
@@ -321,7 +321,7 @@ def _attention_args(blk, fmt) -> tuple:
 
 
 def attention(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              rows: tuple[torch.Tensor, torch.Tensor], fmt, router: torch.Tensor,
+              rows: tuple, fmt, router: torch.Tensor,
               router_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An MoE block's first half (``block``'s arguments, for a block whose FFN is experts): the new states
     x + Attn(input_norm(x)) (B, T, D) with the K/V written to the cache, the FFN input h = post_norm(those states)
@@ -336,7 +336,7 @@ def attention(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     y = x.clone(memory_format=torch.contiguous_format)
     h = torch.empty(n, x.shape[-1], dtype=torch.float32)
     logits = torch.empty(n, E, dtype=torch.float32)
-    lib.m2r2_moe_attention(dims_p, weights_p, y.data_ptr(), n, rows[0].data_ptr(), rows[1].data_ptr(),
+    lib.m2r2_moe_attention(dims_p, weights_p, y.data_ptr(), n, *_row_ptrs(rows),
                            cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), max_len, router.data_ptr(),
                            None if router_b is None else router_b.data_ptr(), E, h.data_ptr(), logits.data_ptr(),
                            buf.data_ptr(), threads)
@@ -363,15 +363,24 @@ def experts(h: torch.Tensor, weights: list[tuple[int, int]], kind: int, sel: tor
     return out
 
 
-def rows_of(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (batch row, position) of every token row of a (B, T) step, as the int32 arrays ``block`` takes."""
+def rows_of(positions: torch.Tensor, tree=None) -> tuple:
+    """The (batch row, cache slot) of every token row of a (B, T) step, as the int32 arrays ``block`` takes, and for a
+    draft tree (an ``m2r2.engine.cache.TreeMask``) each row's first tree slot (int32) and ancestor bits (64-bit);
+    None, None under the plain causal rule."""
     B, T = positions.shape
-    return (torch.arange(B, dtype=torch.int32).repeat_interleave(T),
-            positions.reshape(-1).to(torch.int32).contiguous())
+    rows = (torch.arange(B, dtype=torch.int32).repeat_interleave(T), positions.reshape(-1).to(torch.int32).contiguous())
+    if tree is None:
+        return (*rows, None, None)
+    return (*rows, tree.start.to(torch.int32).repeat_interleave(T).contiguous(),
+            tree.ancestors.repeat(B).contiguous())
+
+
+def _row_ptrs(rows: tuple) -> list:
+    return [None if t is None else t.data_ptr() for t in rows]
 
 
 def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-          rows: tuple[torch.Tensor, torch.Tensor], fmt) -> torch.Tensor:
+          rows: tuple, fmt) -> torch.Tensor:
     """A (B, T) step (x: (B, T, D) float32; B*T rows, at most a few) through block ``blk`` under the cache's
     causal rule: each token's K/V go into its batch row's slot of the layer's cache tensors k, v (B, KV,
     max_len, hd), and it attends to that row's slots up to its position. ``rows``: ``rows_of(positions)``.
@@ -383,7 +392,7 @@ def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     n, max_len = x.shape[0] * x.shape[1], k.shape[2]
     buf = scratch(lib.m2r2_block_scratch(dims_p, n, max_len, threads))
     y = x.clone(memory_format=torch.contiguous_format)
-    lib.m2r2_block(dims_p, weights_p, y.data_ptr(), n, rows[0].data_ptr(), rows[1].data_ptr(), cos.data_ptr(),
+    lib.m2r2_block(dims_p, weights_p, y.data_ptr(), n, *_row_ptrs(rows), cos.data_ptr(),
                    sin.data_ptr(), k.data_ptr(), v.data_ptr(), max_len, buf.data_ptr(), threads)
     return y
 
@@ -394,7 +403,7 @@ _STACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def blocks(model, x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor,
-           rows: tuple[torch.Tensor, torch.Tensor], fmt) -> torch.Tensor:
+           rows: tuple, fmt) -> torch.Tensor:
     """Every block of ``model`` in turn on a (B, T) step (``block``'s arguments, for all layers: ``cache`` the
     model's KVCache), in one C call and one parallel region: what ``block`` layer by layer computes, bit for bit,
     without a return to Python (and an idle thread team) between blocks. Returns the final states."""
@@ -419,6 +428,6 @@ def blocks(model, x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor,
     rows_n, max_len = x.shape[0] * x.shape[1], cache.k[0].shape[2]
     buf = scratch(lib.m2r2_block_scratch(widest, rows_n, max_len, threads))
     y = x.clone(memory_format=torch.contiguous_format)
-    lib.m2r2_blocks(n, dims, ws, y.data_ptr(), rows_n, rows[0].data_ptr(), rows[1].data_ptr(), cos.data_ptr(),
+    lib.m2r2_blocks(n, dims, ws, y.data_ptr(), rows_n, *_row_ptrs(rows), cos.data_ptr(),
                     sin.data_ptr(), kc, vc, max_len, buf.data_ptr(), threads)
     return y

@@ -20,8 +20,46 @@ from ..loop import DecodeState
 
 @dataclass
 class Draft:
+    """What a drafter proposes after each row's pending token: a chain of g tokens, or (``parents`` given) a tree of g
+    nodes, draft i a child of draft ``parents[i]`` (-1: of the pending token), parents before children, the same
+    shape for every row. Siblings' proposal distributions must be the same one (each sibling an independent sample
+    from it: the verifier's multi-candidate rejection sampling is exact for that), or point masses."""
+
     tokens: torch.Tensor  # (B, g) proposed token ids (g may be 0)
     q: torch.Tensor | None = None  # (B, g, V) proposal distributions; None = deterministic (point masses)
+    parents: list[int] | None = None  # a tree's shape; None: a chain (parents -1, 0, 1, ...)
+
+    @property
+    def depth(self) -> int:
+        """The longest path's number of drafts."""
+        if self.parents is None:
+            return self.tokens.shape[1]
+        depth = []
+        for p in self.parents:
+            depth.append(1 if p < 0 else depth[p] + 1)
+        return max(depth, default=0)
+
+    def chain(self, g: int) -> "Draft":
+        """The first ``g`` drafts of the main chain (a tree built by ``with_leaves`` keeps its chain first)."""
+        tokens = self.tokens[:, :g]
+        if self.parents is not None and self.parents[:g] != list(range(-1, g - 1)):
+            raise ValueError("this tree does not start with its main chain")
+        return Draft(tokens, None if self.q is None else self.q[:, :g])
+
+    @staticmethod
+    def with_leaves(chain: torch.Tensor, q: torch.Tensor | None, leaves: torch.Tensor | None) -> "Draft":
+        """A chain (B, g) and, at each depth d, ``leaves[:, d]`` (B, g, k) other candidates for the same place (the
+        drafter's next guesses there: children of chain draft d-1, leaves of the tree). The chain comes first (so an
+        accepted chain needs no cache compaction), then the leaves depth by depth; a leaf's proposal distribution is
+        its chain sibling's."""
+        if leaves is None or leaves.shape[-1] == 0:
+            return Draft(chain, q)
+        B, g, k = leaves.shape
+        parents = list(range(-1, g - 1)) + [d - 1 for d in range(g) for _ in range(k)]
+        tokens = torch.cat([chain, leaves.reshape(B, g * k)], 1)
+        if q is not None:
+            q = torch.cat([q, q.repeat_interleave(k, 1)], 1)
+        return Draft(tokens, q, parents)
 
 
 class Drafter:
@@ -30,6 +68,8 @@ class Drafter:
 
     name: str = "drafter"
     extra_slots: int = 0  # cache slots its verification forward writes past the drafts (Lookahead's window)
+    branch: int = 1  # candidates per depth a drafter that proposes trees offers (1: a chain; see ``alternatives``)
+    trees: bool = False  # whether it does (``Draft.with_leaves``)
 
     def setup(self, state: DecodeState) -> None:
         """Called once per decode call, after prefill."""
@@ -38,10 +78,15 @@ class Drafter:
         """Up to ``gamma`` (more is cropped) proposed tokens per row after each row's pending token."""
         raise NotImplementedError
 
-    def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, tree=None) -> torch.Tensor:
         """The verification pass: logits (B, g+1, V) of ids (B, g+1) at ``positions`` (the pending token and the
-        drafts), writing their K/V into the shared cache. Default: the full model, nothing else."""
-        return state.model(ids, state.cache, positions)
+        drafts), writing their K/V into the shared cache; ``tree`` (an ``m2r2.engine.cache.TreeMask``, only for a
+        drafter that proposes trees): the drafts are a tree's nodes. Default: the full model, nothing else."""
+        return state.model(ids, state.cache, positions, tree=tree)
+
+    def moved(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """The verifier moved an accepted tree path's cache slots ``src`` to ``dst`` in batch rows ``rows``
+        (``KVCache.move``): a drafter that keeps per-slot state moves it too. Default: nothing kept."""
 
     def stats(self) -> dict:
         """Drafter-specific counters for ``GenerationStats.extra``."""
@@ -67,11 +112,16 @@ class FinalStates:
             self.x[:, a:a + x.shape[1]] = x
         self.start = a  # states known from this position on
 
-    def forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, tree=None) -> torch.Tensor:
         """The verification forward (``Drafter.verify_forward``), keeping the final states of its rows."""
-        x = state.model.hidden(ids, state.cache, positions)
-        self.x[torch.arange(state.batch).view(-1, 1), positions] = x
+        x = state.model.hidden(ids, state.cache, positions, tree=tree)
+        slots = positions if tree is None else tree.slots
+        self.x[torch.arange(state.batch).view(-1, 1), slots] = x
         return state.model.head(x)
+
+    def move(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """``Drafter.moved``: the states follow the accepted path's K/V."""
+        self.x[rows, dst] = self.x[rows, src]
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         """The states at ``positions`` (B, T) -> (B, T, D); zeros where none is known (before ``start``)."""
@@ -89,6 +139,18 @@ def forward_bytes(model: Transformer) -> int:
     """Float32 weight bytes one full forward reads: every block and the LM head."""
     c = model.cfg
     return layer_bytes(model) * c.num_layers + c.vocab_size * c.hidden_size * 4
+
+
+def alternatives(logits: torch.Tensor, q: torch.Tensor | None, k: int, vocab: torch.Tensor | None,
+                 generator) -> torch.Tensor:
+    """``k`` more candidates per row (B, k) for the place ``pick_draft`` just drafted from ``logits`` (B, K): under
+    greedy decoding the next ``k`` most likely tokens, else ``k`` more independent samples from q (what the
+    verifier's multi-candidate rejection sampling needs to stay exact)."""
+    if q is None:
+        idx = logits.topk(k + 1, -1).indices[:, 1:]
+    else:
+        idx = torch.multinomial(q, k, replacement=True, generator=generator)
+    return idx if vocab is None else vocab[idx]
 
 
 def pick_draft(logits: torch.Tensor, vocab: torch.Tensor | None, sampling, generator

@@ -37,7 +37,7 @@ from ...artifacts import load_artifact, save_artifact
 from ...engine.model import Linear, Transformer
 from ...errors import AdapterError
 from ..loop import DecodeState
-from .base import Draft, Drafter, FinalStates, pick_draft, scatter_full
+from .base import Draft, Drafter, FinalStates, alternatives, pick_draft, scatter_full
 
 STEM = "eagle"
 LINEARS = ("qkv", "o", "gate_up", "down")
@@ -265,9 +265,14 @@ class EagleDrafter(Drafter):
         blk = net.layers[0]
         return sum(size(getattr(blk, n)) for n in LINEARS) + size(net.lm_head) + 4 * self.head.fc.weight.numel()
 
-    def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    trees = True  # with ``branch`` > 1, each depth's next guesses become leaves of a draft tree
+
+    def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, tree=None) -> torch.Tensor:
         """The verification forward, keeping the target's features of its rows for the next draft."""
-        return self.feats.forward(state, ids, positions)
+        return self.feats.forward(state, ids, positions, tree)
+
+    def moved(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.feats.move(rows, src, dst)
 
     def draft(self, state: DecodeState, gamma: int) -> Draft:
         B, head, s = state.batch, self.head, state.sampling
@@ -282,11 +287,14 @@ class EagleDrafter(Drafter):
                 p = int(pos[b, j]) + 1
                 nxt[b, j] = seq[p] if p < len(seq) else state.pending[b]
         f = self.feats.x[torch.arange(B).view(-1, 1), pos]
-        drafts, qs = [], []
+        drafts, qs, leaves = [], [], []
         with torch.inference_mode():
             h = head.features(f, nxt, self.cache, pos)[:, -1:]  # the predicted feature at position n
             for j in range(gamma):
-                tok, q = pick_draft(head.logits(h[:, 0]), head.vocab, s, state.generator)
+                logits = head.logits(h[:, 0])
+                tok, q = pick_draft(logits, head.vocab, s, state.generator)
+                if self.branch > 1:
+                    leaves.append(alternatives(logits, q, self.branch - 1, head.vocab, state.generator))
                 self.calls += 1
                 if q is not None:
                     qs.append(scatter_full(q, head.vocab, state.model.cfg.vocab_size))
@@ -294,4 +302,5 @@ class EagleDrafter(Drafter):
                 if j + 1 < gamma:  # entry n + j: (predicted f_{n+j}, draft j+1)
                     h = head.features(h, tok.view(-1, 1), self.cache, (n + j).view(-1, 1))
         self.valid = n.clone()
-        return Draft(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None)
+        return Draft.with_leaves(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None,
+                                 torch.stack(leaves, 1) if leaves else None)

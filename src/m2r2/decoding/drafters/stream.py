@@ -8,7 +8,7 @@ from ...engine import weights as _weights
 from ...engine.model import Transformer
 from ...stream.accelerator import Accelerator
 from ..loop import DecodeState
-from .base import Draft, Drafter, DraftHead, FinalStates, layer_bytes
+from .base import Draft, Drafter, DraftHead, FinalStates, alternatives, layer_bytes
 
 
 class StreamDrafter(Drafter):
@@ -50,10 +50,16 @@ class StreamDrafter(Drafter):
     def _sees(self) -> bool:
         return self.acc is not None and self.acc.seer is not None
 
-    def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    trees = True  # with ``branch`` > 1, each depth's next guesses become leaves of a draft tree
+
+    def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, tree=None) -> torch.Tensor:
         if self.finals is None:
-            return super().verify_forward(state, ids, positions)
-        return self.finals.forward(state, ids, positions)
+            return super().verify_forward(state, ids, positions, tree)
+        return self.finals.forward(state, ids, positions, tree)
+
+    def moved(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if self.finals is not None:
+            self.finals.move(rows, src, dst)
 
     def stats(self) -> dict:
         return {"draft_calls": self.calls, "draft_depth": self.depth, "draft_vocab": self._head.size,
@@ -83,7 +89,7 @@ class StreamDrafter(Drafter):
         model, s, head = state.model, state.sampling, self._head
         n = state.cache.lengths
         tok = state.pending
-        drafts, qs = [], []
+        drafts, qs, leaves = [], [], []
         prev = self.finals.at((n - 1).view(-1, 1)) if self.finals is not None else None  # (B, 1, D)
         for j in range(gamma):
             ctx = model.context(state.cache, (n + j).view(-1, 1))
@@ -93,6 +99,8 @@ class StreamDrafter(Drafter):
             logits = head.logits(h[:, 0])  # (B, K)
             self.calls += 1
             tok, q = head.pick(logits, s, state.generator)
+            if self.branch > 1:
+                leaves.append(alternatives(logits, q, self.branch - 1, head.vocab, state.generator))
             if q is None:
                 conf = torch.softmax(logits, -1).max(-1).values if self.stop_below > 0 else None
             else:
@@ -101,4 +109,5 @@ class StreamDrafter(Drafter):
             drafts.append(tok)
             if self.stop_below > 0 and bool((conf < self.stop_below).all()):
                 break
-        return Draft(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None)
+        return Draft.with_leaves(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None,
+                                 torch.stack(leaves, 1) if leaves else None)

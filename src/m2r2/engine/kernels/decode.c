@@ -248,7 +248,10 @@ long m2r2_block_scratch(const m2r2_dims *d, int T, int max_len, int threads) {
  * consecutive tokens of one sequence (a verification) and one token of each of T sequences (a batched
  * decode step, ragged or not) are the same call. cos and sin are the rows' RoPE rows (T, head_dim; sin
  * sign-folded so that rot(v) = v*cos + roll(v, hd/2)*sin). Every row's K/V is written before any row
- * attends, so rows of one sequence see each other's new slots whatever their order. */
+ * attends, so rows of one sequence see each other's new slots whatever their order. A draft tree (tree_anc not
+ * NULL): row t still sees every slot below tree_base[t], but of the slots tree_base[t] .. row_pos[t] only those
+ * whose bit (slot - tree_base[t]) is set in tree_anc[t] (its ancestors and itself; at most 64 tree slots); its
+ * RoPE rows are those of its depth in the tree, not of its slot. */
 /* T rows of [gate | up] (2I floats each) -> silu(gate) * up, packed as T rows of I floats at the start of gu (what a
  * down projection reads). Inside a parallel region (every thread calls it); ends at a barrier. */
 static void swiglu_team(float *gu, int T, int I) {
@@ -266,7 +269,8 @@ static void swiglu_team(float *gu, int T, int I) {
 
 /* The body of m2r2_block, run by every thread of an enclosing parallel region (ends at a barrier) */
 static void block_team(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const int *row_b,
-                       const int *row_pos, const float *cos, const float *sin, float *kcache, float *vcache,
+                       const int *row_pos, const int *tree_base, const unsigned long long *tree_anc,
+                       const float *cos, const float *sin, float *kcache, float *vcache,
                        int max_len, float *scratch, int threads) {
     const int D = d->hidden, H = d->heads, KV = d->kv_heads, hd = d->head_dim, I = d->inter;
     const int nq = H * hd, nkv = KV * hd, nqkv = nq + 2 * nkv, half_hd = hd / 2, group = H / KV;
@@ -306,7 +310,14 @@ static void block_team(const m2r2_dims *d, const m2r2_weights *w, float *x, int 
             const float *K = kcache + base, *V = vcache + base;
             float *o = att + (size_t)t * nq + (size_t)head * hd;
             float m = -INFINITY;
+            /* a draft tree: slots from tree_base[t] on are visible only where the row's ancestor bits say */
+            const int tb = tree_anc ? tree_base[t] : S;
+            const unsigned long long anc = tree_anc ? tree_anc[t] : 0;
             for (int j = 0; j < S; j++) {
+                if (j >= tb && !((anc >> (j - tb)) & 1ULL)) {
+                    s[j] = -INFINITY;
+                    continue;
+                }
                 s[j] = dot(q, K + (size_t)j * hd, hd) * d->scale;
                 if (s[j] > m)
                     m = s[j];
@@ -345,21 +356,22 @@ static void block_team(const m2r2_dims *d, const m2r2_weights *w, float *x, int 
 }
 
 void m2r2_block(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const int *row_b, const int *row_pos,
-                const float *cos, const float *sin, float *kcache, float *vcache, int max_len, float *scratch,
-                int threads) {
+                const int *tree_base, const unsigned long long *tree_anc, const float *cos, const float *sin,
+                float *kcache, float *vcache, int max_len, float *scratch, int threads) {
 #pragma omp parallel num_threads(threads)
-    block_team(d, w, x, T, row_b, row_pos, cos, sin, kcache, vcache, max_len, scratch, threads);
+    block_team(d, w, x, T, row_b, row_pos, tree_base, tree_anc, cos, sin, kcache, vcache, max_len, scratch, threads);
 }
 
 /* n blocks one after another (a full-depth step), in one parallel region: block l with d[l], w[l] and its
  * cache tensors kc[l], vc[l]; the threads go from one block to the next without leaving the region. Each block
  * computes exactly what m2r2_block computes. scratch: m2r2_block_scratch of the widest block. */
 void m2r2_blocks(int n, const m2r2_dims *const *d, const m2r2_weights *const *w, float *x, int T, const int *row_b,
-                 const int *row_pos, const float *cos, const float *sin, float *const *kc, float *const *vc,
-                 int max_len, float *scratch, int threads) {
+                 const int *row_pos, const int *tree_base, const unsigned long long *tree_anc, const float *cos,
+                 const float *sin, float *const *kc, float *const *vc, int max_len, float *scratch, int threads) {
 #pragma omp parallel num_threads(threads)
     for (int l = 0; l < n; l++)
-        block_team(d[l], w[l], x, T, row_b, row_pos, cos, sin, kc[l], vc[l], max_len, scratch, threads);
+        block_team(d[l], w[l], x, T, row_b, row_pos, tree_base, tree_anc, cos, sin, kc[l], vc[l], max_len, scratch,
+                   threads);
 }
 
 
@@ -484,14 +496,16 @@ void m2r2_experts(int nsel, const void *const *gu, const void *const *down, int 
  * the FFN's input h = post_norm(x) (T, D) and its router's logits (T, E) = h @ router + router_b, router float32
  * (D, E) row-major: everything before the experts, whose choice (top-k of the logits) is the caller's. */
 void m2r2_moe_attention(const m2r2_dims *d, const m2r2_weights *w, float *x, int T, const int *row_b,
-                        const int *row_pos, const float *cos, const float *sin, float *kcache, float *vcache,
+                        const int *row_pos, const int *tree_base, const unsigned long long *tree_anc,
+                        const float *cos, const float *sin, float *kcache, float *vcache,
                         int max_len, const float *router, const float *router_b, int E, float *h_out,
                         float *logits, float *scratch, int threads) {
     const int D = d->hidden, nqkv = (d->heads + 2 * d->kv_heads) * d->head_dim;
     float *part = scratch + (size_t)T * (D + nqkv + (size_t)d->heads * d->head_dim);  /* block_team's part */
 #pragma omp parallel num_threads(threads)
     {
-        block_team(d, w, x, T, row_b, row_pos, cos, sin, kcache, vcache, max_len, scratch, threads);
+        block_team(d, w, x, T, row_b, row_pos, tree_base, tree_anc, cos, sin, kcache, vcache, max_len, scratch,
+                   threads);
 #pragma omp barrier
         gemv_team(scratch, T, router, KIND_F32, router_b, logits, part, D, E);
 #pragma omp single

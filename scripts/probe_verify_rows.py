@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""What one more verification row costs, against what it must cost on this machine.
+
+On the embedded model at a fixed cache position (median of repeated calls, threads pinned), for T = 1..9 rows of
+one sequence (the pending token and T - 1 drafts: a verification, chain or tree): the block stack (one native call),
+the LM head, and the whole forward; and the floors of an extra row: its multiply-adds (every linear weight and the
+head, once per row) at the machine's measured float32 multiply-add rate (``native.fma_rate``). The weights stream
+once per call whatever T is, so an extra row's floor is compute, not memory.
+
+    python scripts/probe_verify_rows.py --threads 2
+
+Writes benchmarks/results/verify-rows.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import m2r2
+from m2r2.engine import native
+from m2r2.engine.model import Linear
+from m2r2.provenance import command_line, machine_info, measure_bandwidth, pin_threads, run_end, run_start
+
+
+def median_ms(fn, calls: int, rounds: int = 5) -> float:
+    for _ in range(5):
+        fn()
+    per_round = []
+    for _ in range(rounds):
+        ts = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        per_round.append(statistics.median(ts))
+    return 1e3 * statistics.median(per_round)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--position", type=int, default=160, help="cache position of the first measured row")
+    ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--rows", default="1,2,3,4,5,7,9")
+    ap.add_argument("--out", default="benchmarks/results/verify-rows.json")
+    args = ap.parse_args()
+    pin_threads(args.threads)
+    start = run_start()
+    lm = m2r2.load(threads=args.threads)
+    model = lm.model
+    n = args.position
+    rows = [int(r) for r in args.rows.split(",")]
+    cache = model.new_cache(1, n + max(rows) + 1)
+    res: dict = {"command": command_line(), "position": n, "threads": args.threads, "weights": model.weights,
+                 "native_kernels": native.available(), "start": start}
+    with torch.inference_mode():
+        model(torch.randint(100, 10000, (1, n)), cache, torch.arange(n).view(1, -1))
+        cache.advance(n)
+        per = {}
+        for T in rows:
+            ids, pos = torch.full((1, T), 5), (n + torch.arange(T)).view(1, -1)
+            h = model.hidden(ids, cache, pos)
+            per[T] = {"forward_ms": median_ms(lambda: model(ids, cache, pos), args.calls),
+                      "blocks_ms": median_ms(lambda: model.hidden(ids, cache, pos), args.calls),
+                      "head_ms": median_ms(lambda: model.head(h), args.calls)}
+    res["rows"] = per
+    macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear))
+    rate = native.fma_rate(args.threads) if native.available() else None
+    res["macs_per_row"] = macs
+    res["fma_rate_per_s"] = rate
+    res["extra_row_floor_ms"] = None if rate is None else 1e3 * macs / rate
+    one = per[rows[0]]["forward_ms"]
+    res["extra_row_ms"] = {T: (v["forward_ms"] - one) / (T - rows[0]) for T, v in per.items() if T != rows[0]}
+    res["bandwidth_gbps"] = measure_bandwidth()
+    res["end"] = run_end()
+    res["machine"] = machine_info()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"{model.weights} weights, {args.threads} threads, position {n}; an extra row: {macs / 1e6:.0f} M "
+          f"multiply-adds, floor {res['extra_row_floor_ms']:.3f} ms at {rate / 1e9:.0f} G/s")
+    print(f"{'rows':>4} {'forward':>9} {'x 1 row':>8} {'blocks':>8} {'head':>7} {'ms/extra row':>13}")
+    for T, v in per.items():
+        extra = res["extra_row_ms"].get(T)
+        print(f"{T:>4} {v['forward_ms']:>8.3f}m {v['forward_ms'] / one:>8.2f} {v['blocks_ms']:>8.3f} "
+              f"{v['head_ms']:>7.3f} {'' if extra is None else f'{extra:13.3f}'}")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
