@@ -75,12 +75,16 @@ def test_shipped_adapters_load_and_speculative_output_is_plain(embedded_lm):
     names = ["m2r2", "early-exit", "prompt-lookup", "eagle"]  # (eagle: the shipped head, from Q8_0 blocks)
     if find_shipped(embedded_lm.source.identity, 2, "exit") is not None:
         names.append("early-exit-adapter")
+    if find_shipped(embedded_lm.source.identity, 2, sees_slow=True) is not None:
+        names.append("m2r2-eagle")
+    # draft trees from the shipped drafters (the main chain plus 2 leaves per depth)
+    trees = [("eagle", {"branch": 3}), ("m2r2", {"branch": 3})]
     for rec in (prompts[10], prompts[70]):
         ids = embedded_lm.encode(rec.text)
         plain = embedded_lm.generate(ids, max_new_tokens=48).token_ids
-        for name in names:
-            out = embedded_lm.generate(ids, max_new_tokens=48, strategy=name)
-            assert out.token_ids == plain, name
+        for name, opts in [(n, {}) for n in names] + trees:
+            out = embedded_lm.generate(ids, max_new_tokens=48, strategy=embedded_lm.strategy(name, **opts))
+            assert out.token_ids == plain, (name, opts)
             assert out.stats.extra["drafted"] > 0
 
 
