@@ -17,6 +17,14 @@ differs between M2R2 and its peers. One step:
 Draft length adapts: ``gamma`` grows by one after a step where every live row accepted all drafts and
 shrinks by one otherwise, within [1, ``max_gamma``]; drafters may stop early (e.g. when unsure).
 
+Draft trees: a drafter may propose a tree instead of a chain (``Draft.parents``; EAGLE and the stream drafters with
+``branch`` > 1: the main chain plus the drafter's next guesses at each depth as leaves). The tree's nodes occupy the
+slots after the pending token, each at the RoPE position of its depth and attending to the committed cache and its
+own ancestors (``m2r2.engine.cache.TreeMask``, which the native block kernel takes as per-row ancestor bits), so one
+forward verifies every branch; ``verify_tree`` walks the longest path the model agrees with (greedy) or accepts by
+multi-candidate rejection sampling (sampling), and ``_compact`` moves the accepted path's K/V (and whatever the
+drafter keeps per slot) down to consecutive slots. ``gamma`` then counts the tree's depth.
+
 Drafters (``m2r2.decoding.drafters``, one file each, all subclasses of ``drafters.base.Drafter``):
 
 * ``StreamDrafter`` (``drafters/stream.py``): runs the first layers of the model itself for each draft token, either the M2R2 fast

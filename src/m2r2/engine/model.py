@@ -297,7 +297,8 @@ class StepContext:
     """Everything the layers of one forward call share, fixed when it is built: the cache slots written
     (``positions``), the RoPE rows (of ``rope_positions``, default the slots), the attention mask (the cache's
     causal rule, or ``mask`` (B, 1, T, S) with S = max(positions) + 1 for strategies whose rows see other
-    keys: Lookahead's window, early exit's riding rows), the weight format selected in this thread
+    keys: Lookahead's window, early exit's riding rows; or ``tree``, a draft tree's slots, RoPE positions and mask in
+    one, which the native kernels also compute), the weight format selected in this thread
     (``weights``: None, each layer's default; see ``m2r2.engine.weights.using``), and whether the blocks may
     run as native kernels (on CPU under the causal rule: a decode-sized float32 step, or a step of any length
     in a format whose kernels take any number of rows, the GGUF blocks)."""
