@@ -9,7 +9,10 @@ once per call whatever T is, so an extra row's floor is compute, not memory.
 
     python scripts/probe_verify_rows.py --threads 2
 
-Writes benchmarks/results/verify-rows.json and prints a table.
+Writes benchmarks/results/verify-rows.json and prints a table. ``--engine llamacpp`` measures the same shapes in
+llama.cpp (xllamacpp's in-process server, on the same GGUF, in this process alone): a prompt of ``--position``
+tokens is cached, then k new tokens are evaluated in one batch after it (a request of the cached prompt plus k fresh
+random tokens; llama.cpp's own ``prompt_ms`` for those k), for k = ``--rows``; written to verify-rows-llamacpp.json.
 """
 
 from __future__ import annotations
@@ -48,9 +51,13 @@ def main() -> None:
     ap.add_argument("--position", type=int, default=160, help="cache position of the first measured row")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--rows", default="1,2,3,4,5,7,9")
-    ap.add_argument("--out", default="benchmarks/results/verify-rows.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/verify-rows[-llamacpp].json")
+    ap.add_argument("--engine", choices=("m2r2", "llamacpp"), default="m2r2")
     args = ap.parse_args()
     pin_threads(args.threads)
+    if args.engine == "llamacpp":
+        return llamacpp(args)
+    args.out = args.out or "benchmarks/results/verify-rows.json"
     start = run_start()
     lm = m2r2.load(threads=args.threads)
     model = lm.model
@@ -90,6 +97,53 @@ def main() -> None:
         print(f"{T:>4} {v['forward_ms']:>8.3f}m {v['forward_ms'] / one:>8.2f} {v['blocks_ms']:>8.3f} "
               f"{v['head_ms']:>7.3f} {'' if extra is None else f'{extra:13.3f}'}")
     print(f"-> {args.out}")
+
+
+def llamacpp(args) -> None:
+    import random
+
+    import xllamacpp
+    start = run_start()
+    lm = m2r2.load(threads=args.threads)
+    gguf = lm.source.gguf
+    n = args.position
+    rows = [int(r) for r in args.rows.split(",")]
+    p = xllamacpp.CommonParams()
+    p.model.path = str(gguf)
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = args.threads
+    p.n_ctx = 512
+    p.n_parallel = 1
+    p.verbosity = 0
+    server = xllamacpp.Server(p)
+    rng = random.Random(0)
+    prompt = [rng.randrange(100, 10000) for _ in range(n)]
+
+    def batch_ms(k: int) -> float:
+        req = {"prompt": prompt + [rng.randrange(100, 10000) for _ in range(k)], "max_tokens": 1,
+               "temperature": 0.0, "cache_prompt": True, "stream": False}
+        t = server.handle_completions(req)["timings"]
+        if t["prompt_n"] != k:
+            raise RuntimeError(f"llama.cpp evaluated {t['prompt_n']} new tokens, not {k}")
+        return t["prompt_ms"]
+
+    server.handle_completions({"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "cache_prompt": True,
+                               "stream": False})
+    per = {}
+    for k in rows:
+        for _ in range(3):
+            batch_ms(k)
+        per[k] = statistics.median(batch_ms(k) for _ in range(args.calls))
+    res = {"command": command_line(), "engine": "llama.cpp (xllamacpp)", "gguf": gguf.name, "position": n,
+           "threads": args.threads, "start": start, "batch_ms": per,
+           "extra_row_ms": {k: (v - per[rows[0]]) / (k - rows[0]) for k, v in per.items() if k != rows[0]},
+           "bandwidth_gbps": measure_bandwidth(), "end": run_end(), "machine": machine_info()}
+    out = args.out or "benchmarks/results/verify-rows-llamacpp.json"
+    Path(out).write_text(json.dumps(res, indent=1))
+    one = per[rows[0]]
+    print(f"llama.cpp, {args.threads} threads, position {n}")
+    for k, v in per.items():
+        print(f"{k:>4} rows: {v:7.3f} ms  ({v / one:.2f}x one row)")
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

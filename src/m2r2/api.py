@@ -69,8 +69,11 @@ class LM:
 
         * ``plain``: one full forward per token;
         * ``m2r2``: lossless self-speculative decoding, drafts from the M2R2 fast stream (the shipped
-          adapter for ``rate``, or ``adapter``), over its frequent-token draft vocabulary when it has one
-          and ``draft_vocab``; ``draft_weights`` runs the drafts from another weight format;
+          adapter for ``rate``, 4 by default, or ``adapter``), over its frequent-token draft vocabulary when it has
+          one and ``draft_vocab``; ``draft_weights`` runs the drafts from another weight format; ``branch`` > 1
+          verifies draft trees (also for ``eagle`` and ``m2r2-eagle``);
+        * ``m2r2-eagle``: the same, from the R=2 fast stream that also reads the slow stream's final state of the
+          position before;
         * ``early-exit``: the same, drafting with the model's own first ``depth`` layers and no adapters
           (default: as deep as the R=2 fast stream);
         * ``early-exit-adapter``: early-exit drafting through one trained exit adapter (the shipped

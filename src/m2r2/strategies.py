@@ -130,6 +130,14 @@ class StreamOptions(SpeculativeOptions):
 
 
 @dataclass
+class M2R2Options(StreamOptions):
+    # the best M2R2 configuration measured (benchmarks/results/spec-m2r2-configs.md, 80 MT-Bench prompts x 128):
+    # R=4 0.59x plain decoding, R=2 stopping below 0.4 confidence 0.58x, R=3 0.57x, R=2 0.53x; draft trees 0.41x
+    # (spec-trees.md), so chains
+    rate: int = option(4, "rate R of the shipped adapter (its fast stream has ceil(L/R) blocks)", choices=(2, 3, 4))
+
+
+@dataclass
 class EarlyExitDraftOptions(SpeculativeOptions):
     depth: int | None = option(None, "layers a draft runs (default: as deep as the R=2 fast stream)", min=1)
     stop_below: float = option(0.0, "stop drafting when every row's top draft probability is below this", min=0, max=1)
@@ -279,9 +287,9 @@ def _mod(host: Host, o: MoDOptions):
     return MoDSkip(MoDRouters.load(path, _identity(host), host.model.cfg.num_layers), o.skip)
 
 
-register_strategy("m2r2", _stream("m2r2"), StreamOptions, lossless=True,
-                  help="self-speculative decoding: drafts from the M2R2 fast stream (shipped adapter for rate, or "
-                       "adapter), over its frequent-token draft vocabulary")
+register_strategy("m2r2", _stream("m2r2"), M2R2Options, lossless=True,
+                  help="self-speculative decoding: drafts from the M2R2 fast stream (shipped adapter for rate, R=4 by "
+                       "default, the fastest measured; or adapter), over its frequent-token draft vocabulary")
 register_strategy("m2r2-eagle", _stream("m2r2-eagle"), StreamOptions, lossless=True,
                   help="self-speculative decoding from an M2R2 fast stream that also reads the slow stream's final "
                        "state of the position before (the feature EAGLE drafts from)")
