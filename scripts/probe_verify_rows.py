@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,20 +28,7 @@ import m2r2
 from m2r2.engine import native
 from m2r2.engine.model import Linear
 from m2r2.provenance import command_line, machine_info, measure_bandwidth, pin_threads, run_end, run_start
-
-
-def median_ms(fn, calls: int, rounds: int = 5) -> float:
-    for _ in range(5):
-        fn()
-    per_round = []
-    for _ in range(rounds):
-        ts = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        per_round.append(statistics.median(ts))
-    return 1e3 * statistics.median(per_round)
+from probe_decode_cost import median_ms  # (this script's folder is on the path when it runs)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ class StreamDrafter(Drafter):
     slow one (``Accelerator.seer``) keeps the verification's final states: the first draft reads the state at the
     position before the pending token, each later one the fast stream's own final state of the draft before."""
 
+    trees = True  # with ``branch`` > 1, each depth's next guesses become leaves of a draft tree
+
     def __init__(self, accelerator: Accelerator | None = None, depth: int | None = None,
                  vocab: torch.Tensor | None = None, stop_below: float = 0.0, name: str | None = None,
                  weights: str = "fp32"):
@@ -49,8 +51,6 @@ class StreamDrafter(Drafter):
     @property
     def _sees(self) -> bool:
         return self.acc is not None and self.acc.seer is not None
-
-    trees = True  # with ``branch`` > 1, each depth's next guesses become leaves of a draft tree
 
     def verify_forward(self, state: DecodeState, ids: torch.Tensor, positions: torch.Tensor, tree=None) -> torch.Tensor:
         if self.finals is None:
