@@ -301,21 +301,38 @@ def test_tree_compaction_leaves_the_accepted_path_in_consecutive_slots(lm):
             assert_close_rel(c.v[layer][0, :, k:k + 3], ref.v[layer][0, :, k:k + 3])
 
 
-@pytest.mark.parametrize("branch,gamma", [(2, 3), (4, 2)])
-def test_greedy_tree_speculation_equals_plain(lm, branch, gamma):
+@pytest.mark.parametrize("branch,gamma,min_prob", [(2, 3, 0.0), (4, 2, 0.0), (4, 3, 0.02)])
+def test_greedy_tree_speculation_equals_plain(lm, branch, gamma, min_prob):
     acc = _acc(lm, 0.3)
+
+    def drafter():
+        d = StreamDrafter(acc)
+        d.branch, d.leaf_min_prob = branch, min_prob
+        return d
+    nodes = drafted = 0
     for p in PROMPTS:
         plain, _ = decode(lm.model, [p], max_new_tokens=96)
-        drafter = StreamDrafter(acc)
-        drafter.branch = branch
-        spec, st = decode(lm.model, [p], max_new_tokens=96, strategy=Speculative(drafter, gamma=gamma))
+        spec, st = decode(lm.model, [p], max_new_tokens=96, strategy=Speculative(drafter(), gamma=gamma))
         assert spec == plain
-        assert st.extra["tree_steps"] > 0 and st.extra["draft_nodes"] > st.extra["drafted"]
+        assert st.extra["tree_steps"] > 0
+        nodes, drafted = nodes + st.extra["draft_nodes"], drafted + st.extra["drafted"]
+    if min_prob == 0:  # every leaf: (branch - 1) per depth
+        assert nodes == branch * drafted
+    else:  # confidence-gated: some leaves, not all
+        assert drafted < nodes < branch * drafted
     # a ragged batch of trees
-    drafter = StreamDrafter(acc)
-    drafter.branch = branch
-    spec, st = decode(lm.model, PROMPTS, max_new_tokens=96, strategy=Speculative(drafter, gamma=gamma))
+    spec, st = decode(lm.model, PROMPTS, max_new_tokens=96, strategy=Speculative(drafter(), gamma=gamma))
     assert spec == [decode(lm.model, [p], max_new_tokens=96)[0][0] for p in PROMPTS]
+
+
+def test_leaves_are_kept_by_mask_after_the_chain():
+    chain = torch.tensor([[1, 2, 3]])
+    leaves = torch.tensor([[[11, 12], [21, 22], [31, 32]]])
+    keep = torch.tensor([[True, False], [False, False], [True, True]])
+    d = Draft.with_leaves(chain, None, leaves, keep)
+    assert d.tokens.tolist() == [[1, 2, 3, 11, 31, 32]] and d.parents == [-1, 0, 1, -1, 1, 1] and d.depth == 3
+    assert d.chain(2).tokens.tolist() == [[1, 2]] and d.chain(2).parents is None
+    assert Draft.with_leaves(chain, None, leaves, torch.zeros(3, 2, dtype=torch.bool)).parents is None
 
 
 def test_tree_verification_keeps_the_model_joint_law():

@@ -102,6 +102,9 @@ class SpeculativeOptions(Options):
     branch: int = option(1, "candidates per draft depth: > 1 verifies a draft tree (the main chain plus the drafter's "
                             "next guesses at each depth as leaves) in one forward; drafters that propose trees only",
                          min=1, max=8)
+    leaf_min_prob: float = option(0.0, "with branch > 1 under greedy decoding: verify a leaf only where the drafter "
+                                       "gives it at least this probability (EAGLE-2's confidence-driven tree; 0: "
+                                       "every leaf)", min=0, max=1)
 
     def speculative(self, drafter, min_max_gamma: int = 0) -> Speculative:
         top = max(8, self.gamma) if self.max_gamma is None else self.max_gamma
@@ -113,7 +116,7 @@ class SpeculativeOptions(Options):
             if max(top, min_max_gamma) * self.branch >= TreeMask.MAX_NODES:
                 raise StrategyError(f"branch {self.branch} x max_gamma {top} drafts exceed a tree's "
                                     f"{TreeMask.MAX_NODES - 1}")
-            drafter.branch = self.branch
+            drafter.branch, drafter.leaf_min_prob = self.branch, self.leaf_min_prob
         return Speculative(drafter, gamma=self.gamma, max_gamma=max(top, min_max_gamma), adaptive=self.adaptive)
 
 

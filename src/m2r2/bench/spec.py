@@ -50,6 +50,10 @@ M2R2_ARMS: dict[str, tuple[str, dict]] = {
     # draft trees: the main chain plus the drafter's 2 next guesses at each depth as leaves, one verification
     "eagle-tree": ("eagle", {"gamma": 1, "branch": 3}),
     "m2r2-tree": ("m2r2", {"rate": 2, "branch": 3}),
+    # confidence-driven trees (EAGLE-2-style): a leaf only where the drafter gives it at least 0.3 (EAGLE) or 0.2 (M2R2,
+    # whose step is mostly drafting, so a verification row costs it relatively less)
+    "eagle-dyntree": ("eagle", {"gamma": 1, "branch": 4, "leaf_min_prob": 0.3}),
+    "m2r2-dyntree": ("m2r2", {"rate": 2, "branch": 4, "leaf_min_prob": 0.2}),
     # the fast stream that also reads the slow stream's previous final state (chains, and trees)
     "m2r2-eagle": ("m2r2-eagle", {"rate": 2}),
     "m2r2-eagle-tree": ("m2r2-eagle", {"rate": 2, "branch": 3}),

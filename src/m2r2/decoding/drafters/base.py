@@ -47,18 +47,25 @@ class Draft:
         return Draft(tokens, None if self.q is None else self.q[:, :g])
 
     @staticmethod
-    def with_leaves(chain: torch.Tensor, q: torch.Tensor | None, leaves: torch.Tensor | None) -> "Draft":
+    def with_leaves(chain: torch.Tensor, q: torch.Tensor | None, leaves: torch.Tensor | None,
+                    keep: torch.Tensor | None = None) -> "Draft":
         """A chain (B, g) and, at each depth d, ``leaves[:, d]`` (B, g, k) other candidates for the same place (the
-        drafter's next guesses there: children of chain draft d-1, leaves of the tree). The chain comes first (so an
+        drafter's next guesses there: children of chain draft d-1, leaves of the tree); ``keep`` (g, k) bool, if
+        given, which of them to verify (the others are left out for every row). The chain comes first (so an
         accepted chain needs no cache compaction), then the leaves depth by depth; a leaf's proposal distribution is
         its chain sibling's."""
         if leaves is None or leaves.shape[-1] == 0:
             return Draft(chain, q)
         B, g, k = leaves.shape
-        parents = list(range(-1, g - 1)) + [d - 1 for d in range(g) for _ in range(k)]
-        tokens = torch.cat([chain, leaves.reshape(B, g * k)], 1)
+        if keep is None:
+            keep = torch.ones(g, k, dtype=torch.bool)
+        depth, slot = keep.nonzero(as_tuple=True)  # depth by depth, in candidate order
+        if depth.numel() == 0:
+            return Draft(chain, q)
+        parents = list(range(-1, g - 1)) + (depth - 1).tolist()
+        tokens = torch.cat([chain, leaves[:, depth, slot]], 1)
         if q is not None:
-            q = torch.cat([q, q.repeat_interleave(k, 1)], 1)
+            q = torch.cat([q, q[:, depth]], 1)
         return Draft(tokens, q, parents)
 
 
@@ -69,6 +76,9 @@ class Drafter:
     name: str = "drafter"
     extra_slots: int = 0  # cache slots its verification forward writes past the drafts (Lookahead's window)
     branch: int = 1  # candidates per depth a drafter that proposes trees offers (1: a chain; see ``alternatives``)
+    # a greedy tree keeps a leaf only where some row's draft probability for it reaches this (0: every leaf), the
+    # confidence-driven expansion of EAGLE-2; sampled trees keep every leaf (dropping samples by value would bias them)
+    leaf_min_prob: float = 0.0
     trees: bool = False  # whether it does (``Draft.with_leaves``)
 
     def setup(self, state: DecodeState) -> None:
@@ -142,15 +152,28 @@ def forward_bytes(model: Transformer) -> int:
 
 
 def alternatives(logits: torch.Tensor, q: torch.Tensor | None, k: int, vocab: torch.Tensor | None,
-                 generator) -> torch.Tensor:
+                 generator, min_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``k`` more candidates per row (B, k) for the place ``pick_draft`` just drafted from ``logits`` (B, K): under
     greedy decoding the next ``k`` most likely tokens, else ``k`` more independent samples from q (what the
-    verifier's multi-candidate rejection sampling needs to stay exact)."""
+    verifier's multi-candidate rejection sampling needs to stay exact). And which to keep (k,) bool: under greedy
+    decoding with ``min_prob`` > 0, those whose draft probability reaches it in some row; else None (all)."""
+    keep = None
     if q is None:
-        idx = logits.topk(k + 1, -1).indices[:, 1:]
+        top = logits.topk(k + 1, -1)
+        idx = top.indices[:, 1:]
+        if min_prob > 0:
+            p = torch.softmax(logits, -1).gather(1, idx)  # (B, k)
+            keep = (p >= min_prob).any(0)
     else:
         idx = torch.multinomial(q, k, replacement=True, generator=generator)
-    return idx if vocab is None else vocab[idx]
+    return (idx if vocab is None else vocab[idx]), keep
+
+
+def keep_mask(keeps: list) -> torch.Tensor | None:
+    """``alternatives``' keep flags of each depth as one (g, k) mask for ``Draft.with_leaves`` (None: keep all)."""
+    if not keeps or all(k is None for k in keeps):
+        return None
+    return torch.stack(keeps)
 
 
 def pick_draft(logits: torch.Tensor, vocab: torch.Tensor | None, sampling, generator

@@ -37,7 +37,7 @@ from ...artifacts import load_artifact, save_artifact
 from ...engine.model import Linear, Transformer
 from ...errors import AdapterError
 from ..loop import DecodeState
-from .base import Draft, Drafter, FinalStates, alternatives, pick_draft, scatter_full
+from .base import Draft, Drafter, FinalStates, alternatives, keep_mask as _keeps, pick_draft, scatter_full
 
 STEM = "eagle"
 LINEARS = ("qkv", "o", "gate_up", "down")
@@ -287,14 +287,17 @@ class EagleDrafter(Drafter):
                 p = int(pos[b, j]) + 1
                 nxt[b, j] = seq[p] if p < len(seq) else state.pending[b]
         f = self.feats.x[torch.arange(B).view(-1, 1), pos]
-        drafts, qs, leaves = [], [], []
+        drafts, qs, leaves, keeps = [], [], [], []
         with torch.inference_mode():
             h = head.features(f, nxt, self.cache, pos)[:, -1:]  # the predicted feature at position n
             for j in range(gamma):
                 logits = head.logits(h[:, 0])
                 tok, q = pick_draft(logits, head.vocab, s, state.generator)
                 if self.branch > 1:
-                    leaves.append(alternatives(logits, q, self.branch - 1, head.vocab, state.generator))
+                    alt, keep = alternatives(logits, q, self.branch - 1, head.vocab, state.generator,
+                                             self.leaf_min_prob)
+                    leaves.append(alt)
+                    keeps.append(keep)
                 self.calls += 1
                 if q is not None:
                     qs.append(scatter_full(q, head.vocab, state.model.cfg.vocab_size))
@@ -303,4 +306,4 @@ class EagleDrafter(Drafter):
                     h = head.features(h, tok.view(-1, 1), self.cache, (n + j).view(-1, 1))
         self.valid = n.clone()
         return Draft.with_leaves(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None,
-                                 torch.stack(leaves, 1) if leaves else None)
+                                 torch.stack(leaves, 1) if leaves else None, _keeps(keeps))

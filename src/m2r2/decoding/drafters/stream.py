@@ -8,7 +8,7 @@ from ...engine import weights as _weights
 from ...engine.model import Transformer
 from ...stream.accelerator import Accelerator
 from ..loop import DecodeState
-from .base import Draft, Drafter, DraftHead, FinalStates, alternatives, layer_bytes
+from .base import Draft, Drafter, DraftHead, FinalStates, alternatives, keep_mask as _keeps, layer_bytes
 
 
 class StreamDrafter(Drafter):
@@ -89,7 +89,7 @@ class StreamDrafter(Drafter):
         model, s, head = state.model, state.sampling, self._head
         n = state.cache.lengths
         tok = state.pending
-        drafts, qs, leaves = [], [], []
+        drafts, qs, leaves, keeps = [], [], [], []
         prev = self.finals.at((n - 1).view(-1, 1)) if self.finals is not None else None  # (B, 1, D)
         for j in range(gamma):
             ctx = model.context(state.cache, (n + j).view(-1, 1))
@@ -100,7 +100,10 @@ class StreamDrafter(Drafter):
             self.calls += 1
             tok, q = head.pick(logits, s, state.generator)
             if self.branch > 1:
-                leaves.append(alternatives(logits, q, self.branch - 1, head.vocab, state.generator))
+                alt, keep = alternatives(logits, q, self.branch - 1, head.vocab, state.generator,
+                                         self.leaf_min_prob)
+                leaves.append(alt)
+                keeps.append(keep)
             if q is None:
                 conf = torch.softmax(logits, -1).max(-1).values if self.stop_below > 0 else None
             else:
@@ -110,4 +113,4 @@ class StreamDrafter(Drafter):
             if self.stop_below > 0 and bool((conf < self.stop_below).all()):
                 break
         return Draft.with_leaves(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None,
-                                 torch.stack(leaves, 1) if leaves else None)
+                                 torch.stack(leaves, 1) if leaves else None, _keeps(keeps))
