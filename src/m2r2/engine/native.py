@@ -10,7 +10,8 @@ and ``disabled()`` turns the kernels off for a block of code (tests and benchmar
 The kernels serve only what they are exact for: float32 activations on CPU (float32 weights, the fp16 copies
 in fp16 mode, or a GGUF's own blocks, kernels/qblocks.h), steps under the cache's causal rule (or a draft tree's
 mask, ``m2r2.engine.cache.TreeMask``) of up to 16 token rows (a decode step of one sequence or of a ragged batch, a
-speculative verification, a short prefill; on GGUF blocks up to 127), nothing to differentiate; ``blocks`` runs the whole stack of a full-depth step in one call.
+speculative verification, a short prefill; on GGUF blocks up to 127), nothing to differentiate; ``blocks`` runs the
+whole stack of a full-depth step in one call.
 Results equal the PyTorch path up to the order of float32 summation.
 """
 
