@@ -432,3 +432,28 @@ def test_seeing_adapter_trains_from_a_plain_one_and_drafts_losslessly(lm, data_d
     assert out.token_ids == ref.token_ids and out.stats.extra["drafted"] > 0
     with pytest.raises(m2r2.AdapterError, match="does not see the slow stream"):
         lm.strategy("m2r2-eagle", adapter=str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("rate", [2, 3])
+def test_fast_stream_in_one_native_call_equals_layer_by_layer(lm, rate):
+    """A draft step's fast stream runs as one C call (blocks and adapters, ``native.fast_blocks``) where the kernels
+    are built: the same states as the layer-by-layer pass, by the relative bound, and the same cache writes."""
+    if not native.available():
+        pytest.skip("no native kernels here")
+    acc = _perturbed(Accelerator.for_model(lm.model, lm.source.identity, rate=rate, rank=8)).eval()
+    T = SEQ.shape[1]
+    outs, caches = [], []
+    with torch.no_grad():
+        for layerwise in (False, True):
+            c = lm.model.new_cache(1, T + 2)
+            lm.model(SEQ, c, torch.arange(T).unsqueeze(0))
+            c.advance(T)
+            ctx = lm.model.context(c, torch.tensor([[T]]))
+            f = acc.fast_forward(lm.model, torch.tensor([[7]]), ctx, return_states=layerwise)
+            outs.append(f[-1] if layerwise else f)
+            caches.append(c)
+    assert "_native_adapters" in acc.__dict__  # the one-call path ran
+    assert_close_rel(outs[0], outs[1])
+    for layer in range(acc.fast_layers):
+        assert_close_rel(caches[0].k[layer][0, :, T], caches[1].k[layer][0, :, T])
+    assert ulps_apart(outs[0], lm.model.embed(torch.tensor([[7]]))) > FAR  # (not vacuous: the stream moved)

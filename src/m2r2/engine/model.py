@@ -525,13 +525,14 @@ class Transformer(nn.Module):
         cache.counters.forward_passes += 1
         return x
 
-    def _native_stack(self, x: torch.Tensor, ctx: StepContext):
-        """The one weight format in which every block would run its native kernel this step (each block's own
-        checks, ``Block._native_format``), or None; also None when ``layer`` is replaced on this model."""
+    def _native_stack(self, x: torch.Tensor, ctx: StepContext, n: int | None = None):
+        """The one weight format in which every block (or the first ``n``) would run its native kernel this step
+        (each block's own checks, ``Block._native_format``), or None; also None when ``layer`` is replaced on this
+        model."""
         if not ctx.native or "layer" in self.__dict__:
             return None
         fmt = None
-        for blk in self.layers:
+        for blk in self.layers[:n]:
             f = blk._native_format(x, ctx) if type(blk) is Block else None
             if f is None or (fmt is not None and f is not fmt):
                 return None

@@ -129,6 +129,11 @@ def _build() -> ctypes.CDLL:
     lib.m2r2_moe_attention.restype = None
     lib.m2r2_experts.argtypes = [I, P, P, I, P, I, P, P, P, P, I, I, P, I]
     lib.m2r2_experts.restype = None
+    lib.m2r2_fast_scratch.argtypes = [I, I, I, I]
+    lib.m2r2_fast_scratch.restype = ctypes.c_long
+    lib.m2r2_fast_blocks.argtypes = [I, P, P, P, P, P, I, ctypes.c_float, I, P, I, P, P, P, P, P, P, I, P,
+                                     ctypes.c_long, I]
+    lib.m2r2_fast_blocks.restype = None
     lib.m2r2_experts_scratch.argtypes = [I, I, I, I]
     lib.m2r2_experts_scratch.restype = ctypes.c_long
     lib.m2r2_fma_rate.argtypes = [ctypes.c_long, I]
@@ -431,4 +436,31 @@ def blocks(model, x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor,
     y = x.clone(memory_format=torch.contiguous_format)
     lib.m2r2_blocks(n, dims, ws, y.data_ptr(), rows_n, *_row_ptrs(rows), cos.data_ptr(),
                     sin.data_ptr(), kc, vc, max_len, buf.data_ptr(), threads)
+    return y
+
+
+def fast_blocks(model, adapters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], eps: float, rms_scaled: bool,
+                x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, rows: tuple, fmt) -> torch.Tensor:
+    """The M2R2 fast stream's first ``len(adapters)`` layers on a (B, T) step under the causal rule (``blocks``'
+    arguments), in one C call: each layer's block as ``block`` computes it, plus its accelerator adapter on the layer's
+    input, ``adapters[l]`` = (norm weight (D), down (D, rank), up (rank, D)) float32 contiguous, (in, out) row-major.
+    Returns the fast states after the last of them."""
+    lib = _lib
+    n = len(adapters)
+    args = [_block_args(blk, fmt) for blk in model.layers[:n]]
+    dims = (ctypes.c_void_p * n)(*[ctypes.addressof(a[2]) for a in args])
+    ws = (ctypes.c_void_p * n)(*[ctypes.addressof(a[3]) for a in args])
+    norm, down, up = ((ctypes.c_void_p * n)(*[a[i].data_ptr() for a in adapters]) for i in range(3))
+    kc = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.k[:n]])
+    vc = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.v[:n]])
+    threads = torch.get_num_threads()
+    rows_n, max_len = x.shape[0] * x.shape[1], cache.k[0].shape[2]
+    rank = adapters[0][1].shape[1]
+    widest = max(args, key=lambda a: lib.m2r2_block_scratch(a[0], 1, 0, 1))[0]
+    block_scratch = lib.m2r2_block_scratch(widest, rows_n, max_len, threads)
+    buf = scratch(block_scratch + lib.m2r2_fast_scratch(rows_n, x.shape[-1], rank, threads))
+    y = x.clone(memory_format=torch.contiguous_format)
+    lib.m2r2_fast_blocks(n, dims, ws, norm, down, up, rank, eps, int(rms_scaled), y.data_ptr(), rows_n,
+                         rows[0].data_ptr(), rows[1].data_ptr(), cos.data_ptr(), sin.data_ptr(), kc, vc, max_len,
+                         buf.data_ptr(), block_scratch, threads)
     return y

@@ -157,6 +157,10 @@ class Accelerator(nn.Module):
         final states before each position, for a fast stream that sees the slow one (``embed``)."""
         depth = self.fast_layers if depth is None else depth
         f = self.embed(model, ids, prev)
+        if not return_states and not self.is_exit and depth > 0:
+            native_f = self._native_forward(model, f, ctx, depth)
+            if native_f is not None:
+                return native_f
         states = [f]
         for i in range(depth):
             if self.is_exit:  # the slow stream, then the exit adapter at the read-out depth
@@ -168,6 +172,34 @@ class Accelerator(nn.Module):
             if return_states:
                 states.append(f)
         return states if return_states else f
+
+    def _native_forward(self, model: Transformer, f: torch.Tensor, ctx: StepContext, depth: int):
+        """``depth`` fast layers in one native call (``m2r2.engine.native.fast_blocks``) where the blocks would each
+        run their native kernel in one format under the causal rule and the adapters are plain float32 modules
+        nothing differentiates; else None (the caller runs them one by one)."""
+        from ..engine import native
+        fmt = model._native_stack(f, ctx, depth)
+        if fmt is None or ctx.native_rows[2] is not None or f.dtype != torch.float32:
+            return None
+        ads = self.adapters[:depth]
+        if torch.is_grad_enabled() and (f.requires_grad or any(p.requires_grad for p in ads.parameters())):
+            return None
+        if any(type(a.down) is not nn.Linear or type(a.up) is not nn.Linear or type(a.norm) is not RMSNorm
+               or a.down.bias is not None or a.up.bias is not None or a._forward_hooks or a._forward_pre_hooks
+               for a in ads):
+            return None
+        # the adapters' weights as the kernel reads them, (in, out) row-major: derived once, rebuilt if they change
+        key = tuple((a.down.weight._version, a.up.weight._version, a.norm.weight._version, a.down.weight.data_ptr())
+                    for a in ads)
+        cached = self.__dict__.get("_native_adapters")
+        if cached is None or cached[0] != key:
+            mats = [(a.norm.weight.detach().float().contiguous(), a.down.weight.detach().float().t().contiguous(),
+                     a.up.weight.detach().float().t().contiguous()) for a in ads]
+            cached = self.__dict__["_native_adapters"] = (key, mats)
+        out = native.fast_blocks(model, cached[1], ads[0].norm.eps, ads[0].rms_scaled, f, ctx.cache, ctx.cos,
+                                 ctx.sin, ctx.native_rows, fmt)
+        ctx.cache.counters.layer_calls += f.shape[0] * f.shape[1] * depth
+        return out
 
     # ---- training: all positions in parallel ----
     def parallel_fast_states(self, model: Transformer, ids: torch.Tensor, slow_k: list[torch.Tensor],

@@ -375,6 +375,50 @@ void m2r2_blocks(int n, const m2r2_dims *const *d, const m2r2_weights *const *w,
 }
 
 
+/* The M2R2 fast stream's first n layers in one parallel region (a draft step): per layer l, f <- B_l(f) + A_l(f) with
+ * B_l exactly m2r2_block's block and the accelerator adapter A_l(f) = U silu(D rms_norm(f; norm_l)) (times rms(f)
+ * when rms_scaled), D: ad_down[l] float32 (hidden, rank) and U: ad_up[l] (rank, hidden), both (in, out) row-major,
+ * norm_l: ad_norm[l] (hidden), eps: the adapters' RMSNorm epsilon. The adapter reads the layer's input, kept aside
+ * while the block runs. scratch: m2r2_block_scratch of the widest block plus m2r2_fast_scratch. */
+long m2r2_fast_scratch(int T, int hidden, int rank, int threads) {
+    const long widest = hidden > rank ? hidden : rank;
+    return (long)T * (3L * hidden + rank + 1) + (long)threads * T * widest;
+}
+
+void m2r2_fast_blocks(int n, const m2r2_dims *const *d, const m2r2_weights *const *w, const float *const *ad_norm,
+                      const float *const *ad_down, const float *const *ad_up, int rank, float eps, int rms_scaled,
+                      float *x, int T, const int *row_b, const int *row_pos, const float *cos, const float *sin,
+                      float *const *kc, float *const *vc, int max_len, float *scratch, long block_scratch,
+                      int threads) {
+    const int D = d[0]->hidden;
+    float *xin = scratch + block_scratch, *h = xin + (size_t)T * D, *y = h + (size_t)T * D, *z = y + (size_t)T * D;
+    float *rms = z + (size_t)T * rank, *part = rms + T;
+#pragma omp parallel num_threads(threads)
+    for (int l = 0; l < n; l++) {
+#pragma omp single
+        memcpy(xin, x, sizeof(float) * T * D);
+        block_team(d[l], w[l], x, T, row_b, row_pos, NULL, NULL, cos, sin, kc[l], vc[l], max_len, scratch, threads);
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            const float *f = xin + (size_t)t * D;
+            rms_norm(f, ad_norm[l], eps, h + (size_t)t * D, D);
+            double ss = 0.0;
+            for (int i = 0; i < D; i++)
+                ss += (double)f[i] * f[i];
+            rms[t] = rms_scaled ? sqrtf((float)(ss / D) + eps) : 1.0f;
+        }
+        gemv_team(h, T, ad_down[l], KIND_F32, NULL, z, part, D, rank);
+#pragma omp for schedule(static)
+        for (int i = 0; i < T * rank; i++)
+            z[i] = z[i] / (1.0f + expf(-z[i]));
+        gemv_team(z, T, ad_up[l], KIND_F32, NULL, y, part, rank, D);
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < D; i++)
+                x[(size_t)t * D + i] += y[(size_t)t * D + i] * rms[t];
+    }
+}
+
 /* Scratch floats m2r2_experts needs for T rows (hidden size D, n neurons per expert). */
 long m2r2_experts_scratch(int T, int D, int n, int threads) {
     const long widest = 2L * n > D ? 2L * n : D;
