@@ -457,3 +457,23 @@ def test_fast_stream_in_one_native_call_equals_layer_by_layer(lm, rate):
     for layer in range(acc.fast_layers):
         assert_close_rel(caches[0].k[layer][0, :, T], caches[1].k[layer][0, :, T])
     assert ulps_apart(outs[0], lm.model.embed(torch.tensor([[7]]))) > FAR  # (not vacuous: the stream moved)
+
+
+def test_fast_stream_native_call_takes_adapters_loaded_in_inference_mode(lm, tmp_path):
+    """A server loads and runs strategies under torch.inference_mode: adapters loaded there (inference tensors, no
+    version counter) still run the one-call fast stream."""
+    if not native.available():
+        pytest.skip("no native kernels here")
+    _perturbed(Accelerator.for_model(lm.model, lm.source.identity, rate=2, rank=8)).save(tmp_path / "a")
+    T = SEQ.shape[1]
+    with torch.inference_mode():
+        acc = Accelerator.load(tmp_path / "a", lm.model, lm.source.identity)
+        c = lm.model.new_cache(1, T + 2)
+        lm.model(SEQ, c, torch.arange(T).unsqueeze(0))
+        c.advance(T)
+        one = acc.fast_forward(lm.model, torch.tensor([[7]]), lm.model.context(c, torch.tensor([[T]])))
+        c.crop(T)
+        ref = acc.fast_forward(lm.model, torch.tensor([[7]]), lm.model.context(c, torch.tensor([[T]])),
+                               return_states=True)[-1]
+    assert "_native_adapters" in acc.__dict__
+    assert_close_rel(one, ref)

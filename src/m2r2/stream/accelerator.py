@@ -189,8 +189,10 @@ class Accelerator(nn.Module):
                for a in ads):
             return None
         # the adapters' weights as the kernel reads them, (in, out) row-major: derived once, rebuilt if they change
-        key = tuple((a.down.weight._version, a.up.weight._version, a.norm.weight._version, a.down.weight.data_ptr())
-                    for a in ads)
+        # (an inference tensor, e.g. loaded under torch.inference_mode, keeps no version counter: its storage decides)
+        def stamp(t: torch.Tensor) -> tuple:
+            return t.data_ptr(), 0 if t.is_inference() else t._version
+        key = tuple((stamp(a.down.weight), stamp(a.up.weight), stamp(a.norm.weight)) for a in ads)
         cached = self.__dict__.get("_native_adapters")
         if cached is None or cached[0] != key:
             mats = [(a.norm.weight.detach().float().contiguous(), a.down.weight.detach().float().t().contiguous(),
