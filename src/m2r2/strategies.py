@@ -134,9 +134,9 @@ class StreamOptions(SpeculativeOptions):
 
 @dataclass
 class M2R2Options(StreamOptions):
-    # the best M2R2 configuration measured (benchmarks/results/spec-m2r2-configs.md, 80 MT-Bench prompts x 128):
-    # R=4 0.59x plain decoding, R=2 stopping below 0.4 confidence 0.58x, R=3 0.57x, R=2 0.53x; draft trees 0.41x
-    # (spec-trees.md), so chains
+    # the best M2R2 configuration measured (benchmarks/results/spec-m2r2-native.md, 80 MT-Bench prompts x 128, the
+    # fast stream in one native call): R=4 0.68x plain decoding, tied with R=2 stopping below 0.4 confidence (0.68x),
+    # R=3 0.66x, R=2 0.65x (spec-m2r2-configs.md, before it: R=4 first too); draft trees lose (spec-trees.md), so chains
     rate: int = option(4, "rate R of the shipped adapter (its fast stream has ceil(L/R) blocks)", choices=(2, 3, 4))
 
 
