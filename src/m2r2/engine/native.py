@@ -403,9 +403,33 @@ def block(blk, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     return y
 
 
-# model -> {format name: (per-block arg tuples, ctypes pointer arrays)}: the whole stack's structs, rebuilt when
-# any block's are
+# model -> {(format name, depth): (per-block arg tuples, ctypes pointer arrays, widest dims)}: a stack's structs (the
+# whole model's, a fast stream's first blocks), rebuilt when any block's are
 _STACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _stack(model, fmt, n: int) -> tuple:
+    """The first ``n`` blocks of ``model`` as the stack kernels take them in format ``fmt``: the ctypes arrays of their
+    dims and weights structs, the one needing the most scratch per row (the same one for any row count and cache
+    length), and the cache pointer arrays' length. Cached per model, format and depth; rebuilt when any block's
+    structs are."""
+    args = [_block_args(blk, fmt) for blk in model.layers[:n]]
+    per_model = _STACK.get(model)
+    if per_model is None:
+        per_model = _STACK[model] = {}
+    cached = per_model.get((fmt.name, n))
+    if cached is None or any(a is not b for a, b in zip(cached[0], args)):
+        dims = (ctypes.c_void_p * n)(*[ctypes.addressof(a[2]) for a in args])
+        ws = (ctypes.c_void_p * n)(*[ctypes.addressof(a[3]) for a in args])
+        widest = max(args, key=lambda a: _lib.m2r2_block_scratch(a[0], 1, 0, 1))[0]
+        cached = per_model[(fmt.name, n)] = (args, dims, ws, widest)
+    return cached[1:]
+
+
+def _cache_ptrs(cache, n: int) -> tuple:
+    """The first ``n`` layers' K and V cache tensors as ctypes pointer arrays."""
+    return ((ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.k[:n]]),
+            (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.v[:n]]))
 
 
 def blocks(model, x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor,
@@ -414,22 +438,9 @@ def blocks(model, x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor,
     model's KVCache), in one C call and one parallel region: what ``block`` layer by layer computes, bit for bit,
     without a return to Python (and an idle thread team) between blocks. Returns the final states."""
     lib = _lib
-    args = [_block_args(blk, fmt) for blk in model.layers]
-    per_model = _STACK.get(model)
-    if per_model is None:
-        per_model = _STACK[model] = {}
-    cached = per_model.get(fmt.name)
-    if cached is None or len(cached[0]) != len(args) or any(a is not b for a, b in zip(cached[0], args)):
-        n = len(args)
-        dims = (ctypes.c_void_p * n)(*[ctypes.addressof(a[2]) for a in args])
-        ws = (ctypes.c_void_p * n)(*[ctypes.addressof(a[3]) for a in args])
-        # the block needing the most scratch per row (the same one for any row count and cache length)
-        widest = max(args, key=lambda a: lib.m2r2_block_scratch(a[0], 1, 0, 1))[0]
-        cached = per_model[fmt.name] = (args, dims, ws, widest)
-    _, dims, ws, widest = cached
-    n = len(args)
-    kc = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.k])
-    vc = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.v])
+    n = len(model.layers)
+    dims, ws, widest = _stack(model, fmt, n)
+    kc, vc = _cache_ptrs(cache, n)
     threads = torch.get_num_threads()
     rows_n, max_len = x.shape[0] * x.shape[1], cache.k[0].shape[2]
     buf = scratch(lib.m2r2_block_scratch(widest, rows_n, max_len, threads))
@@ -447,16 +458,12 @@ def fast_blocks(model, adapters: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     Returns the fast states after the last of them."""
     lib = _lib
     n = len(adapters)
-    args = [_block_args(blk, fmt) for blk in model.layers[:n]]
-    dims = (ctypes.c_void_p * n)(*[ctypes.addressof(a[2]) for a in args])
-    ws = (ctypes.c_void_p * n)(*[ctypes.addressof(a[3]) for a in args])
+    dims, ws, widest = _stack(model, fmt, n)
     norm, down, up = ((ctypes.c_void_p * n)(*[a[i].data_ptr() for a in adapters]) for i in range(3))
-    kc = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.k[:n]])
-    vc = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.v[:n]])
+    kc, vc = _cache_ptrs(cache, n)
     threads = torch.get_num_threads()
     rows_n, max_len = x.shape[0] * x.shape[1], cache.k[0].shape[2]
     rank = adapters[0][1].shape[1]
-    widest = max(args, key=lambda a: lib.m2r2_block_scratch(a[0], 1, 0, 1))[0]
     block_scratch = lib.m2r2_block_scratch(widest, rows_n, max_len, threads)
     buf = scratch(block_scratch + lib.m2r2_fast_scratch(rows_n, x.shape[-1], rank, threads))
     y = x.clone(memory_format=torch.contiguous_format)
