@@ -208,14 +208,24 @@ void m2r2_gemv(const float *x, int T, const void *W, int kind, const float *b, f
     gemv_team(x, T, W, kind, b, y, part, in, out);
 }
 
-/* RMSNorm like torch.rms_norm: x * rsqrt(mean(x^2) + eps) * w. Serial; n is the hidden size. */
-static void rms_norm(const float *x, const float *w, float eps, float *y, int n) {
-    double ss = 0.0;  /* a double sum: closer to PyTorch's tree reduction than a float running sum */
+/* mean(x^2) + eps over n values, summed in double: closer to PyTorch's tree reduction than a float running sum */
+static float mean_square(const float *x, float eps, int n) {
+    double ss = 0.0;
     for (int i = 0; i < n; i++)
         ss += (double)x[i] * x[i];
-    const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    return (float)(ss / n) + eps;
+}
+
+/* RMSNorm like torch.rms_norm: x * rsqrt(mean(x^2) + eps) * w, given ms = mean_square(x, eps, n). Serial; n: the
+ * hidden size. */
+static void rms_norm_ms(const float *x, float ms, const float *w, float *y, int n) {
+    const float r = 1.0f / sqrtf(ms);
     for (int i = 0; i < n; i++)
         y[i] = (x[i] * r) * w[i];
+}
+
+static void rms_norm(const float *x, const float *w, float eps, float *y, int n) {
+    rms_norm_ms(x, mean_square(x, eps, n), w, y, n);
 }
 
 typedef struct {
@@ -401,11 +411,9 @@ void m2r2_fast_blocks(int n, const m2r2_dims *const *d, const m2r2_weights *cons
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {
             const float *f = xin + (size_t)t * D;
-            rms_norm(f, ad_norm[l], eps, h + (size_t)t * D, D);
-            double ss = 0.0;
-            for (int i = 0; i < D; i++)
-                ss += (double)f[i] * f[i];
-            rms[t] = rms_scaled ? sqrtf((float)(ss / D) + eps) : 1.0f;
+            const float ms = mean_square(f, eps, D);
+            rms_norm_ms(f, ms, ad_norm[l], h + (size_t)t * D, D);
+            rms[t] = rms_scaled ? sqrtf(ms) : 1.0f;
         }
         gemv_team(h, T, ad_down[l], KIND_F32, NULL, z, part, D, rank);
 #pragma omp for schedule(static)
