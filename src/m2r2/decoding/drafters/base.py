@@ -68,6 +68,15 @@ class Draft:
             q = torch.cat([q, q[:, depth]], 1)
         return Draft(tokens, q, parents)
 
+    @staticmethod
+    def from_depths(drafts: list, qs: list, leaves: list, keeps: list) -> "Draft":
+        """A drafter's per-depth results, depth by depth: draft tokens (B,), their proposal distributions (B, V) (empty
+        under greedy), and with ``branch`` > 1 each depth's leaves (B, k) and keep flags (``Drafter.guesses``), as one
+        ``Draft`` (a chain, or ``with_leaves``' tree)."""
+        keep = None if all(k is None for k in keeps) else torch.stack(keeps)
+        return Draft.with_leaves(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None,
+                                 torch.stack(leaves, 1) if leaves else None, keep)
+
 
 class Drafter:
     """Base class of every drafter. Subclasses set ``name`` and implement ``draft``; every other hook has a
@@ -93,6 +102,12 @@ class Drafter:
         drafts), writing their K/V into the shared cache; ``tree`` (an ``m2r2.engine.cache.TreeMask``, only for a
         drafter that proposes trees): the drafts are a tree's nodes. Default: the full model, nothing else."""
         return state.model(ids, state.cache, positions, tree=tree)
+
+    def guesses(self, logits: torch.Tensor, q: torch.Tensor | None, vocab: torch.Tensor | None, generator
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A tree-proposing drafter's ``branch`` - 1 leaves for the place it just drafted from ``logits``
+        (``alternatives`` with this drafter's ``leaf_min_prob``): (candidates (B, k), keep flags (k,) or None)."""
+        return alternatives(logits, q, self.branch - 1, vocab, generator, self.leaf_min_prob)
 
     def moved(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """The verifier moved an accepted tree path's cache slots ``src`` to ``dst`` in batch rows ``rows``
@@ -167,13 +182,6 @@ def alternatives(logits: torch.Tensor, q: torch.Tensor | None, k: int, vocab: to
     else:
         idx = torch.multinomial(q, k, replacement=True, generator=generator)
     return (idx if vocab is None else vocab[idx]), keep
-
-
-def keep_mask(keeps: list) -> torch.Tensor | None:
-    """``alternatives``' keep flags of each depth as one (g, k) mask for ``Draft.with_leaves`` (None: keep all)."""
-    if not keeps or all(k is None for k in keeps):
-        return None
-    return torch.stack(keeps)
 
 
 def pick_draft(logits: torch.Tensor, vocab: torch.Tensor | None, sampling, generator

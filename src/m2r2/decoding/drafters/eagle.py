@@ -37,7 +37,7 @@ from ...artifacts import load_artifact, save_artifact
 from ...engine.model import Linear, Transformer
 from ...errors import AdapterError
 from ..loop import DecodeState
-from .base import Draft, Drafter, FinalStates, alternatives, keep_mask as _keeps, pick_draft, scatter_full
+from .base import Draft, Drafter, FinalStates, pick_draft, scatter_full
 
 STEM = "eagle"
 LINEARS = ("qkv", "o", "gate_up", "down")
@@ -294,8 +294,7 @@ class EagleDrafter(Drafter):
                 logits = head.logits(h[:, 0])
                 tok, q = pick_draft(logits, head.vocab, s, state.generator)
                 if self.branch > 1:
-                    alt, keep = alternatives(logits, q, self.branch - 1, head.vocab, state.generator,
-                                             self.leaf_min_prob)
+                    alt, keep = self.guesses(logits, q, head.vocab, state.generator)
                     leaves.append(alt)
                     keeps.append(keep)
                 self.calls += 1
@@ -305,5 +304,4 @@ class EagleDrafter(Drafter):
                 if j + 1 < gamma:  # entry n + j: (predicted f_{n+j}, draft j+1)
                     h = head.features(h, tok.view(-1, 1), self.cache, (n + j).view(-1, 1))
         self.valid = n.clone()
-        return Draft.with_leaves(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None,
-                                 torch.stack(leaves, 1) if leaves else None, _keeps(keeps))
+        return Draft.from_depths(drafts, qs, leaves, keeps)

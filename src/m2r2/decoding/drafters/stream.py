@@ -8,7 +8,7 @@ from ...engine import weights as _weights
 from ...engine.model import Transformer
 from ...stream.accelerator import Accelerator
 from ..loop import DecodeState
-from .base import Draft, Drafter, DraftHead, FinalStates, alternatives, keep_mask as _keeps, layer_bytes
+from .base import Draft, Drafter, DraftHead, FinalStates, layer_bytes
 
 
 class StreamDrafter(Drafter):
@@ -100,8 +100,7 @@ class StreamDrafter(Drafter):
             self.calls += 1
             tok, q = head.pick(logits, s, state.generator)
             if self.branch > 1:
-                alt, keep = alternatives(logits, q, self.branch - 1, head.vocab, state.generator,
-                                         self.leaf_min_prob)
+                alt, keep = self.guesses(logits, q, head.vocab, state.generator)
                 leaves.append(alt)
                 keeps.append(keep)
             if q is None:
@@ -112,5 +111,4 @@ class StreamDrafter(Drafter):
             drafts.append(tok)
             if self.stop_below > 0 and bool((conf < self.stop_below).all()):
                 break
-        return Draft.with_leaves(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None,
-                                 torch.stack(leaves, 1) if leaves else None, _keeps(keeps))
+        return Draft.from_depths(drafts, qs, leaves, keeps)
