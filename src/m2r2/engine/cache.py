@@ -145,11 +145,7 @@ class TreeMask:
     def visible(self, span: int) -> torch.Tensor:
         """(B, 1, N, span) bool: which key slots each node's query sees."""
         N = len(self.parents) + 1
-        keys = torch.arange(span)
-        rel = keys.view(1, 1, -1) - self.start.view(-1, 1, 1)  # (B, 1, S): slot relative to the tree's first
-        bits = torch.arange(N).view(-1, 1)  # node j's own bit
-        anc_bits = ((self.ancestors.view(-1, 1) >> bits.view(1, -1)) & 1).bool()  # (N, N): node t sees node j
-        inside = (rel >= 0) & (rel < N)
-        seen = anc_bits[:, rel.clamp(0, N - 1)]  # (N, B, 1, S) -> reorder
-        seen = seen.permute(1, 2, 0, 3)[:, 0]  # (B, N, S)
-        return ((rel < 0) | (inside & seen)).unsqueeze(1)
+        rel = torch.arange(span).view(1, -1) - self.start.view(-1, 1)  # (B, S): slot relative to the tree's first
+        sees = ((self.ancestors.view(-1, 1) >> torch.arange(N)) & 1).bool()  # (N, N): node t sees node j
+        inside = sees[:, rel.clamp(0, N - 1)].transpose(0, 1) & ((rel >= 0) & (rel < N)).unsqueeze(1)  # (B, N, S)
+        return ((rel < 0).unsqueeze(1) | inside).unsqueeze(1)
