@@ -63,16 +63,13 @@ def verify(logits: torch.Tensor, draft: Draft, sampling: SamplingConfig,
     them). Greedy: longest prefix equal to the argmax. Sampling: speculative rejection sampling; without
     proposal distributions the draft is a point mass (accept d with probability p(d), else sample p with d
     removed, renormalised). A tree (``draft.parents``): ``verify_tree``; accepted counts its path's drafts."""
-    if draft.parents is not None:
-        accepted, nxt, _ = verify_tree(logits, draft, sampling, generator)
-        return accepted, nxt
-    drafts = draft.tokens
-    B, g = drafts.shape
-    if sampling.greedy:
+    if draft.parents is None and sampling.greedy:  # a chain's matching prefix, for every row at once
+        drafts = draft.tokens
+        B, g = drafts.shape
         target = logits.argmax(-1)  # (B, g+1)
         accepted = (drafts == target[:, :g]).long().cumprod(1).sum(1)
         return accepted, target[torch.arange(B), accepted]
-    accepted, nxt, _ = verify_tree(logits, Draft(drafts, draft.q, list(range(-1, g - 1))), sampling, generator)
+    accepted, nxt, _ = verify_tree(logits, draft, sampling, generator)  # (a chain when draft.parents is None)
     return accepted, nxt
 
 
