@@ -246,10 +246,9 @@ class EagleDrafter(Drafter):
     def setup(self, state: DecodeState) -> None:
         B, D = state.batch, self.head.fc.out_features
         self.cache = self.head.new_cache(B, state.cache.max_len)
-        self.feats = FinalStates(state, D)  # the target's features by position
-        self.start = self.feats.start  # features known from this position on
-        # the head's cache holds target-feature entries [start, valid)
-        self.valid = torch.full((B,), self.start, dtype=torch.long)
+        self.feats = FinalStates(state, D)  # the target's features by position, known from feats.start on
+        # the head's cache holds target-feature entries [feats.start, valid)
+        self.valid = torch.full((B,), self.feats.start, dtype=torch.long)
         self.calls = 0
 
     def stats(self) -> dict:
@@ -279,14 +278,14 @@ class EagleDrafter(Drafter):
         n = state.cache.lengths  # committed tokens; the pending one sits at position n
         T = max(1, int((n - self.valid).max()))  # (valid >= start: it starts there and then follows n)
         # entries p = n - T .. n - 1 of each row (a seen one is rewritten with the same values): (f_p, token p+1)
-        pos = (n.view(-1, 1) - T + torch.arange(T)).clamp_min(self.start)
+        pos = (n.view(-1, 1) - T + torch.arange(T)).clamp_min(self.feats.start)
         nxt = torch.empty(B, T, dtype=torch.long)
         for b in range(B):
             seq = state.prompts[b] + state.out[b]  # ends with the pending token (live rows)
             for j in range(T):
                 p = int(pos[b, j]) + 1
                 nxt[b, j] = seq[p] if p < len(seq) else state.pending[b]
-        f = self.feats.x[torch.arange(B).view(-1, 1), pos]
+        f = self.feats.at(pos)
         drafts, qs, leaves, keeps = [], [], [], []
         with torch.inference_mode():
             h = head.features(f, nxt, self.cache, pos)[:, -1:]  # the predicted feature at position n
